@@ -1,0 +1,224 @@
+"""Torch-free helpers shared by every converter.
+
+Reference checkpoints are flat ``{name: array}`` state dicts in PyTorch layouts.
+``load_state_dict`` reads them from ``.npz``, ``.safetensors`` or (with the optional
+PyTorch install, weights-only) ``.pt/.pth/.ckpt`` files. ``StateDict`` hands out
+arrays by key while checking shapes, so every converter fails with one message that
+names the key and both shapes, and can report keys it never used.
+``assign`` copies a nested dict of arrays into an NNX module, checking paths and shapes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+
+class ConversionError(ValueError):
+  """A reference checkpoint does not match the model it is converted into."""
+
+
+def _torch_load(path: str, entries: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:  # pragma: no cover - depends on the optional install
+    raise ConversionError(
+        f"{path}: reading .pt/.pth/.ckpt files needs PyTorch "
+        "(pip install torch==2.13.0); or convert it to .npz/.safetensors first") from e
+  obj = torch.load(path, map_location="cpu", weights_only=True)
+  if isinstance(obj, Mapping):
+    for entry in (entries or ()):
+      if entry in obj and isinstance(obj[entry], Mapping):
+        obj = obj[entry]
+        break
+  if not isinstance(obj, Mapping):
+    raise ConversionError(f"{path}: expected a state dict, found {type(obj).__name__}")
+  out = {}
+  for k, v in obj.items():
+    if hasattr(v, "detach"):
+      out[k] = v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
+  return out
+
+
+def load_state_dict(path: str | os.PathLike, entries: Iterable[str] | None = None,
+                    prefix: str = "") -> dict[str, np.ndarray]:
+  """Reads a flat state dict.
+
+  Args:
+    path: ``.npz`` (named arrays; a ``config`` entry and ``in/``/``out/`` entries are
+      ignored), ``.safetensors``, or ``.pt/.pth/.ckpt`` (needs torch; loaded with
+      ``weights_only=True`` so a file can never run code).
+    entries: for torch files holding several dicts (``{"model":…, "ema":…}``), the
+      entry names to try in order (first one present wins).
+    prefix: keep only keys starting with this prefix, with the prefix removed.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint file not found: {path}")
+  if path.endswith(".npz"):
+    with np.load(path, allow_pickle=False) as z:
+      sd = {k: z[k] for k in z.files if k != "config" and not k.startswith(("in/", "out/"))}
+  elif path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    sd = dict(load_file(path))
+  elif path.endswith((".pt", ".pth", ".ckpt", ".bin")):
+    sd = _torch_load(path, entries)
+  else:
+    raise ConversionError(f"{path}: unknown checkpoint format (expected .npz, .safetensors, "
+                          ".pt, .pth or .ckpt)")
+  if prefix:
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+  return sd
+
+
+class StateDict:
+  """A reference state dict that tracks which keys were consumed."""
+
+  def __init__(self, sd: Mapping[str, Any], name: str = "checkpoint",
+               ignore_prefixes: Iterable[str] = ()):
+    self._sd = {k: np.asarray(v) for k, v in sd.items()}
+    self._used: set[str] = set()
+    self.name = name
+    self._ignore = tuple(ignore_prefixes)
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._sd
+
+  def keys(self):
+    return self._sd.keys()
+
+  def get(self, key: str, shape: tuple[int, ...] | None = None,
+          dtype=np.float32) -> np.ndarray:
+    if key not in self._sd:
+      raise ConversionError(f"{self.name}: missing key '{key}'"
+                            + (f" (expected shape {tuple(shape)})" if shape else ""))
+    arr = self._sd[key]
+    if shape is not None and tuple(arr.shape) != tuple(shape):
+      raise ConversionError(f"{self.name}: key '{key}' has shape {tuple(arr.shape)}, "
+                            f"expected {tuple(shape)}")
+    self._used.add(key)
+    return arr.astype(dtype) if dtype is not None else arr
+
+  def mark_used(self, *keys: str) -> None:
+    self._used.update(k for k in keys if k in self._sd)
+
+  def linear(self, prefix: str, in_dim: int, out_dim: int, bias: bool = True):
+    """nn.Linear (out, in) -> {'kernel': (in, out), 'bias': (out,)}."""
+    out = {"kernel": self.get(f"{prefix}.weight", (out_dim, in_dim)).T}
+    if bias:
+      out["bias"] = self.get(f"{prefix}.bias", (out_dim,))
+    return out
+
+  def conv(self, prefix: str, in_ch: int, out_ch: int, kh: int, kw: int, bias: bool = True):
+    """nn.Conv2d (out, in, kh, kw) -> {'kernel': HWIO, 'bias': (out,)}."""
+    w = self.get(f"{prefix}.weight", (out_ch, in_ch, kh, kw))
+    out = {"kernel": w.transpose(2, 3, 1, 0)}
+    if bias:
+      out["bias"] = self.get(f"{prefix}.bias", (out_ch,))
+    return out
+
+  def norm(self, prefix: str, dim: int, bias: bool = True):
+    """LayerNorm / GroupNorm / RMSNorm weight (and bias) -> {'scale', 'bias'}."""
+    out = {"scale": self.get(f"{prefix}.weight", (dim,))}
+    if bias:
+      out["bias"] = self.get(f"{prefix}.bias", (dim,))
+    return out
+
+  def unused(self) -> list[str]:
+    return sorted(k for k in self._sd
+                  if k not in self._used and not k.startswith(self._ignore))
+
+  def check_all_used(self) -> None:
+    extra = self.unused()
+    if extra:
+      shown = ", ".join(f"'{k}' {tuple(self._sd[k].shape)}" for k in extra[:10])
+      more = f" and {len(extra) - 10} more" if len(extra) > 10 else ""
+      raise ConversionError(f"{self.name}: unexpected keys {shown}{more}")
+
+
+def _flatten(tree: Mapping[str, Any], prefix=()) -> dict[tuple, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def assign(module, params: Mapping[str, Any], name: str = "checkpoint") -> None:
+  """Copies a nested dict of arrays into ``module``'s ``nnx.Param`` variables.
+
+  Every parameter of the module must be given, with its exact shape; the array is
+  cast to the parameter's dtype. Raises ConversionError naming the path otherwise.
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  state = nnx.state(module, nnx.Param)
+  flat_state = dict(nnx.to_flat_state(state))
+  flat_given = {tuple(str(p) for p in k): v for k, v in _flatten(params).items()}
+  flat_state_s = {tuple(str(p) for p in k): (k, v) for k, v in flat_state.items()}
+  missing = sorted(set(flat_state_s) - set(flat_given))
+  extra = sorted(set(flat_given) - set(flat_state_s))
+  if missing:
+    raise ConversionError(f"{name}: no value for parameter(s) "
+                          + ", ".join("/".join(m) for m in missing[:10]))
+  if extra:
+    raise ConversionError(f"{name}: converted arrays match no parameter: "
+                          + ", ".join("/".join(m) for m in extra[:10]))
+  for key, (_, var) in flat_state_s.items():
+    arr = np.asarray(flat_given[key])
+    cur = var.get_value()
+    if tuple(arr.shape) != tuple(cur.shape):
+      raise ConversionError(f"{name}: parameter {'/'.join(key)} has shape "
+                            f"{tuple(cur.shape)}, converted array has {tuple(arr.shape)}")
+    var.set_value(jnp.asarray(arr, dtype=cur.dtype))
+
+
+def save_params(directory: str | os.PathLike, params: Mapping[str, Any],
+                meta: Mapping[str, Any] | None = None, force: bool = False) -> str:
+  """Writes converted weights as a standalone Orbax checkpoint plus ``meta.json``.
+
+  Layout: ``directory/params`` (Orbax PyTree of the nested dict) and
+  ``directory/meta.json`` (model kind, config, source file). Refuses to overwrite an
+  existing directory unless ``force``.
+  """
+  import json  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory) and os.listdir(directory) and not force:
+    raise FileExistsError(f"{directory} exists and is not empty (pass force=True / --force)")
+  os.makedirs(directory, exist_ok=True)
+  tree = jax_tree_to_numpy(params)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, "params"), tree, force=force)
+  with open(os.path.join(directory, "meta.json"), "w") as f:
+    json.dump(dict(meta or {}), f, indent=2, sort_keys=True, default=str)
+  return directory
+
+
+def load_params(directory: str | os.PathLike) -> tuple[dict, dict]:
+  """Reads what ``save_params`` wrote: (nested params dict of numpy arrays, meta)."""
+  import json  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  directory = os.path.abspath(os.fspath(directory))
+  ppath = os.path.join(directory, "params")
+  if not os.path.isdir(ppath):
+    raise FileNotFoundError(f"{directory}: not a converted checkpoint (no 'params' folder)")
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(ppath)
+  meta = {}
+  mpath = os.path.join(directory, "meta.json")
+  if os.path.exists(mpath):
+    with open(mpath) as f:
+      meta = json.load(f)
+  return jax_tree_to_numpy(tree), meta
+
+
+def jax_tree_to_numpy(tree: Mapping[str, Any]) -> dict:
+  return {k: (jax_tree_to_numpy(v) if isinstance(v, Mapping) else np.asarray(v))
+          for k, v in tree.items()}

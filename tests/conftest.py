@@ -1,0 +1,37 @@
+"""Test set-up: 8 fake CPU devices, float32 matmuls, parity fixtures location."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def parity_dir() -> pathlib.Path:
+  env = os.environ.get("SFD_PARITY_DIR")
+  if env:
+    return pathlib.Path(env)
+  return REPO.parent / "shared" / "parity"
+
+
+@pytest.fixture(scope="session")
+def parity():
+  """Returns a loader: parity("lightningdit_sfd") -> dict-like npz."""
+  root = parity_dir()
+
+  def load(name):
+    path = root / f"{name}.npz"
+    if not path.exists():
+      pytest.skip(f"parity fixture {path} not found (set SFD_PARITY_DIR)")
+    return np.load(path)
+
+  return load
+
