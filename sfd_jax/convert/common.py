@@ -51,7 +51,8 @@ def load_state_dict(path: str | os.PathLike, entries: Iterable[str] | None = Non
       ``weights_only=True`` so a file can never run code).
     entries: for torch files holding several dicts (``{"model":…, "ema":…}``), the
       entry names to try in order (first one present wins).
-    prefix: keep only keys starting with this prefix, with the prefix removed.
+    prefix: keep only keys starting with this prefix, with the prefix removed. Without
+      one, ``.npz`` keys containing "/" (a second network of a fixture) are skipped.
   """
   path = os.fspath(path)
   if not os.path.exists(path):
@@ -69,6 +70,10 @@ def load_state_dict(path: str | os.PathLike, entries: Iterable[str] | None = Non
                           ".pt, .pth or .ckpt)")
   if prefix:
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+  elif path.endswith(".npz"):
+    # Fixture-style archives keep a second network under "name/..." (PyTorch state-dict
+    # keys never contain "/"): without a prefix, the main network is the "/"-free keys.
+    sd = {k: v for k, v in sd.items() if "/" not in k}
   return sd
 
 
@@ -147,16 +152,19 @@ def _flatten(tree: Mapping[str, Any], prefix=()) -> dict[tuple, Any]:
   return out
 
 
-def assign(module, params: Mapping[str, Any], name: str = "checkpoint") -> None:
+def assign(module, params: Mapping[str, Any], name: str = "checkpoint",
+           variables=None) -> None:
   """Copies a nested dict of arrays into ``module``'s ``nnx.Param`` variables.
 
   Every parameter of the module must be given, with its exact shape; the array is
   cast to the parameter's dtype. Raises ConversionError naming the path otherwise.
+  ``variables`` is an optional NNX filter selecting other variable types to fill
+  (default ``nnx.Param``; e.g. ``(nnx.Param, nnx.BatchStat)`` for frozen BatchNorm).
   """
   from flax import nnx  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-  state = nnx.state(module, nnx.Param)
+  state = nnx.state(module, nnx.Param if variables is None else variables)
   flat_state = dict(nnx.to_flat_state(state))
   flat_given = {tuple(str(p) for p in k): v for k, v in _flatten(params).items()}
   flat_state_s = {tuple(str(p) for p in k): (k, v) for k, v in flat_state.items()}

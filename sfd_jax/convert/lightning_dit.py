@@ -1,0 +1,180 @@
+"""Reference LightningDiT state dict (PyTorch names/layouts) -> sfd_jax parameters.
+
+Usage as a command (turns a released checkpoint into an Orbax checkpoint that the
+trainer (``init_from``) and the sampler load)::
+
+  python -m sfd_jax.convert.lightning_dit --src 4000000.pt --variant XL --dst ckpt/sfd_xl
+
+``.pt`` files hold ``{"model", "ema", "opt", "config"}``; the EMA weights are taken when
+present (``--entry model`` picks the raw weights). ``.npz``/``.safetensors`` files of named
+arrays are read without PyTorch.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import numpy as np
+from flax import nnx
+
+from sfd_jax.convert.common import (ConversionError, StateDict, assign, load_params,
+                                    load_state_dict, save_params)
+from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT, rope_tables, sincos_pos_embed
+
+# Buffers the reference keeps in its state dict; recomputed from the config here and
+# only checked (shape always; values when ``check_buffers``).
+_BUFFERS = ("pos_embed", "feat_rope.freqs_cos", "feat_rope.freqs_sin")
+
+
+def convert_lightning_dit(sd, cfg: DiTConfig, name: str = "checkpoint",
+                          check_buffers: bool = True) -> dict:
+  """Returns the nested parameter dict of ``LightningDiT(cfg)`` from a reference state dict."""
+  if not isinstance(sd, StateDict):
+    sd = StateDict(sd, name=name)
+  d, c_in, p = cfg.hidden_size, cfg.in_channels, cfg.patch_size
+  h, hd = cfg.mlp_hidden, cfg.head_dim
+  out: dict = {}
+  w = sd.get("x_embedder.proj.weight", (d, c_in, p, p))
+  # Conv (D, C, p, p) over a p×p patch -> Dense over the flattened (p, p, C) patch.
+  out["x_embedder"] = {"kernel": w.transpose(2, 3, 1, 0).reshape(p * p * c_in, d),
+                       "bias": sd.get("x_embedder.proj.bias", (d,))}
+
+  def t_emb(prefix, width):
+    return {"mlp_0": sd.linear(f"{prefix}.mlp.0", 256, width),
+            "mlp_2": sd.linear(f"{prefix}.mlp.2", width, width)}
+
+  if cfg.semantic_first:
+    if "t_embedder.mlp.0.weight" in sd:
+      raise ConversionError(f"{name}: has a single timestep embedder ('t_embedder.*', a Δt = 0 "
+                            f"model) but the config has delta_t={cfg.delta_t}")
+    out["t_embedder_sem"] = t_emb("t_embedder_sem", d // 2)
+    out["t_embedder_tex"] = t_emb("t_embedder_tex", d - d // 2)
+  else:
+    if "t_embedder_sem.mlp.0.weight" in sd:
+      raise ConversionError(f"{name}: has two timestep embedders (a semantic-first model) but "
+                            "the config has delta_t=0")
+    out["t_embedder"] = t_emb("t_embedder", d)
+  rows = cfg.num_classes + int(cfg.class_dropout_prob > 0)
+  out["y_embedding"] = sd.get("y_embedder.embedding_table.weight", (rows, d))
+
+  blocks = []
+  for i in range(cfg.depth):
+    b = f"blocks.{i}"
+    blocks.append({
+        "norm1": {"scale": sd.get(f"{b}.norm1.weight", (d,))},
+        "norm2": {"scale": sd.get(f"{b}.norm2.weight", (d,))},
+        "attn": {"qkv": sd.linear(f"{b}.attn.qkv", d, 3 * d),
+                 "q_norm": {"scale": sd.get(f"{b}.attn.q_norm.weight", (hd,))},
+                 "k_norm": {"scale": sd.get(f"{b}.attn.k_norm.weight", (hd,))},
+                 "proj": sd.linear(f"{b}.attn.proj", d, d)},
+        "mlp": {"w12": sd.linear(f"{b}.mlp.w12", d, 2 * h),
+                "w3": sd.linear(f"{b}.mlp.w3", h, d)},
+        "adaLN_modulation": sd.linear(f"{b}.adaLN_modulation.1", d, 6 * d),
+    })
+  if f"blocks.{cfg.depth}.norm1.weight" in sd:
+    raise ConversionError(f"{name}: has more than depth={cfg.depth} blocks")
+  out["blocks"] = _stack(blocks)
+  out["final_layer"] = {
+      "norm_final": {"scale": sd.get("final_layer.norm_final.weight", (d,))},
+      "linear": sd.linear("final_layer.linear", d, p * p * cfg.out_channels),
+      "adaLN_modulation": sd.linear("final_layer.adaLN_modulation.1", d, 2 * d),
+  }
+  if cfg.use_repa:
+    pd = cfg.repa_projector_dim
+    out["repa_projector"] = {"l0": sd.linear("repa_projector.0", d, pd),
+                             "l2": sd.linear("repa_projector.2", pd, pd),
+                             "l4": sd.linear("repa_projector.4", pd, cfg.repa_dim)}
+  else:
+    # A projector in the file is harmless for inference (it never runs in eval mode).
+    sd.mark_used(*[k for k in sd.keys() if k.startswith("repa_projector.")])
+
+  grid = cfg.input_size // p
+  expected = {"pos_embed": sincos_pos_embed(d, grid)[None]}
+  cos, sin = rope_tables(hd, grid)
+  expected["feat_rope.freqs_cos"], expected["feat_rope.freqs_sin"] = cos, sin
+  for key in _BUFFERS:
+    if key in sd:
+      got = sd.get(key, expected[key].shape)
+      if check_buffers and not np.allclose(got, expected[key], atol=1e-5):
+        raise ConversionError(f"{name}: buffer '{key}' differs from the table recomputed from "
+                              f"the config (max diff {np.abs(got - expected[key]).max():.3g}); "
+                              "input_size/hidden_size/num_heads do not match the checkpoint")
+  sd.check_all_used()
+  return out
+
+
+def _stack(items: list[dict]) -> dict:
+  first = items[0]
+  return {k: (_stack([it[k] for it in items]) if isinstance(v, dict)
+              else np.stack([it[k] for it in items])) for k, v in first.items()}
+
+
+def load_lightning_dit(src, cfg: DiTConfig, prefix: str = "", entry: str | None = None,
+                       name: str | None = None) -> LightningDiT:
+  """Builds a LightningDiT from a reference file (``.pt``/``.npz``/``.safetensors``) or a
+  state dict (mapping). ``prefix`` selects e.g. the ``guide/`` weights of a fixture."""
+  if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__"):
+    entries = [entry] if entry else ["ema", "model"]
+    sd = load_state_dict(src, entries=entries, prefix=prefix)
+    name = name or str(src)
+  else:
+    sd = {k[len(prefix):]: v for k, v in src.items() if k.startswith(prefix)}
+    name = name or "state dict"
+  params = convert_lightning_dit(sd, cfg, name=name)
+  model = LightningDiT(cfg, rngs=nnx.Rngs(0))
+  assign(model, params, name=name)
+  return model
+
+
+def config_to_meta(cfg: DiTConfig) -> dict:
+  return {"kind": "lightning_dit", "config": dataclasses.asdict(cfg)}
+
+
+def load_converted(directory, **overrides) -> LightningDiT:
+  """Loads a directory written by this converter (or by ``--mode=export``)."""
+  params, meta = load_params(directory)
+  if meta.get("kind") != "lightning_dit":
+    raise ConversionError(f"{directory}: meta.json kind is {meta.get('kind')!r}, expected "
+                          "'lightning_dit'")
+  cfg = DiTConfig(**{**meta["config"], **overrides})
+  model = LightningDiT(cfg, rngs=nnx.Rngs(0))
+  assign(model, params, name=str(directory))
+  return model
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--src", required=True, help="reference checkpoint (.pt/.npz/.safetensors)")
+  ap.add_argument("--dst", required=True, help="output directory (Orbax + meta.json)")
+  ap.add_argument("--variant", default="XL", help="S, B, L, XL, XXL (=1p0B), 1p6B")
+  ap.add_argument("--entry", default=None, help="entry of a .pt dict (default: ema, then model)")
+  ap.add_argument("--prefix", default="", help="key prefix to select (e.g. 'module.')")
+  ap.add_argument("--config-json", default=None,
+                  help="JSON of DiTConfig fields overriding the variant (e.g. input_size)")
+  ap.add_argument("--force", action="store_true", help="overwrite a non-empty --dst")
+  args = ap.parse_args(argv)
+  overrides = json.loads(args.config_json) if args.config_json else {}
+  cfg = DiTConfig.variant(args.variant, **overrides)
+  sd = load_state_dict(args.src, entries=[args.entry] if args.entry else ["ema", "model"],
+                       prefix=args.prefix)
+  params = convert_lightning_dit(sd, cfg, name=args.src)
+  out = save_params(args.dst, params, {**config_to_meta(cfg), "source": args.src},
+                    force=args.force)
+  n = sum(int(np.prod(v.shape)) for v in _leaves(params))
+  print(f"converted {args.src} -> {out} ({n / 1e6:.1f}M parameters, variant {args.variant})")
+  return 0
+
+
+def _leaves(tree):
+  for v in tree.values():
+    if isinstance(v, dict):
+      yield from _leaves(v)
+    else:
+      yield v
+
+
+if __name__ == "__main__":
+  sys.exit(main())
