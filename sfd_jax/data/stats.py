@@ -1,0 +1,233 @@
+"""Per-channel latent statistics (SPEC §2.4).
+
+The texture and the semantic part are each normalised per channel with their own
+dataset mean/std, computed once from ``num_samples`` (10,000) random *unflipped*
+records drawn without replacement; mean and std over (records, H, W), std with
+Bessel's correction (as ``torch.std``). Stored as ``stats.npz`` in the dataset dir
+with float32 arrays ``texture_mean, texture_std`` (Ct,) and
+``semantic_mean, semantic_std`` (Cs,).
+
+The reference caches ``latents_stats.pt`` / ``latents_sv_stats.pt``: dicts with
+``mean`` and ``std`` of shape [1, C, 1, 1]. ``load_reference_stats`` reads those
+(with PyTorch, weights-only) or ``.npz`` / ``.safetensors`` files with the same keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+import numpy as np
+
+from sfd_jax.data.schema import STATS_FILE, DataFormatError, LatentSchema
+
+_KEYS = ("texture_mean", "texture_std", "semantic_mean", "semantic_std")
+REFERENCE_STATS = {"texture": "latents_stats", "semantic": "latents_sv_stats"}
+_REFERENCE_EXTS = (".pt", ".npz", ".safetensors")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentStats:
+  """Per-channel mean/std of the texture and semantic latents (float32 vectors)."""
+  texture_mean: np.ndarray
+  texture_std: np.ndarray
+  semantic_mean: np.ndarray
+  semantic_std: np.ndarray
+
+  def __post_init__(self):
+    for k in _KEYS:
+      object.__setattr__(self, k, np.asarray(getattr(self, k), np.float32))
+    self.check(where="LatentStats")
+
+  def check(self, schema: LatentSchema | None = None, where: str = "stats") -> None:
+    """Checks shapes (against ``schema`` when given) and that every std is > 0.
+
+    Raises:
+      DataFormatError: naming ``where``, the array and the expected vs found shape.
+    """
+    expected = {}
+    if schema is not None:
+      expected = {"texture": schema.texture_channels, "semantic": schema.semantic_channels}
+    for part in ("texture", "semantic"):
+      mean, std = getattr(self, f"{part}_mean"), getattr(self, f"{part}_std")
+      want = (expected.get(part, mean.shape[0] if mean.ndim == 1 else -1),)
+      for name, a in ((f"{part}_mean", mean), (f"{part}_std", std)):
+        if a.shape != want:
+          raise DataFormatError(f"{where}: '{name}' expected shape {list(want)}, "
+                                f"found {list(a.shape)}")
+      if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
+        raise DataFormatError(f"{where}: '{part}' mean/std must be finite with std > 0")
+
+  def save(self, path: str | os.PathLike) -> str:
+    """Writes ``stats.npz`` (atomically); returns the path."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **{k: getattr(self, k) for k in _KEYS})
+    os.replace(tmp, path)
+    return path
+
+
+def stats_path(directory: str | os.PathLike) -> str:
+  return os.path.join(os.fspath(directory), STATS_FILE)
+
+
+def load_stats(path: str | os.PathLike, schema: LatentSchema | None = None) -> LatentStats:
+  """Loads ``stats.npz`` (a file, or a dataset directory holding one).
+
+  Raises:
+    FileNotFoundError: with the path and how to create the file.
+    DataFormatError: a missing key, or a shape that does not match ``schema``.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    path = stats_path(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"latent statistics {path} not found: compute them with "
+        "sfd_jax.data.stats.compute_stats(...).save(path), or convert the reference's "
+        "latents_stats.pt / latents_sv_stats.pt with sfd_jax.data.convert_reference")
+  with np.load(path, allow_pickle=False) as z:
+    missing = [k for k in _KEYS if k not in z.files]
+    if missing:
+      raise DataFormatError(f"{path}: missing arrays {missing} (has {sorted(z.files)})")
+    arrays = {k: z[k] for k in _KEYS}
+  for k, a in arrays.items():
+    if a.ndim != 1:
+      raise DataFormatError(f"{path}: '{k}' expected a vector, found shape {list(a.shape)}")
+  try:
+    stats = LatentStats(**arrays)
+  except DataFormatError as e:
+    raise DataFormatError(f"{path}: {e}") from e
+  stats.check(schema, where=path)
+  return stats
+
+
+# --------------------------------------------------------------- computation
+
+
+class _Moments:
+  """Streaming per-channel mean and sum of squared deviations (Chan et al.)."""
+
+  def __init__(self, channels: int):
+    self.n = 0
+    self.mean = np.zeros(channels, np.float64)
+    self.m2 = np.zeros(channels, np.float64)
+
+  def update(self, x: np.ndarray) -> None:
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    n_b = x.shape[0]
+    mean_b = x.mean(axis=0)
+    m2_b = ((x - mean_b) ** 2).sum(axis=0)
+    n = self.n + n_b
+    delta = mean_b - self.mean
+    self.mean = self.mean + delta * (n_b / n)
+    self.m2 = self.m2 + m2_b + delta ** 2 * (self.n * n_b / n)
+    self.n = n
+
+  def std(self) -> np.ndarray:
+    if self.n < 2:
+      raise ValueError("need at least 2 values to estimate a std")
+    return np.sqrt(self.m2 / (self.n - 1))
+
+
+def compute_stats(records, num_samples: int = 10_000, seed: int = 0,
+                  chunk: int = 256, log_every: int = 0) -> LatentStats:
+  """Per-channel stats from ``num_samples`` random unflipped records.
+
+  Args:
+    records: a ``LatentRecords`` (anything with ``len``, ``[i]`` -> record dict, and
+      a ``schema``).
+    num_samples: records to draw without replacement (all if the dataset is smaller).
+    seed: numpy seed of the draw.
+    chunk: records accumulated per update.
+    log_every: print progress every this many records (0: silent).
+  """
+  n = min(int(num_samples), len(records))
+  idx = np.random.default_rng(seed).choice(len(records), size=n, replace=False)
+  schema = records.schema
+  tex, sem = _Moments(schema.texture_channels), _Moments(schema.semantic_channels)
+  for start in range(0, n, chunk):
+    recs = [records[int(i)] for i in idx[start:start + chunk]]
+    tex.update(np.stack([r["texture"] for r in recs]))
+    sem.update(np.stack([r["semantic"] for r in recs]))
+    done = start + len(recs)
+    if log_every and (done // log_every > start // log_every or done == n):
+      print(f"stats: {done}/{n} records", flush=True)
+  return LatentStats(tex.mean, tex.std(), sem.mean, sem.std())
+
+
+# ------------------------------------------------------- reference stat files
+
+
+def _read_mean_std(path: str) -> Mapping[str, np.ndarray]:
+  if path.endswith(".pt"):
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise DataFormatError(
+          f"{path}: reading .pt files needs PyTorch; or save its 'mean'/'std' as "
+          f"{path[:-3]}.npz first") from e
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, Mapping):
+      raise DataFormatError(f"{path}: expected a dict with 'mean' and 'std', found "
+                            f"{type(obj).__name__}")
+    return {k: v.detach().float().numpy() if hasattr(v, "detach") else np.asarray(v)
+            for k, v in obj.items()}
+  if path.endswith(".npz"):
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    return dict(load_file(path))
+  raise DataFormatError(f"{path}: unknown stats format (expected {_REFERENCE_EXTS})")
+
+
+def _mean_std_vectors(path: str) -> tuple[np.ndarray, np.ndarray]:
+  obj = _read_mean_std(path)
+  out = []
+  for key in ("mean", "std"):
+    if key not in obj:
+      raise DataFormatError(f"{path}: missing '{key}' (has {sorted(obj)})")
+    a = np.asarray(obj[key], np.float32)
+    if a.ndim == 4 and a.shape[0] == 1 and a.shape[2:] == (1, 1):
+      a = a[0, :, 0, 0]
+    if a.ndim != 1:
+      raise DataFormatError(f"{path}: '{key}' expected shape [1,C,1,1] or [C], found "
+                            f"{list(np.shape(obj[key]))}")
+    out.append(a)
+  return out[0], out[1]
+
+
+def load_reference_stats(texture_path: str | os.PathLike, semantic_path: str | os.PathLike,
+                         schema: LatentSchema | None = None) -> LatentStats:
+  """Reads the reference's texture and semantic stat files (``mean``/``std`` [1,C,1,1])."""
+  paths = {}
+  for part, p in (("texture", texture_path), ("semantic", semantic_path)):
+    p = os.fspath(p)
+    if not os.path.exists(p):
+      raise FileNotFoundError(f"{part} stats file {p} not found")
+    paths[part] = p
+  t_mean, t_std = _mean_std_vectors(paths["texture"])
+  s_mean, s_std = _mean_std_vectors(paths["semantic"])
+  where = f"{paths['texture']} + {paths['semantic']}"
+  try:
+    stats = LatentStats(t_mean, t_std, s_mean, s_std)
+  except DataFormatError as e:
+    raise DataFormatError(f"{where}: {e}") from e
+  stats.check(schema, where=where)
+  return stats
+
+
+def find_reference_stats(directory: str | os.PathLike) -> tuple[str, str] | None:
+  """Paths of ``latents_stats.*`` and ``latents_sv_stats.*`` in ``directory``, if both exist.
+
+  Prefers ``.npz`` and ``.safetensors`` over ``.pt`` (which needs PyTorch).
+  """
+  found = []
+  for part in ("texture", "semantic"):
+    stem = os.path.join(os.fspath(directory), REFERENCE_STATS[part])
+    hits = [stem + ext for ext in (".npz", ".safetensors", ".pt") if os.path.exists(stem + ext)]
+    if not hits:
+      return None
+    found.append(hits[0])
+  return found[0], found[1]
