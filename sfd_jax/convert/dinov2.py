@@ -1,0 +1,120 @@
+"""DINOv2 hub checkpoint (``dinov2_vitb14_reg4_pretrain.pth``) → ``sfd_jax.models.dinov2``.
+
+Reference keys (parity README §5.6): ``cls_token`` (1,1,C), ``register_tokens`` (1,R,C),
+``mask_token`` (1,C) (used only with masks: accepted and ignored), ``pos_embed``
+(1, 1+37², C), ``patch_embed.proj.{weight,bias}``, ``blocks.{i}.{norm1,norm2}.*``,
+``blocks.{i}.attn.{qkv,proj}.*``, ``blocks.{i}.{ls1,ls2}.gamma``,
+``blocks.{i}.mlp.{fc1,fc2}.*``, ``norm.*``.
+
+CLI (writes a standalone converted checkpoint, see ``common.save_params``)::
+
+  python -m sfd_jax.convert.dinov2 --src dinov2_vitb14_reg4_pretrain.pth --dst DIR \
+      [--preset vitb14_reg] [--force]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any, Mapping
+
+from flax import nnx
+
+from sfd_jax.convert import common
+from sfd_jax.models.dinov2 import DinoV2, DinoV2Config
+
+MODEL_KIND = "dinov2"
+IGNORED_KEYS = ("mask_token",)
+
+
+def _vit_block(sd: common.StateDict, prefix: str, dim: int, hidden: int,
+               layerscale: bool) -> dict[str, Any]:
+  """One pre-norm ViT block of the reference (``blocks.i``) → nested params."""
+  out = {
+      "norm1": sd.norm(f"{prefix}.norm1", dim),
+      "attn": {"qkv": sd.linear(f"{prefix}.attn.qkv", dim, 3 * dim),
+               "proj": sd.linear(f"{prefix}.attn.proj", dim, dim)},
+      "norm2": sd.norm(f"{prefix}.norm2", dim),
+      "mlp": {"fc1": sd.linear(f"{prefix}.mlp.fc1", dim, hidden),
+              "fc2": sd.linear(f"{prefix}.mlp.fc2", hidden, dim)},
+  }
+  if layerscale:
+    out["ls1"] = {"gamma": sd.get(f"{prefix}.ls1.gamma", (dim,))}
+    out["ls2"] = {"gamma": sd.get(f"{prefix}.ls2.gamma", (dim,))}
+  return out
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], config: DinoV2Config,
+                       name: str = "DINOv2 checkpoint") -> dict[str, Any]:
+  """Reference state dict → nested params of ``DinoV2(config)``.
+
+  Raises ``ConversionError`` naming the key for missing, wrong-shape or unexpected keys.
+  """
+  c, d = config, config.embed_dim
+  sd = common.StateDict(state_dict, name=name, ignore_prefixes=IGNORED_KEYS)
+  if "mask_token" in sd:
+    sd.get("mask_token", (1, d))  # shape check only; unused without masks
+  params = {
+      "patch_embed": sd.conv("patch_embed.proj", c.in_chans, d, c.patch_size, c.patch_size),
+      "cls_token": sd.get("cls_token", (1, 1, d))[0],
+      "register_tokens": sd.get("register_tokens", (1, c.num_register_tokens, d))[0],
+      "pos_embed": sd.get("pos_embed", (1, 1 + c.grid_size ** 2, d))[0],
+      "blocks": {str(i): _vit_block(sd, f"blocks.{i}", d, c.mlp_hidden,
+                                    c.layerscale_init is not None)
+                 for i in range(c.depth)},
+      "norm": sd.norm("norm", d),
+  }
+  sd.check_all_used()
+  return params
+
+
+def build_abstract(config: DinoV2Config, dtype=None) -> DinoV2:
+  """A ``DinoV2`` with unallocated parameters, ready for ``common.assign``."""
+  return nnx.eval_shape(lambda: DinoV2(config, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def load_dinov2(path: str | os.PathLike, config: DinoV2Config | None = None, *,
+                dtype=None) -> DinoV2:
+  """Builds a ``DinoV2`` holding the weights of ``path``.
+
+  ``path`` is either a directory written by this module's CLI (its ``meta.json``
+  supplies the config when ``config`` is None) or a reference checkpoint
+  (``.pth``/``.pt`` needs PyTorch; ``.npz``/``.safetensors`` do not), in which case
+  ``config`` defaults to ViT-B/14-reg.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    params, meta = common.load_params(path)
+    if meta.get("model") not in (None, MODEL_KIND):
+      raise common.ConversionError(f"{path}: holds a '{meta.get('model')}' checkpoint, "
+                                   f"not '{MODEL_KIND}'")
+    if config is None:
+      config = DinoV2Config(**meta["config"]) if "config" in meta else DinoV2Config.vitb14_reg()
+  else:
+    config = config or DinoV2Config.vitb14_reg()
+    params = convert_state_dict(common.load_state_dict(path), config, name=path)
+  model = build_abstract(config, dtype=dtype)
+  common.assign(model, params, name=path)
+  return model
+
+
+def main(argv: list[str] | None = None) -> str:
+  parser = argparse.ArgumentParser(
+      prog="python -m sfd_jax.convert.dinov2",
+      description="Convert a DINOv2 (with registers) hub checkpoint to an sfd_jax checkpoint.")
+  parser.add_argument("--src", required=True, help="hub state dict (.pth/.pt/.npz/.safetensors)")
+  parser.add_argument("--dst", required=True, help="output directory")
+  parser.add_argument("--preset", default="vitb14_reg", choices=["vitb14_reg", "tiny"])
+  parser.add_argument("--force", action="store_true", help="overwrite a non-empty --dst")
+  args = parser.parse_args(argv)
+  config = DinoV2Config.preset(args.preset)
+  params = convert_state_dict(common.load_state_dict(args.src), config, name=args.src)
+  meta = {"model": MODEL_KIND, "preset": args.preset, "config": dataclasses.asdict(config),
+          "source": os.path.abspath(args.src), "ignored_keys": list(IGNORED_KEYS)}
+  out = common.save_params(args.dst, params, meta=meta, force=args.force)
+  print(f"wrote {out}")
+  return out
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,169 @@
+"""SemVAE checkpoint (``semantic_ae_final.pt``) → ``sfd_jax.models.semantic_vae``.
+
+Reference keys (parity README §5.4), with N transformer blocks: ``encoder.0`` (Linear
+in), ``encoder.{1..N}.{norm1,norm2}.*``, ``encoder.{k}.attn.in_proj_weight/_bias``
+(rows [q; k; v]), ``encoder.{k}.attn.out_proj.*``, ``encoder.{k}.mlp.{0,2}.*``,
+``encoder.{N+1}`` (LayerNorm), ``encoder.{N+2}`` (Linear to 2·bottleneck); the decoder
+has the same pattern under ``decoder.``. The released training checkpoint keeps these
+under ``model_state_dict`` (next to optimizer/scheduler state), which is picked
+automatically; a flat state dict (``.npz``/``.safetensors``) works as well.
+
+Reading a ``.pt`` needs PyTorch and is done with ``weights_only=True``. If the
+training checkpoint's extra entries make that fail, either pass ``allow_pickle=True``
+(``--allow-pickle``: a full unpickle, only for files you trust) or export the weights
+once with PyTorch (then convert the ``.safetensors``)::
+
+  import torch, safetensors.torch as st
+  ckpt = torch.load("semantic_ae_final.pt", weights_only=False)
+  st.save_file(ckpt["model_state_dict"], "semvae.safetensors")
+
+CLI::
+
+  python -m sfd_jax.convert.semantic_vae --src semantic_ae_final.pt --dst DIR \
+      [--preset ch16] [--force] [--allow-pickle]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pickle
+from typing import Any, Mapping
+
+import numpy as np
+from flax import nnx
+
+from sfd_jax.convert import common
+from sfd_jax.models.semantic_vae import SemanticVAE, SemVAEConfig
+
+MODEL_KIND = "semantic_vae"
+STATE_DICT_ENTRIES = ("model_state_dict",)
+_TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def _block(sd: common.StateDict, prefix: str, dim: int, hidden: int) -> dict[str, Any]:
+  """One reference ``TransformerBlock`` (``nn.MultiheadAttention`` naming) → params."""
+  in_w = sd.get(f"{prefix}.attn.in_proj_weight", (3 * dim, dim))
+  in_b = sd.get(f"{prefix}.attn.in_proj_bias", (3 * dim,))
+  return {
+      "norm1": sd.norm(f"{prefix}.norm1", dim),
+      "attn": {"qkv": {"kernel": in_w.T, "bias": in_b},
+               "proj": sd.linear(f"{prefix}.attn.out_proj", dim, dim)},
+      "norm2": sd.norm(f"{prefix}.norm2", dim),
+      "mlp": {"fc1": sd.linear(f"{prefix}.mlp.0", dim, hidden),
+              "fc2": sd.linear(f"{prefix}.mlp.2", hidden, dim)},
+  }
+
+
+def _token_transformer(sd: common.StateDict, prefix: str, in_dim: int, out_dim: int,
+                       config: SemVAEConfig) -> dict[str, Any]:
+  d, n = config.hidden_dim, config.num_blocks
+  return {
+      "proj_in": sd.linear(f"{prefix}.0", in_dim, d),
+      "blocks": {str(i): _block(sd, f"{prefix}.{i + 1}", d, config.mlp_hidden)
+                 for i in range(n)},
+      "norm": sd.norm(f"{prefix}.{n + 1}", d),
+      "proj_out": sd.linear(f"{prefix}.{n + 2}", d, out_dim),
+  }
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], config: SemVAEConfig,
+                       name: str = "SemVAE checkpoint") -> dict[str, Any]:
+  """Reference state dict → nested params of ``SemanticVAE(config)``.
+
+  Raises ``ConversionError`` naming the key for missing, wrong-shape or unexpected keys.
+  """
+  sd = common.StateDict(state_dict, name=name)
+  c = config
+  params = {
+      "encoder": _token_transformer(sd, "encoder", c.input_dim, 2 * c.bottleneck_dim, c),
+      "decoder": _token_transformer(sd, "decoder", c.bottleneck_dim, c.input_dim, c),
+  }
+  sd.check_all_used()
+  return params
+
+
+def _torch_load_trusted(path: str) -> dict[str, np.ndarray]:
+  """Full (pickle) load of a trusted training checkpoint; returns its model weights."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:  # pragma: no cover - depends on the optional install
+    raise common.ConversionError(f"{path}: reading .pt files needs PyTorch") from e
+  obj = torch.load(path, map_location="cpu", weights_only=False)
+  for entry in STATE_DICT_ENTRIES:
+    if isinstance(obj, Mapping) and isinstance(obj.get(entry), Mapping):
+      obj = obj[entry]
+  if not isinstance(obj, Mapping):
+    raise common.ConversionError(f"{path}: expected a state dict, found {type(obj).__name__}")
+  return {k: v.detach().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+
+
+def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+  """Reads the SemVAE weights of a checkpoint file (``model_state_dict`` if nested)."""
+  path = os.fspath(path)
+  if not path.endswith(_TORCH_SUFFIXES):
+    return common.load_state_dict(path, entries=STATE_DICT_ENTRIES)
+  if allow_pickle:
+    return _torch_load_trusted(path)
+  try:
+    return common.load_state_dict(path, entries=STATE_DICT_ENTRIES)
+  except pickle.UnpicklingError as e:  # the weights-only unpickler refused an object
+    raise common.ConversionError(
+        f"{path}: could not be read with torch.load(weights_only=True) ({e}). If you trust "
+        "the file, pass allow_pickle=True / --allow-pickle, or export its "
+        "'model_state_dict' to .safetensors (see sfd_jax/convert/semantic_vae.py)") from e
+
+
+def build_abstract(config: SemVAEConfig, dtype=None) -> SemanticVAE:
+  """A ``SemanticVAE`` with unallocated parameters, ready for ``common.assign``."""
+  return nnx.eval_shape(lambda: SemanticVAE(config, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def load_semantic_vae(path: str | os.PathLike, config: SemVAEConfig | None = None, *,
+                      dtype=None, allow_pickle: bool = False) -> SemanticVAE:
+  """Builds a ``SemanticVAE`` holding the weights of ``path``.
+
+  ``path`` is a directory written by this module's CLI (its ``meta.json`` supplies the
+  config when ``config`` is None) or a reference checkpoint file, in which case
+  ``config`` defaults to the released ch16 model.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    params, meta = common.load_params(path)
+    if meta.get("model") not in (None, MODEL_KIND):
+      raise common.ConversionError(f"{path}: holds a '{meta.get('model')}' checkpoint, "
+                                   f"not '{MODEL_KIND}'")
+    if config is None:
+      config = SemVAEConfig(**meta["config"]) if "config" in meta else SemVAEConfig.ch16()
+  else:
+    config = config or SemVAEConfig.ch16()
+    params = convert_state_dict(read_state_dict(path, allow_pickle), config, name=path)
+  model = build_abstract(config, dtype=dtype)
+  common.assign(model, params, name=path)
+  return model
+
+
+def main(argv: list[str] | None = None) -> str:
+  parser = argparse.ArgumentParser(
+      prog="python -m sfd_jax.convert.semantic_vae",
+      description="Convert a SemVAE checkpoint (semantic_ae_final.pt) to an sfd_jax checkpoint.")
+  parser.add_argument("--src", required=True,
+                      help="checkpoint (.pt with model_state_dict, .npz or .safetensors)")
+  parser.add_argument("--dst", required=True, help="output directory")
+  parser.add_argument("--preset", default="ch16", choices=["ch16", "tiny"])
+  parser.add_argument("--force", action="store_true", help="overwrite a non-empty --dst")
+  parser.add_argument("--allow-pickle", action="store_true",
+                      help="full torch.load of a trusted .pt (runs pickled code)")
+  args = parser.parse_args(argv)
+  config = SemVAEConfig.preset(args.preset)
+  params = convert_state_dict(read_state_dict(args.src, args.allow_pickle), config,
+                              name=args.src)
+  meta = {"model": MODEL_KIND, "preset": args.preset, "config": dataclasses.asdict(config),
+          "source": os.path.abspath(args.src)}
+  out = common.save_params(args.dst, params, meta=meta, force=args.force)
+  print(f"wrote {out}")
+  return out
+
+
+if __name__ == "__main__":
+  main()
