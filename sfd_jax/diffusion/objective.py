@@ -89,8 +89,10 @@ def cosine_similarity(a: jax.Array, b: jax.Array, axis: int = -1) -> jax.Array:
   a = a.astype(jnp.float32)
   b = b.astype(jnp.float32)
   num = jnp.sum(a * b, axis=axis)
-  den = jnp.sqrt(jnp.sum(a * a, axis=axis)) * jnp.sqrt(jnp.sum(b * b, axis=axis))
-  return num / jnp.maximum(den, COS_EPS)
+  # As torch: clamp the *product* of squared norms, so a zero vector (e.g. the
+  # zero-initialised output layer at step 0) has a finite (zero) gradient.
+  sq = jnp.sum(a * a, axis=axis) * jnp.sum(b * b, axis=axis)
+  return num / jnp.sqrt(jnp.maximum(sq, COS_EPS * COS_EPS))
 
 
 def velocity_losses(pred: jax.Array, target: jax.Array,
