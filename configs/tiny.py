@@ -34,5 +34,5 @@ def get_config(arg=None):
   c.sample.num_steps = 8
   c.sample.guidance = "none"
   c.sample.num_images = 16
-  c.sample.per_device_batch = 2
+  c.sample.batch_size = 8
   return c

@@ -94,12 +94,23 @@ def restore_state_only(directory: str, abstract_state: Any, step: int | None = N
     raise CheckpointError(f"no checkpoint found in {directory}")
   out = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state)))
-  cfg = {}
-  cfg_path = os.path.join(os.path.abspath(directory), str(step), "config")
-  if os.path.isdir(cfg_path):
-    cfg = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   mngr.close()
-  return out["state"], step, dict(cfg or {})
+  return out["state"], step, read_config(directory, step)
+
+
+def read_config(directory: str, step: int | None = None) -> dict:
+  """The ``config`` item of a training checkpoint (empty dict if it has none)."""
+  mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS)
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint found in {directory}")
+    if not os.path.isdir(os.path.join(os.path.abspath(directory), str(step), "config")):
+      return {}
+    return dict(mngr.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"] or {})
+  finally:
+    mngr.close()
 
 
 def _jsonable(cfg: Any) -> Any:

@@ -318,7 +318,7 @@ def dopri5(velocity_fn: VelocityFn, z: jax.Array, y, *, delta_t: float,
   dt0 = initial_step_size(rhs, 0.0, z, rtol=rtol, atol=atol)
   pid = diffrax.PIDController(rtol=rtol, atol=atol, norm=rms_norm)
   if jump_ts:
-    jumps = [t for t in (delta_t, 1.0) if 0.0 < t < t_end]
+    jumps = sorted({t for t in (delta_t, 1.0) if 0.0 < t < t_end})
     if jumps:
       pid = diffrax.ClipStepSizeController(pid, jump_ts=jnp.asarray(jumps, jnp.float32))
   if save_grid is not None:
@@ -494,8 +494,8 @@ def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
   """
   if method not in METHODS:
     raise ValueError(f"sampling method {method!r} not in {METHODS}")
-  if not 0.0 <= delta_t < 1.0:
-    raise ValueError(f"delta_t must be in [0, 1), got {delta_t}")
+  if not 0.0 <= delta_t <= 1.0:
+    raise ValueError(f"delta_t must be in [0, 1], got {delta_t}")
   if z.ndim != 4:
     raise ValueError(f"z must be [N, H, W, C] (channels last), got shape {z.shape}")
   if not 0 <= semantic_chans <= z.shape[-1]:

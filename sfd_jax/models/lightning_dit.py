@@ -278,7 +278,11 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, c: jax.Array, rope) -> jax.Array:
     mod = self.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32)
-    sh_a, sc_a, g_a, sh_m, sc_m, g_m = jnp.split(mod, 6, axis=-1)
+    # [N, 6D] -> [N, 6, D] then index (not jnp.split): with the 6D axis sharded over
+    # "tensor", XLA's CPU SPMD partitioner mis-partitions the gradient of split slices on
+    # a data×fsdp×tensor mesh (found by tests/test_train.py); the reshape avoids it.
+    mod = mod.reshape(mod.shape[0], 6, -1)
+    sh_a, sc_a, g_a, sh_m, sc_m, g_m = (mod[:, i] for i in range(6))
     h = self.attn(modulate(self.norm1(x), sh_a, sc_a), rope)
     x = x + g_a[:, None, :] * h
     h = self.mlp(modulate(self.norm2(x), sh_m, sc_m))
@@ -296,7 +300,9 @@ class FinalLayer(nnx.Module):
                                     kernel_init=L.zeros, rngs=rngs)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-    shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32), 2, -1)
+    mod = self.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32)
+    mod = mod.reshape(mod.shape[0], 2, -1)   # see Block: reshape, not jnp.split
+    shift, scale = mod[:, 0], mod[:, 1]
     return self.linear(modulate(self.norm_final(x), shift, scale))
 
 

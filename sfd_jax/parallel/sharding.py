@@ -32,7 +32,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("qkv", "tensor"),
     ("heads", "tensor"),
     ("adaln", "tensor"),
-    ("repa", "tensor"),
+    ("repa", ("fsdp", "tensor")),  # REPA projector: its square middle layer needs fsdp too
     ("vocab", None),
     ("freq", None),
     ("channels", None),
