@@ -105,7 +105,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.mesh.tensor = 1
   c.sharding_rules = [            # logical axis -> mesh axis (None = replicated)
       ("layers", None), ("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),
-      ("heads", "tensor"), ("adaln", "tensor"), ("repa", "tensor"), ("vocab", None),
+      ("heads", "tensor"), ("adaln", "tensor"), ("repa", ("fsdp", "tensor")), ("vocab", None),
       ("freq", None), ("channels", None), ("norm", None), ("conv_h", None),
       ("conv_w", None), ("conv_in", None), ("conv_out", "fsdp"),
   ]
@@ -115,7 +115,6 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.sample = ml_collections.ConfigDict()
   c.sample.checkpoint = ""        # workdir, training checkpoint dir or converted dir
   c.sample.guide_checkpoint = ""
-  c.sample.guide_variant = "B"
   c.sample.method = "dopri5"      # euler | heun | dopri5 | sde
   c.sample.num_steps = 250
   c.sample.atol = 1e-6
@@ -124,9 +123,27 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.sample.guidance = "autoguidance"  # none | cfg | autoguidance
   c.sample.scale = 1.5
   c.sample.num_images = 50_000
-  c.sample.per_device_batch = 4
+  c.sample.batch_size = 64        # global; fixed index ranges -> device-count independent
+  c.sample.stats = ""             # latent stats for decoding (default: data.stats / data.path)
   c.sample.seed = 0
   c.sample.texture_vae = ""       # converted texture VAE dir (decode); "" = write latents
+
+  # --- evaluation (sfd_jax.evaluate) -------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.inception = ""           # converted FID Inception dir (python -m sfd_jax.convert.inception)
+  c.eval.reference_npz = ""       # ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz
+  c.eval.preprocess = "adm"       # adm (TF-graph resize, as the ADM evaluator) | pytorch_fid
+  c.eval.batch_size = 200         # images per Inception call (split over local devices)
+  c.eval.grid_images = 64         # samples in the grid PNG (class order)
+
+  # --- export (sfd_jax.export; --mode=export) ---------------------------------------
+  c.export = ml_collections.ConfigDict()
+  c.export.step = -1              # training step to export (-1 = latest)
+  c.export.weights = "ema"        # ema | params (raw weights)
+  c.export.dtype = "float32"      # stored dtype: float32 | bfloat16 | float16
+  c.export.formats = "orbax,safetensors"  # subset of orbax, safetensors, npz
+  c.export.dst = ""               # "" = <workdir>/export/<step>-<weights>-<dtype>
+  c.export.overwrite = False      # replace an earlier export in dst
 
   if recipe == "80ep":            # later release: configs/sfd/lightningdit_xl/train_80ep_lr2e-4
     c.optimizer.lr = 2e-4
