@@ -3,11 +3,11 @@
   python main.py --config=configs/sfd_xl.py --workdir=runs/sfd_xl [--mode=train]
   python main.py --config=configs/sfd_xl.py:recipe=80ep --config.optimizer.lr=2e-4 ...
 
-Modes: train (default), sample, eval, export. Launched as several processes (TPU pod,
-SLURM, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID set), it initialises
-``jax.distributed`` first; on one process it runs as is.
+Modes: train (default), sample, eval, export, encode (images → latent dataset),
+extract (SemVAE training features), train_semvae, train_texture_vae. Launched as several
+processes (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID
+set), it initialises ``jax.distributed`` first; on one process it runs as is.
 """
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -15,7 +15,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (path[:args])",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, outputs")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "export"], "job to run")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "export", "encode",
+                                           "extract", "train_semvae", "train_texture_vae"],
+                          "job to run")
 
 
 def main(argv):
@@ -29,7 +31,8 @@ def main(argv):
     raise app.UsageError("--config is required")
   if workdir is None:
     raise app.UsageError("--workdir is required")
-  workdir = os.path.abspath(workdir)
+  from sfd_jax.checkpoint import abspath  # pylint: disable=import-outside-toplevel
+  workdir = abspath(workdir)   # gs:// workdirs stay URLs (train/export; sample/eval: local)
   logging.info("sfd_jax %s: process %d/%d, %d local / %d global devices (%s)", mode,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
@@ -45,6 +48,15 @@ def main(argv):
   elif mode == "export":
     from sfd_jax import export  # pylint: disable=import-outside-toplevel
     export.run(config, workdir)
+  elif mode == "encode":
+    from sfd_jax import encode  # pylint: disable=import-outside-toplevel
+    encode.run(config, workdir)
+  elif mode == "extract":
+    from sfd_jax import extract_features  # pylint: disable=import-outside-toplevel
+    extract_features.run(config, workdir)
+  elif mode in ("train_semvae", "train_texture_vae"):
+    from sfd_jax import vae_train  # pylint: disable=import-outside-toplevel
+    vae_train.train_model(config, workdir, mode[len("train_"):])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""Tiny configs of the autoencoder jobs for tests and CPU smoke runs.
+
+  --config=configs/tiny_vae.py:job=semvae,data=DIR        SemVAE training on features DIR
+  --config=configs/tiny_vae.py:job=texture_vae,data=DIR   texture VAE on an image folder
+  --config=configs/tiny_vae.py:job=encode,data=DIR        encode / extract an image folder
+
+Sizes of the tiny encode job (all grids 8×8, so the three networks fit together):
+  image 32 px → texture VAE ``tiny`` preset (f4, 4 channels) → 8×8×4 texture latent;
+  DINOv2 ``tiny`` preset (patch 14, width 64) at 112 px → 8×8 = 64 tokens of 64;
+  SemVAE ``tiny`` preset with input width 64 → 8×8×8 semantic latent.
+Extraction (SemVAE training features): resize 128 → centre crop 112 → 64 tokens.
+Networks have random weights (``random_init``). Shards of 5 records; one image per
+device per batch (8 fake CPU devices in the tests).
+"""
+import ml_collections
+
+from configs import common
+from configs import encode_imagenet
+from configs import semvae_ch16
+from configs import texture_vae_f16d32
+
+JOBS = ("semvae", "texture_vae", "encode")
+
+
+def _tiny_run(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
+  c.batch_size = 8
+  c.num_train_steps = steps
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 4
+  c.keep_period = 0
+  c.data.num_workers = 0
+  c.data.read_threads = 1
+  c.data.prefetch_batches = 1
+  c.eval.every_steps = 0
+  c.compiler_options.xla_backend_optimization_level = 0  # fast CPU compiles
+  return c
+
+
+def get_config(arg=None):
+  opts = common.parse_arg(arg, job="semvae", data="", steps="8")
+  job = opts["job"]
+  if job not in JOBS:
+    raise ValueError(f"tiny_vae: job {job!r} not one of {JOBS}")
+  if job == "semvae":
+    c = semvae_ch16.get_config(f"data={opts['data']}")
+    c.model.update(input_dim=32, bottleneck_dim=4, hidden_dim=32, num_heads=2,
+                   num_blocks=1, dtype="float32")
+    c.optimizer.update(lr=1e-3, warmup_steps=2, total_steps=100, decay_steps=20)
+    return _tiny_run(c, int(opts["steps"]))
+  if job == "texture_vae":
+    c = texture_vae_f16d32.get_config(f"data={opts['data']}")
+    # one level (no resampling) keeps CPU compiles short; the full structure is
+    # exercised by the texture VAE's own tests
+    c.model.update(ch=16, ch_mult=(1,), num_res_blocks_enc=1, num_res_blocks_dec=1,
+                   attn_resolutions=(), z_channels=4, embed_dim=4, resolution=16,
+                   num_groups=8)
+    c.loss.pixel_reduction = "mean"
+    c.optimizer.lr = 1e-3
+    c.data.image_size = 16
+    return _tiny_run(c, int(opts["steps"]))
+  c = encode_imagenet.get_config()
+  c.data.path = opts["data"]
+  c.encode.update(random_init=True, texture_vae_preset="tiny", dinov2_preset="tiny",
+                  semvae_preset="tiny", texture_vae="", dinov2="", semvae="",
+                  image_size=32, dino_size=112, per_device_batch=1, records_per_shard=5)
+  c.extract.update(random_init=True, dinov2_preset="tiny", dinov2="", resize=128,
+                   crop=112, per_device_batch=1, records_per_shard=5)
+  c.job.update(decode_threads=2, prefetch_batches=2, log_every_batches=1)
+  c.job.compiler_options.xla_backend_optimization_level = 0  # fast CPU compiles
+  return c
