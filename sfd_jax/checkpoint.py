@@ -31,12 +31,24 @@ class CheckpointError(RuntimeError):
   pass
 
 
+def abspath(path: str) -> str:
+  """Absolute local path; URLs such as ``gs://bucket/run`` are left unchanged."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(path)
+
+
+def makedirs(path: str) -> None:
+  """``mkdir -p`` for local paths and (through etils/epath) ``gs://`` URLs."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for the train state composite."""
 
   def __init__(self, directory: str, *, max_to_keep: int | None = 3,
                keep_period: int | None = None, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, keep_period=keep_period,
         enable_async_checkpointing=async_save, create=True,
@@ -88,7 +100,7 @@ class Checkpointer:
 
 def restore_state_only(directory: str, abstract_state: Any, step: int | None = None):
   """Restores only the ``state`` item of a training checkpoint (sampling, export)."""
-  mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS)
+  mngr = ocp.CheckpointManager(abspath(directory), item_names=ITEMS)
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no checkpoint found in {directory}")
@@ -100,12 +112,13 @@ def restore_state_only(directory: str, abstract_state: Any, step: int | None = N
 
 def read_config(directory: str, step: int | None = None) -> dict:
   """The ``config`` item of a training checkpoint (empty dict if it has none)."""
-  mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS)
+  mngr = ocp.CheckpointManager(abspath(directory), item_names=ITEMS)
   try:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint found in {directory}")
-    if not os.path.isdir(os.path.join(os.path.abspath(directory), str(step), "config")):
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    if not (epath.Path(abspath(directory)) / str(step) / "config").is_dir():
       return {}
     return dict(mngr.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"] or {})

@@ -100,7 +100,7 @@ def _check_finite(state, step: int, ckpt: ckpt_lib.Checkpointer) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) training; returns the last logged metrics."""
-  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.makedirs(workdir)
   setup = build(config)
   mesh = setup.mesh
   is_main = jax.process_index() == 0

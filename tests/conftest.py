@@ -5,12 +5,20 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Persistent compilation cache: the training/sampling tests compile the same tiny
+# programs in several runs (and subprocesses, via JAX_COMPILATION_CACHE_DIR); on a 2-core
+# CPU compile time dominates the suite.
+CACHE_DIR = os.path.join(tempfile.gettempdir(), "sfd_jax_test_compilation_cache")
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

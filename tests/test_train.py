@@ -20,7 +20,7 @@ from sfd_jax import train_step as ts
 from sfd_jax.checkpoint import restore_state_only
 from sfd_jax.diffusion.objective import ObjectiveConfig
 from sfd_jax.models.lightning_dit import DiTConfig
-from tests.conftest import REPO
+from tests.conftest import CACHE_DIR, REPO
 from tests.util import write_tiny_latents
 
 sys.path.insert(0, str(REPO))
@@ -161,6 +161,8 @@ def _final_params(workdir, config):
 
 def _run_main(args, env_extra=None, check=True):
   env = dict(os.environ)
+  env["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
   env.update(env_extra or {})
   proc = subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
