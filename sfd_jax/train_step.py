@@ -137,8 +137,11 @@ def loss_and_metrics(setup: TrainSetup, params, batch: dict[str, jax.Array], key
   repa_target = batch.get("repa") if obj_cfg.repa_active else None
   want_repa = repa_target is not None and setup.model_cfg.use_repa
 
+  act = NamedSharding(setup.mesh, P(parallel.BATCH_AXES))
+
   def apply_fn(xt, t_tex, t_sem, y, drop_key):
-    out = model(xt, t_tex, t_sem, y, label_drop_key=drop_key, return_repa=want_repa)
+    out = model(xt, t_tex, t_sem, y, label_drop_key=drop_key, return_repa=want_repa,
+                activation_sharding=act)
     return out if want_repa else (out, None)
 
   loss, metrics = obj_lib.training_losses(apply_fn, batch["latent"], batch["label"], key,

@@ -397,7 +397,7 @@ class LightningDiT(nnx.Module):
     x = tok.reshape(n, g, g, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(n, g * p, g * p, cfg.out_channels)
 
-  def _run_blocks(self, x, c, rope, start: int, stop: int, collect=None):
+  def _run_blocks(self, x, c, rope, start: int, stop: int, collect=None, constrain=None):
     """Applies blocks[start:stop] to x (scanned or unrolled)."""
     if stop <= start:
       return x
@@ -406,7 +406,7 @@ class LightningDiT(nnx.Module):
 
     def one(x, block_state):
       blk = nnx.merge(graphdef, block_state)
-      return blk(x, c, rope)
+      return constrain(blk(x, c, rope))
 
     if cfg.remat_policy != "none":
       one = jax.checkpoint(one, policy=_remat_policy(cfg.remat_policy))
@@ -424,13 +424,23 @@ class LightningDiT(nnx.Module):
 
   def __call__(self, x: jax.Array, t_tex: jax.Array, t_sem: jax.Array | None, y: jax.Array,
                *, label_drop_key: jax.Array | None = None, return_repa: bool = False,
-               return_intermediates: bool = False):
+               return_intermediates: bool = False,
+               activation_sharding: jax.sharding.Sharding | None = None):
+    """See the class docstring. ``activation_sharding`` (e.g. batch over the data axes)
+    pins the token states at every block boundary; without it, under FSDP, XLA follows
+    the weight sharding and keeps the *whole* batch on every device."""
     cfg = self.cfg
     if t_sem is None:
       t_sem = t_tex
+
+    def constrain(h):
+      if activation_sharding is None:
+        return h
+      return jax.lax.with_sharding_constraint(h, activation_sharding)
+
     x_emb = self.embed_inputs(x)
     pos = jnp.asarray(sincos_pos_embed(cfg.hidden_size, cfg.input_size // cfg.patch_size))
-    h = x_emb.astype(jnp.float32) + pos[None]
+    h = constrain(x_emb.astype(jnp.float32) + pos[None])
     c, t_emb, y_emb = self.embed_condition(t_tex, t_sem, y, label_drop_key)
     cos, sin = rope_tables(cfg.head_dim, cfg.input_size // cfg.patch_size)
     rope = (jnp.asarray(cos), jnp.asarray(sin))
@@ -438,9 +448,9 @@ class LightningDiT(nnx.Module):
     collect = [] if return_intermediates else None
     want_repa = (return_repa or return_intermediates) and cfg.use_repa
     split = cfg.repa_depth if want_repa else 0
-    h = self._run_blocks(h, c, rope, 0, split, collect)
-    repa = self.repa_projector(h).astype(jnp.float32) if want_repa else None
-    h = self._run_blocks(h, c, rope, split, cfg.depth, collect)
+    h = self._run_blocks(h, c, rope, 0, split, collect, constrain)
+    repa = constrain(self.repa_projector(h).astype(jnp.float32)) if want_repa else None
+    h = self._run_blocks(h, c, rope, split, cfg.depth, collect, constrain)
     tok = self.final_layer(h, c).astype(jnp.float32)
     v = self.unpatchify(tok)
     if return_intermediates:
