@@ -31,6 +31,36 @@ class CheckpointError(RuntimeError):
   pass
 
 
+class NonFiniteLossError(RuntimeError):
+  """Loss or gradient became NaN/Inf; the last good checkpoint is kept as it was."""
+
+
+def check_finite(state, step: int, ckpt: "Checkpointer") -> None:
+  """Raises NonFiniteLossError if ``state["nonfinite"]`` counted a NaN/Inf step.
+
+  Called before every save, so a diverged state never overwrites a good checkpoint.
+  """
+  bad = int(jax.device_get(state["nonfinite"]))
+  if bad:
+    last = ckpt.latest_step()
+    raise NonFiniteLossError(
+        f"loss or gradient norm became NaN/Inf in {bad} step(s) before step {step}; "
+        f"stopping without saving. Last good checkpoint: "
+        f"{'step ' + str(last) if last is not None else 'none'} in {ckpt.directory} "
+        "(untouched). Lower the learning rate, enable grad_clip, or check the data.")
+
+
+def hparams(config) -> dict:
+  """Flat ``{"a.b": value}`` of a config's scalar fields (for ``write_hparams``)."""
+  def flat(d, prefix=""):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        yield from flat(v, f"{prefix}{k}.")
+      elif isinstance(v, (int, float, str, bool)):
+        yield f"{prefix}{k}", v
+  return dict(flat(config.to_dict() if hasattr(config, "to_dict") else config))
+
+
 def abspath(path: str) -> str:
   """Absolute local path; URLs such as ``gs://bucket/run`` are left unchanged."""
   path = os.fspath(path)

@@ -20,7 +20,6 @@ and at the end ``samples_<N>.npz`` with ``arr_0`` uint8 [N, H, W, 3] shuffled wi
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -38,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sfd_jax import checkpoint as ckpt_lib
 from sfd_jax import parallel
 from sfd_jax.convert import lightning_dit as dit_conv
-from sfd_jax.convert.common import ConversionError
+from sfd_jax.convert.common import assign
 from sfd_jax.diffusion import guidance, samplers
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT
 
@@ -50,40 +49,26 @@ class SamplingError(ValueError):
 # ---------------------------------------------------------------- loading models
 
 
-def _find_checkpoints_dir(path: str) -> str | None:
-  for cand in (os.path.join(path, "checkpoints"), path):
-    if os.path.isdir(cand) and any(d.isdigit() for d in os.listdir(cand)):
-      return cand
-  return None
+def load_dit(path: str, what: str = "checkpoint") -> LightningDiT:
+  """A LightningDiT from a converted/exported dir or from a training run's EMA weights.
 
-
-def load_dit(path: str, what: str = "checkpoint", **overrides) -> LightningDiT:
-  """A LightningDiT from a converted/exported dir or from a training run's EMA weights."""
+  Training runs are read with ``sfd_jax.export.restore_weights``: only the EMA subtree,
+  straight to host memory (no optimizer state, no mesh).
+  """
   if not path:
     raise SamplingError(f"config.sample.{what} is empty: give a converted checkpoint "
                         "directory or a training workdir")
   path = os.path.abspath(path)
   if os.path.exists(os.path.join(path, "meta.json")):
-    return dit_conv.load_converted(path, **overrides)
-  ckdir = _find_checkpoints_dir(path)
-  if ckdir is None:
+    return dit_conv.load_converted(path)
+  from sfd_jax import export  # pylint: disable=import-outside-toplevel
+  ckdir = export.checkpoint_dir(path)
+  if not os.path.isdir(ckdir) or not any(d.isdigit() for d in os.listdir(ckdir)):
     raise SamplingError(f"config.sample.{what}={path}: neither a converted checkpoint "
                         "(meta.json) nor a training run (checkpoints/<step>/)")
-  from sfd_jax import train  # pylint: disable=import-outside-toplevel
-  step = max(int(d) for d in os.listdir(ckdir) if d.isdigit())
-  cfg_json = ckpt_lib.read_config(ckdir, step)
-  if not cfg_json:
-    raise SamplingError(f"{ckdir}/{step} has no config item; export it first "
-                        "(--mode=export)")
-  run_cfg = ml_collections.ConfigDict(cfg_json)
-  setup = train.build(run_cfg)
-  state, _, _ = ckpt_lib.restore_state_only(ckdir, setup.abstract_state, step)
-  model_cfg = dataclasses.replace(setup.model_cfg, **overrides) if overrides else \
-      setup.model_cfg
+  params, model_cfg, step, _ = export.restore_weights(ckdir, weights="ema")
   model = LightningDiT(model_cfg, rngs=nnx.Rngs(0))
-  graph_state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(graph_state, jax.device_get(state["ema"]))
-  nnx.update(model, graph_state)
+  assign(model, params, name=f"{ckdir}/{step} ema")
   logging.info("loaded EMA weights of %s/%d", ckdir, step)
   return model
 

@@ -27,8 +27,7 @@ from sfd_jax.diffusion.objective import ObjectiveConfig
 from sfd_jax.models.lightning_dit import DiTConfig
 
 
-class NonFiniteLossError(RuntimeError):
-  """Loss or gradient became NaN/Inf; the last good checkpoint is kept as it was."""
+NonFiniteLossError = ckpt_lib.NonFiniteLossError
 
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(DiTConfig)}
@@ -87,17 +86,6 @@ def make_data_iterator(config: ml_collections.ConfigDict, seed: int):
       prefetch_batches=d.prefetch_batches)
 
 
-def _check_finite(state, step: int, ckpt: ckpt_lib.Checkpointer) -> None:
-  bad = int(jax.device_get(state["nonfinite"]))
-  if bad:
-    last = ckpt.latest_step()
-    raise NonFiniteLossError(
-        f"loss or gradient norm became NaN/Inf in {bad} step(s) before step {step}; "
-        f"stopping without saving. Last good checkpoint: "
-        f"{'step ' + str(last) if last is not None else 'none'} in {ckpt.directory} "
-        "(untouched). Lower the learning rate, enable grad_clip, or check the data.")
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) training; returns the last logged metrics."""
   ckpt_lib.makedirs(workdir)
@@ -132,8 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if start == 0:
-    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
-                          if isinstance(v, (int, float, str, bool))})
+    writer.write_hparams(ckpt_lib.hparams(config))
   total = int(config.num_train_steps)
   hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_steps=config.log_every_steps)]
@@ -158,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % config.log_every_steps == 0 or step == total:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not all(np.isfinite(list(m.values()))):
-          _check_finite(state, step, ckpt)
+          ckpt_lib.check_finite(state, step, ckpt)
         dt = time.time() - t_log
         m["images_per_sec"] = config.log_every_steps * config.batch_size / max(dt, 1e-9)
         t_log = time.time()
@@ -168,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         os.kill(os.getpid(), signal.SIGTERM)     # tests: a real SIGTERM at this step
       preempt = guard.requested or ckpt.reached_preemption(step)
       if step % config.checkpoint_every_steps == 0 or step == total or preempt:
-        _check_finite(state, step, ckpt)
+        ckpt_lib.check_finite(state, step, ckpt)
         ckpt.save(step, state, data_it.get_state(), cfg_dict)
       if step == config.get("debug_kill_at_step", -1):
         ckpt.wait()                              # tests: SIGKILL after the last save
@@ -182,13 +169,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_it.close()
   return {"step": step, "metrics": last_metrics, "state": state}
 
-
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out

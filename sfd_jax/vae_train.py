@@ -80,8 +80,7 @@ from sfd_jax.models import semantic_vae, texture_vae
 KINDS = ("semvae", "texture_vae")
 
 
-class NonFiniteLossError(RuntimeError):
-  """Loss or gradient became NaN/Inf; the last good checkpoint is kept as it was."""
+NonFiniteLossError = ckpt_lib.NonFiniteLossError
 
 
 # --------------------------------------------- extension point: generator terms
@@ -442,26 +441,6 @@ def _default_writer(workdir: str, is_main: bool, num_steps: int, every: int):
   return writer, hooks
 
 
-def _check_finite(state, step: int, ckpt: ckpt_lib.Checkpointer) -> None:
-  bad = int(jax.device_get(state["nonfinite"]))
-  if bad:
-    last = ckpt.latest_step()
-    raise NonFiniteLossError(
-        f"loss or gradient norm became NaN/Inf in {bad} step(s) before step {step}; "
-        f"stopping without saving. Last good checkpoint: "
-        f"{'step ' + str(last) if last is not None else 'none'} in {ckpt.directory}.")
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def train_model(config: ml_collections.ConfigDict, workdir: str, model_kind: str, *,
                 writer=None, devices=None) -> dict[str, Any]:
   """Trains (or resumes) ``model_kind`` ("semvae" | "texture_vae") in ``workdir``.
@@ -509,8 +488,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str, model_kind: str
   if writer is None:
     writer, hooks = _default_writer(workdir, is_main, total, every)
   if start == 0:
-    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
-                          if isinstance(v, (int, float, str, bool))})
+    writer.write_hparams(ckpt_lib.hparams(config))
   eval_every = int(config.eval.get("every_steps", 0)) if config.data.get("eval_path") else 0
   spec = P(parallel.BATCH_AXES)
   cfg_dict = config.to_dict()
@@ -527,7 +505,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str, model_kind: str
       if step % every == 0 or step == total:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not all(math.isfinite(v) for v in m.values()):
-          _check_finite(state, step, ckpt)
+          ckpt_lib.check_finite(state, step, ckpt)
         m["examples_per_sec"] = ((step - logged_step) * config.batch_size
                                  / max(time.time() - t_log, 1e-9))
         t_log, logged_step = time.time(), step
@@ -539,7 +517,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str, model_kind: str
         os.kill(os.getpid(), signal.SIGTERM)      # tests: a real SIGTERM at this step
       preempt = guard.requested or ckpt.reached_preemption(step)
       if step % config.checkpoint_every_steps == 0 or step == total or preempt:
-        _check_finite(state, step, ckpt)
+        ckpt_lib.check_finite(state, step, ckpt)
         ckpt.save(step, state, data_it.get_state(), cfg_dict)
       if preempt:
         logging.warning("%s: preempted (%s): saved step %d, exiting", model_kind,
