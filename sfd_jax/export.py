@@ -48,7 +48,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from sfd_jax import checkpoint as ckpt_lib
-from sfd_jax.convert.common import ConversionError, load_params, save_params
+from sfd_jax.convert.common import load_params, save_params
 from sfd_jax.convert.lightning_dit import config_to_meta
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT, rope_tables, sincos_pos_embed
 
@@ -414,10 +414,7 @@ def main(argv=None) -> int:
   ap.add_argument("--dtype", default="float32", choices=DTYPES)
   ap.add_argument("--overwrite", action="store_true", help="replace an earlier export in --dst")
   args = ap.parse_args(argv)
-  params, meta = load_params(args.src)
-  if meta.get("kind") != "lightning_dit":
-    raise ConversionError(f"{args.src}: meta.json kind is {meta.get('kind')!r}, expected "
-                          "'lightning_dit'")
+  params, meta = load_params(args.src, "lightning_dit")
   cfg = DiTConfig(**meta["config"])
   manifest = export_params(params, cfg, args.dst, formats=args.formats, dtype=args.dtype,
                            overwrite=args.overwrite, info={"source": os.path.abspath(args.src)})

@@ -110,7 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     init_params = None
     if config.init_from:
       from sfd_jax.convert.common import load_params  # pylint: disable=import-outside-toplevel
-      init_params, _ = load_params(config.init_from)
+      init_params, _ = load_params(config.init_from, "lightning_dit")
       logging.info("initialising from converted checkpoint %s", config.init_from)
     state = ts.create_train_state(setup, init_params)
   if is_main:

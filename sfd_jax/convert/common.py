@@ -208,8 +208,14 @@ def save_params(directory: str | os.PathLike, params: Mapping[str, Any],
   return directory
 
 
-def load_params(directory: str | os.PathLike) -> tuple[dict, dict]:
-  """Reads what ``save_params`` wrote: (nested params dict of numpy arrays, meta)."""
+def load_params(directory: str | os.PathLike, kind: str | None = None,
+                strict: bool = True) -> tuple[dict, dict]:
+  """Reads what ``save_params`` wrote: (nested params dict of numpy arrays, meta).
+
+  ``kind``: the network the directory must hold (``meta.json``'s ``"kind"``; the older
+  ``"model"`` key is read too). A different kind is an error naming both; a directory
+  without any kind is an error too unless ``strict=False``.
+  """
   import json  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
@@ -224,6 +230,10 @@ def load_params(directory: str | os.PathLike) -> tuple[dict, dict]:
   if os.path.exists(mpath):
     with open(mpath) as f:
       meta = json.load(f)
+  if kind is not None:
+    found = meta.get("kind", meta.get("model"))
+    if found != kind and (strict or found is not None):
+      raise ConversionError(f"{directory}: meta.json says it holds {found!r}, expected {kind!r}")
   return jax_tree_to_numpy(tree), meta
 
 

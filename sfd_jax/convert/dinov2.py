@@ -84,10 +84,7 @@ def load_dinov2(path: str | os.PathLike, config: DinoV2Config | None = None, *,
   """
   path = os.fspath(path)
   if os.path.isdir(path):
-    params, meta = common.load_params(path)
-    if meta.get("model") not in (None, MODEL_KIND):
-      raise common.ConversionError(f"{path}: holds a '{meta.get('model')}' checkpoint, "
-                                   f"not '{MODEL_KIND}'")
+    params, meta = common.load_params(path, MODEL_KIND, strict=False)
     if config is None:
       config = DinoV2Config(**meta["config"]) if "config" in meta else DinoV2Config.vitb14_reg()
   else:

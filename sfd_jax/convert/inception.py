@@ -105,10 +105,7 @@ def load_inception(path: str | os.PathLike, **model_kwargs: Any) -> inc.Inceptio
   """
   path = os.fspath(path)
   if os.path.isdir(path):
-    tree, meta = load_params(path)
-    kind = meta.get("model", MODEL_KIND)
-    if kind != MODEL_KIND:
-      raise ConversionError(f"{path}: meta.json says model {kind!r}, expected {MODEL_KIND!r}")
+    tree, meta = load_params(path, MODEL_KIND, strict=False)
   else:
     tree = convert_state_dict(load_state_dict(path), name=path)
   return build_inception(tree, name=path, **model_kwargs)

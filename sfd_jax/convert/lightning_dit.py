@@ -134,10 +134,7 @@ def config_to_meta(cfg: DiTConfig) -> dict:
 
 def load_converted(directory, **overrides) -> LightningDiT:
   """Loads a directory written by this converter (or by ``--mode=export``)."""
-  params, meta = load_params(directory)
-  if meta.get("kind") != "lightning_dit":
-    raise ConversionError(f"{directory}: meta.json kind is {meta.get('kind')!r}, expected "
-                          "'lightning_dit'")
+  params, meta = load_params(directory, "lightning_dit")
   cfg = DiTConfig(**{**meta["config"], **overrides})
   model = LightningDiT(cfg, rngs=nnx.Rngs(0))
   assign(model, params, name=str(directory))

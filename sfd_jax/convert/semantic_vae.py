@@ -129,10 +129,7 @@ def load_semantic_vae(path: str | os.PathLike, config: SemVAEConfig | None = Non
   """
   path = os.fspath(path)
   if os.path.isdir(path):
-    params, meta = common.load_params(path)
-    if meta.get("model") not in (None, MODEL_KIND):
-      raise common.ConversionError(f"{path}: holds a '{meta.get('model')}' checkpoint, "
-                                   f"not '{MODEL_KIND}'")
+    params, meta = common.load_params(path, MODEL_KIND, strict=False)
     if config is None:
       config = SemVAEConfig(**meta["config"]) if "config" in meta else SemVAEConfig.ch16()
   else:

@@ -148,10 +148,7 @@ def save_converted(dst: str | os.PathLike, params: Mapping[str, Any], cfg: Textu
 
 def load_converted_texture_vae(directory: str | os.PathLike, *, dtype=None) -> TextureVAE:
   """Reads a directory written by the CLI / ``save_converted`` into a ``TextureVAE``."""
-  params, meta = load_params(directory)
-  if meta.get("kind") != KIND:
-    raise ConversionError(f"{directory}: meta.json kind is {meta.get('kind')!r}, "
-                          f"expected '{KIND}'")
+  params, meta = load_params(directory, KIND)
   if "config" not in meta:
     raise ConversionError(f"{directory}: meta.json has no 'config' entry")
   cfg = TextureVAEConfig.from_dict(meta["config"])
