@@ -16,7 +16,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (path[:ar
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, outputs")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "export", "encode",
-                                           "extract", "train_semvae", "train_texture_vae"],
+                                           "extract", "train_semvae", "train_texture_vae",
+                                           "demo"],
                           "job to run")
 
 
@@ -57,6 +58,9 @@ def main(argv):
   elif mode in ("train_semvae", "train_texture_vae"):
     from sfd_jax import vae_train  # pylint: disable=import-outside-toplevel
     vae_train.train_model(config, workdir, mode[len("train_"):])
+  elif mode == "demo":
+    from sfd_jax.demo import pipeline  # pylint: disable=import-outside-toplevel
+    pipeline.run(config, workdir)
 
 
 if __name__ == "__main__":

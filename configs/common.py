@@ -136,6 +136,26 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.eval.batch_size = 200         # images per Inception call (split over local devices)
   c.eval.grid_images = 64         # samples in the grid PNG (class order)
 
+  # --- periodic evaluation during training (sfd_jax.train_eval) --------------------
+  c.train_eval = ml_collections.ConfigDict()
+  c.train_eval.every_steps = 0    # 0 = off; also runs at the last step when on
+  c.train_eval.num_images = 1000  # small N: a trend, not a reportable FID
+  c.train_eval.batch_size = 64    # global; a multiple of the batch-axis devices
+  c.train_eval.method = "euler"
+  c.train_eval.num_steps = 50
+  c.train_eval.atol = 1e-6
+  c.train_eval.rtol = 1e-3
+  c.train_eval.timestep_shift = 0.0
+  c.train_eval.guidance = "cfg"   # none | cfg (autoguidance needs a second model)
+  c.train_eval.scale = 1.5
+  c.train_eval.seed = 0
+  c.train_eval.grid_images = 64
+  c.train_eval.features = ""      # "" (grid only) | inception | demo
+  c.train_eval.features_path = "" # converted network directory
+  c.train_eval.preprocess = "adm" # inception resize mode (see c.eval.preprocess)
+  c.train_eval.feature_batch_size = 200
+  c.train_eval.reference = ""     # ADM-format .npz: images arr_0 and/or mu/sigma
+
   # --- export (sfd_jax.export; --mode=export) ---------------------------------------
   c.export = ml_collections.ConfigDict()
   c.export.step = -1              # training step to export (-1 = latest)

@@ -109,9 +109,51 @@ def load_stats_for(config) -> Any:
   return stats_lib.load_stats(path)
 
 
+def load_decoder(config):
+  """(texture VAE, (mean, std, latent_multiplier)) for ``config.sample.texture_vae``, or
+  (None, None) when the field is empty (then latents are written instead of images)."""
+  if not config.sample.get("texture_vae", ""):
+    return None, None
+  from sfd_jax.convert.texture_vae import load_converted_texture_vae  # pylint: disable=import-outside-toplevel
+  decoder = load_converted_texture_vae(config.sample.texture_vae)
+  stats = load_stats_for(config)
+  norm = (jnp.asarray(stats.texture_mean, jnp.float32), jnp.asarray(stats.texture_std,
+                                                                    jnp.float32),
+          float(config.data.get("latent_multiplier", 1.0)))
+  return decoder, norm
+
+
 def to_uint8(images: jax.Array) -> jax.Array:
   """[-1, 1] → uint8 as the reference: clamp(127.5·x + 128, 0, 255) then truncate."""
   return jnp.clip(127.5 * images.astype(jnp.float32) + 128.0, 0, 255).astype(jnp.uint8)
+
+
+# ---------------------------------------------------------------- one batch
+
+
+def generate(model: LightningDiT, guide: LightningDiT | None, decoder, indices: jax.Array,
+             labels: jax.Array, key: jax.Array, opts, latent_norm=None):
+  """Samples one batch (call inside jit); returns (uint8 images or latents, NFE).
+
+  ``opts``: the fields of ``config.sample`` (guidance, scale, method, num_steps, atol,
+  rtol, timestep_shift, seed). Noise of row ``r`` comes from global index ``indices[r]``.
+  With a texture VAE ``decoder`` the texture channels are de-normalised with
+  ``latent_norm = (mean, std, latent_multiplier)`` and decoded to uint8 [N, H, W, 3];
+  without one the normalised latents are returned.
+  """
+  cfg = model.cfg
+  fn = guidance.make_guided_velocity(model, guide, mode=opts["guidance"],
+                                     scale=float(opts["scale"]))
+  z = noise_for(indices, int(opts["seed"]), (cfg.input_size, cfg.input_size, cfg.in_channels))
+  out = samplers.sample(fn, z, labels, method=opts["method"], num_steps=int(opts["num_steps"]),
+                        delta_t=cfg.delta_t, semantic_chans=cfg.semantic_chans,
+                        atol=float(opts["atol"]), rtol=float(opts["rtol"]),
+                        shift=float(opts.get("timestep_shift", 0.0)), key=key)
+  if decoder is None:
+    return out.x, out.nfe
+  mean, std, mult = latent_norm
+  tex = out.x[..., :cfg.in_channels - cfg.semantic_chans] * std / mult + mean
+  return to_uint8(decoder.decode(tex)), out.nfe
 
 
 # ---------------------------------------------------------------- the job
@@ -154,15 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
   if s.guidance == "autoguidance" and s.scale > 1:
     guide = load_dit(s.guide_checkpoint, "guide_checkpoint")
     check_guide(cfg, guide.cfg)
-  decoder = None
-  if s.get("texture_vae", ""):
-    from sfd_jax.convert.texture_vae import load_converted_texture_vae  # pylint: disable=import-outside-toplevel
-    decoder = load_converted_texture_vae(s.texture_vae)
-    stats = load_stats_for(config)
-    mean = jnp.asarray(stats.texture_mean, jnp.float32)
-    std = jnp.asarray(stats.texture_std, jnp.float32)
-  mult = float(config.data.get("latent_multiplier", 1.0))
-  tex_ch = cfg.in_channels - cfg.semantic_chans
+  decoder, latent_norm = load_decoder(config)
 
   mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
   n, bs = int(s.num_images), int(s.batch_size)
@@ -171,7 +205,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
                         f"{mesh.size} devices")
   batch_sh = NamedSharding(mesh, P("data"))
   rep = NamedSharding(mesh, P())
-  shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
 
   g_model, p_model = nnx.split(model)
   p_model = jax.device_put(p_model, rep)
@@ -184,23 +217,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
     g_dec, p_dec = nnx.split(decoder)
     p_dec = jax.device_put(p_dec, rep)
 
-  def generate(pm, pg, pd, indices, labels, key):
-    m = nnx.merge(g_model, pm)
+  def generate_batch(pm, pg, pd, indices, labels, key):
     gd = nnx.merge(g_guide, pg) if pg is not None else None
-    fn = guidance.make_guided_velocity(m, gd, mode=s.guidance, scale=float(s.scale))
-    z = noise_for(indices, s.seed, shape)
-    out = samplers.sample(fn, z, labels, method=s.method, num_steps=int(s.num_steps),
-                          delta_t=cfg.delta_t, semantic_chans=cfg.semantic_chans,
-                          atol=float(s.atol), rtol=float(s.rtol),
-                          shift=float(s.timestep_shift), key=key)
-    x = out.x
-    if pd is None:
-      return x, out.nfe
-    dec = nnx.merge(g_dec, pd)
-    tex = x[..., :tex_ch] * std / mult + mean
-    return to_uint8(dec.decode(tex)), out.nfe
+    dec = nnx.merge(g_dec, pd) if pd is not None else None
+    return generate(nnx.merge(g_model, pm), gd, dec, indices, labels, key, s, latent_norm)
 
-  gen = jax.jit(generate, out_shardings=(batch_sh, rep))
+  gen = jax.jit(generate_batch, out_shardings=(batch_sh, rep))
   ext = "png" if decoder is not None else "npy"
   t0, done_images, total_nfe = time.time(), 0, 0
   num_batches = -(-n // bs)

@@ -21,6 +21,7 @@ from clu import metric_writers, periodic_actions
 
 from sfd_jax import checkpoint as ckpt_lib
 from sfd_jax import optim, parallel
+from sfd_jax import train_eval
 from sfd_jax import train_step as ts
 from sfd_jax.data import global_batch, pipeline
 from sfd_jax.diffusion.objective import ObjectiveConfig
@@ -129,6 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                           first_profile=min(start + 10, total)))
 
   step_fn = ts.make_train_step(setup)
+  evaluator = train_eval.PeriodicEvaluator(config, setup, workdir) if train_eval.enabled(
+      config) else None
   spec = jax.sharding.PartitionSpec(parallel.BATCH_AXES)
   cfg_dict = config.to_dict()
   last_metrics: dict[str, Any] = {}
@@ -151,6 +154,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         t_log = time.time()
         writer.write_scalars(step, m)
         last_metrics = m
+      if evaluator is not None and train_eval.due(config, step, total):
+        t_eval = time.time()
+        last_metrics.update({f"train_eval/{k}": v
+                             for k, v in evaluator(step, state, writer).items()})
+        t_log += time.time() - t_eval            # images/s counts training time only
       if step == config.get("debug_preempt_at_step", -1):
         os.kill(os.getpid(), signal.SIGTERM)     # tests: a real SIGTERM at this step
       preempt = guard.requested or ckpt.reached_preemption(step)
