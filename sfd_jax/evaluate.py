@@ -31,15 +31,19 @@ class EvalError(ValueError):
   pass
 
 
-def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
-  """uint8 [N, H, W, 3] → one uint8 grid image (row-major, padded with black)."""
+def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 0,
+               pad_value: int = 0) -> np.ndarray:
+  """uint8 [N, H, W, 3] → one uint8 grid image (row-major; ``pad`` pixels of
+  ``pad_value`` between and around tiles; missing tiles black)."""
   n, h, w, c = images.shape
   cols = cols or int(math.ceil(math.sqrt(n)))
   rows = int(math.ceil(n / cols))
-  grid = np.zeros((rows * h, cols * w, c), np.uint8)
-  for i, img in enumerate(images):
-    r, q = divmod(i, cols)
-    grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), pad_value, np.uint8)
+  for r in range(rows):
+    for q in range(cols):
+      y, x = pad + r * (h + pad), pad + q * (w + pad)
+      i = r * cols + q
+      grid[y:y + h, x:x + w] = images[i] if i < n else 0
   return grid
 
 

@@ -179,7 +179,8 @@ class PeriodicEvaluator:
     sel, cols = grid_selection(self.n, self.setup.model_cfg.num_classes,
                                int(self.te.grid_images))
     blank = np.zeros_like(images[0])
-    grid = image_grid(np.stack([images[i] if i >= 0 else blank for i in sel]), cols=cols)
+    grid = image_grid(np.stack([images[i] if i >= 0 else blank for i in sel]), cols=cols,
+                      pad=1, pad_value=96)
     from PIL import Image  # pylint: disable=import-outside-toplevel
     Image.fromarray(grid).save(os.path.join(self.out_dir, f"grid_{step:07d}.png"))
     writer.write_images(step, {"train_eval/samples": grid[None]})

@@ -66,10 +66,10 @@ def test_demo_writes_every_output(demo_run):
   for run in ("dt0.3", "dt0"):
     assert np.isfinite(stages["train"][run]["final_loss"])
     assert stages["sample"][run]["num_images"] == cfg.sample.num_images
-  # grid: one row per class of grid_per_class 16-px tiles, 3× upscaled
+  # grid: one row per class of grid_per_class 16-px tiles with 1-px borders, 3× upscaled
   from PIL import Image
   g = np.asarray(Image.open(wd / "samples_dt0.3.png"))
-  assert g.shape == (10 * 16 * 3, cfg.demo.grid_per_class * 16 * 3, 3)
+  assert g.shape == ((10 * 17 + 1) * 3, (cfg.demo.grid_per_class * 17 + 1) * 3, 3)
 
 
 def test_periodic_eval_history_and_tensorboard(demo_run):
@@ -112,8 +112,9 @@ def test_class_grid_rows_follow_balanced_labels():
   imgs = np.zeros((40, 2, 2, 3), np.uint8)
   imgs[:, 0, 0, 0] = (np.arange(40) * 10) // 40          # pixel = class
   g = pipeline.class_grid(imgs, 10, 3)
-  assert g.shape == (20, 6, 3)
-  assert [int(g[2 * r, 0, 0]) for r in range(10)] == list(range(10))
+  assert g.shape == (10 * 3 + 1, 3 * 3 + 1, 3)                 # 2-px tiles, 1-px borders
+  assert [int(g[1 + 3 * r, 1, 0]) for r in range(10)] == list(range(10))
+  assert int(g[0, 0, 0]) == 96
 
 
 def test_periodic_eval_config_errors(tmp_path):

@@ -386,7 +386,7 @@ def class_grid(images: np.ndarray, num_classes: int, per_class: int) -> np.ndarr
   for c in range(num_classes):
     start = -(-c * n // num_classes)
     rows.append(images[start:start + per_class])
-  return image_grid(np.concatenate(rows), cols=per_class)
+  return image_grid(np.concatenate(rows), cols=per_class, pad=1, pad_value=96)
 
 
 def _stage_report(cfg, workdir: str, d: str, results: dict[str, Any]) -> dict[str, Any]:
