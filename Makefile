@@ -22,7 +22,7 @@ demo-fast: setup
 	$(VENV)/bin/python main.py --config=configs/demo.py:fast=1 --mode=demo --workdir=$(WORKDIR)_fast
 
 test: setup
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 clean-demo:
 	rm -rf $(WORKDIR) $(WORKDIR)_fast
