@@ -114,6 +114,18 @@ class Checkpointer:
           f"(was it written with another config?): {e}") from e
     return out["state"], dict(out["data"] or {}), dict(out["config"] or {})
 
+  def resume(self, abstract_state: Any, data_it, what: str = "") -> tuple[Any, int] | None:
+    """(state, step) of the latest checkpoint, with ``data_it`` moved to its saved
+    position; None when there is no checkpoint yet (a fresh run)."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    logging.info("%sresuming from %s/%d", f"{what}: " if what else "", self.directory, step)
+    state, data_state, _ = self.restore(step, abstract_state)
+    if data_state:
+      data_it.set_state(data_state)
+    return state, step
+
   def reached_preemption(self, step: int) -> bool:
     try:
       return bool(self.manager.reached_preemption(step))

@@ -163,7 +163,8 @@ def _done(out_dir: str, indices, ext: str) -> bool:
   return all(os.path.exists(os.path.join(out_dir, f"{i:06d}.{ext}")) for i in indices)
 
 
-def _gather(arr: jax.Array) -> np.ndarray:
+def gather(arr: jax.Array) -> np.ndarray:
+  """A batch-sharded array as one host array on every process."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
@@ -237,7 +238,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
     lab = jax.device_put(jnp.asarray(labels), batch_sh)
     key = jax.random.fold_in(jax.random.key(s.seed + 1), b)
     imgs, nfe = gen(p_model, p_guide, p_dec if decoder is not None else None, ind, lab, key)
-    _write(out_dir, _gather(imgs)[:len(real)], start, ext)
+    _write(out_dir, gather(imgs)[:len(real)], start, ext)
     done_images += len(real)
     total_nfe += int(nfe)
     rate = done_images / max(time.time() - t0, 1e-9)

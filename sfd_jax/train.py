@@ -100,12 +100,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                max_to_keep=config.keep_checkpoints,
                                keep_period=config.keep_period or None)
   data_it = make_data_iterator(config, config.seed)
-  start = ckpt.latest_step()
-  if start is not None:
-    logging.info("resuming from %s/%d", ckpt.directory, start)
-    state, data_state, _ = ckpt.restore(start, setup.abstract_state)
-    if data_state:
-      data_it.set_state(data_state)
+  resumed = ckpt.resume(setup.abstract_state, data_it)
+  if resumed is not None:
+    state, start = resumed
   else:
     start = 0
     init_params = None

@@ -155,7 +155,7 @@ class PeriodicEvaluator:
         ind = jax.device_put(jnp.asarray(idx, jnp.int32), self.batch_sh)
         lab = jax.device_put(jnp.asarray(labels), self.batch_sh)
         imgs = self._gen(ema, self.p_dec, ind, lab, jax.random.fold_in(key, start))
-        out.append(sample_job._gather(imgs)[:self.n - start])  # pylint: disable=protected-access
+        out.append(sample_job.gather(imgs)[:self.n - start])
     return np.concatenate(out)
 
   def __call__(self, step: int, state, writer) -> dict[str, float]:

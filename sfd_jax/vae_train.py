@@ -466,12 +466,9 @@ def train_model(config: ml_collections.ConfigDict, workdir: str, model_kind: str
                                max_to_keep=config.keep_checkpoints,
                                keep_period=config.keep_period or None)
   data_it = make_train_iterator(config, model_kind)
-  start = ckpt.latest_step()
-  if start is not None:
-    logging.info("%s: resuming from %s/%d", model_kind, ckpt.directory, start)
-    state, data_state, _ = ckpt.restore(start, setup.abstract_state)
-    if data_state:
-      data_it.set_state(data_state)
+  resumed = ckpt.resume(setup.abstract_state, data_it, model_kind)
+  if resumed is not None:
+    state, start = resumed
   else:
     start = 0
     given = None
