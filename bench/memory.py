@@ -4,7 +4,7 @@
       --global-batch 256 --mesh data=1,fsdp=8,tensor=1
 
 Sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (N = the mesh size) before
-jax starts, builds the real sharded train setup (``sfd_jax.train_step``) and lowers and
+jax starts, builds the real sharded train setup (``sfd_jax.training.sfd``) and lowers and
 compiles the step with *abstract* inputs (``setup.abstract_state`` and ShapeDtypeStructs
 for the batch): nothing is allocated or executed. ``compiled.memory_analysis()`` gives
 the per-device sizes of the SPMD program: arguments (state shard + batch shard),
@@ -95,7 +95,7 @@ def state_bytes_per_device(abstract_state) -> dict[str, float]:
 def _one(variant: str, remat: str, activations: str, args, mesh_shape, devices) -> dict:
   """Compiles one setting with abstract inputs; returns its row."""
   from bench import train_step as tsb  # pylint: disable=import-outside-toplevel
-  from sfd_jax import train_step as ts  # pylint: disable=import-outside-toplevel
+  from sfd_jax.training import sfd as ts  # pylint: disable=import-outside-toplevel
 
   n_dev = len(devices)
   setup = tsb.build_setup(tsb.RunSpec(variant, remat), dtype=args.dtype, scan=args.scan,

@@ -8,7 +8,7 @@ The reference side imports the checkout's ``models.lightningdit.LightningDiT`` a
 the checkout's own requirements) and runs, per step: the semantic-first training loss
 with the cosine and REPA terms summed as the reference trainer does, backward, AdamW
 (β = 0.9/0.999, no weight decay) and an EMA update of all parameters. The sfd_jax side
-runs ``sfd_jax.train_step`` with the same architecture, objective and optimizer. Both
+runs ``sfd_jax.training.sfd`` with the same architecture, objective and optimizer. Both
 use float32 on the same device type (CPU unless the torch side finds CUDA and
 ``--device cuda`` is given; JAX uses its default backend) and the same batch size; the
 report gives both step times and their ratio (reference / sfd_jax, > 1 means sfd_jax is
@@ -97,8 +97,9 @@ def _jax_side(batch: int, warmup: int, iters: int) -> dict:
   """Times sfd_jax's train step on the tiny configuration."""
   import jax  # pylint: disable=import-outside-toplevel
   from configs import common as config_common  # pylint: disable=import-outside-toplevel
-  from sfd_jax import optim, parallel  # pylint: disable=import-outside-toplevel
-  from sfd_jax import train_step as ts  # pylint: disable=import-outside-toplevel
+  from sfd_jax import parallel  # pylint: disable=import-outside-toplevel
+  from sfd_jax.training import optim  # pylint: disable=import-outside-toplevel
+  from sfd_jax.training import sfd as ts  # pylint: disable=import-outside-toplevel
   from sfd_jax.diffusion.objective import ObjectiveConfig  # pylint: disable=import-outside-toplevel
   from sfd_jax.models.lightning_dit import DiTConfig  # pylint: disable=import-outside-toplevel
 
@@ -218,7 +219,7 @@ def main(argv=None) -> None:
              f"{args.iters} timed steps. The reference also holds a fixed pos_embed buffer "
              "(not trainable, not counted).",
              "Reference step: loss + cos + REPA terms, backward, AdamW, EMA of every "
-             "parameter; sfd_jax: the jitted sfd_jax.train_step (same terms, AdamW, EMA, "
+             "parameter; sfd_jax: the jitted sfd_jax.training step (same terms, AdamW, EMA, "
              "norms for logging)."])
 
 

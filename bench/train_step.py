@@ -5,7 +5,7 @@
 
 Each run ``VARIANT[:REMAT[:ATTENTION]][@B1/B2]`` (remat: none | full | dots | dots_no_batch |
 save_attn_out; attention: auto | xla | cudnn) builds the real train state and step
-(``sfd_jax.train_step``: AdamW, EMA, semantic-first loss with cosine and REPA terms) on a
+(``sfd_jax.training.sfd``: AdamW, EMA, semantic-first loss with cosine and REPA terms) on a
 mesh over all local devices (``--mesh``, FSDP by default), then:
 
 1. lowers and compiles the step for the first per-device batch of the run's ``@`` list
@@ -77,8 +77,9 @@ def build_setup(spec: RunSpec, *, dtype: str, scan: bool, mesh_shape: dict[str, 
                 seed: int = 0, devices=None):
   """The reference SFD recipe (configs/common.py) for ``spec`` on a mesh: TrainSetup."""
   import sfd_jax  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  from sfd_jax import optim, parallel  # pylint: disable=import-outside-toplevel
-  from sfd_jax import train_step as ts  # pylint: disable=import-outside-toplevel
+  from sfd_jax import parallel  # pylint: disable=import-outside-toplevel
+  from sfd_jax.training import optim  # pylint: disable=import-outside-toplevel
+  from sfd_jax.training import sfd as ts  # pylint: disable=import-outside-toplevel
   from sfd_jax.diffusion.objective import ObjectiveConfig  # pylint: disable=import-outside-toplevel
   from sfd_jax.models.lightning_dit import DiTConfig  # pylint: disable=import-outside-toplevel
   from configs import common as config_common  # pylint: disable=import-outside-toplevel
@@ -95,7 +96,7 @@ def build_setup(spec: RunSpec, *, dtype: str, scan: bool, mesh_shape: dict[str, 
   tx, schedule = optim.make_optimizer(config.optimizer)
   mesh = parallel.make_mesh(mesh_shape, devices)
   return ts.build_setup(model_cfg, obj_cfg, mesh, tx, schedule,
-                        rules=[tuple(r) for r in config.sharding_rules],
+                        rules=[tuple(r) for r in (config.get("sharding_rules") or parallel.DEFAULT_RULES)],
                         ema_decay=config.ema_decay, seed=seed)
 
 
@@ -158,7 +159,7 @@ def _is_oom(err: Exception) -> bool:
 def bench_run(spec: RunSpec, batches: list[int], args, env) -> dict:
   """Finds the largest per-device batch that fits and times it; returns one row."""
   import jax  # pylint: disable=import-outside-toplevel
-  from sfd_jax import train_step as ts  # pylint: disable=import-outside-toplevel
+  from sfd_jax.training import sfd as ts  # pylint: disable=import-outside-toplevel
 
   row = {"run": spec.name, "variant": spec.variant,
          "remat": spec.remat, "attention": spec.attention, "dtype": args.dtype,

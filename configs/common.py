@@ -1,8 +1,14 @@
-"""Shared pieces of the SFD configs (data only; imports nothing from sfd_jax).
+"""Shared pieces of the configs (data only: imports nothing from sfd_jax, and a config file
+imports no config but this one).
 
 Every config file exposes ``get_config(arg: str | None)``; ``arg`` is a comma-separated
 list of ``key=value`` options (e.g. ``configs/sfd_xl.py:recipe=80ep,variant=B``). Any field
 can also be overridden on the command line: ``--config.optimizer.lr=2e-4``.
+
+Configs that other configs build on keep their bodies here: ``base_config`` / ``sfd_config``
+(SFD training), ``semvae_config``, ``texture_vae_config`` and ``encode_config``; the blocks
+they repeat are ``adamw`` (optimizer), ``loop_fields`` (run length, logging, checkpoints),
+``mesh_config`` and ``vae_run_fields``.
 """
 import ml_collections
 
@@ -23,6 +29,77 @@ def parse_arg(arg, **defaults):
         raise ValueError(f"unknown config argument {k!r}; known: {sorted(defaults)}")
       out[k] = v
   return out
+
+
+def adamw(**fields) -> ml_collections.ConfigDict:
+  """``config.optimizer`` for ``sfd_jax.training.optim``'s AdamW: the SFD defaults, ``fields``
+  replacing them or adding schedule fields (in the order given)."""
+  o = ml_collections.ConfigDict()
+  o.name = "adamw"
+  o.lr = 1e-4
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.weight_decay = 0.0
+  o.grad_clip = 0.0               # 0 = no clipping (reference)
+  o.schedule = "constant"
+  o.warmup_steps = 0
+  o.update(fields)
+  return o
+
+
+def loop_fields(c: ml_collections.ConfigDict, *, batch_size: int, num_train_steps: int,
+                checkpoint_every_steps: int, keep_period: int,
+                profile_steps: int | None = None) -> ml_collections.ConfigDict:
+  """Run length, logging, checkpoint and start fields of a training config."""
+  c.batch_size = batch_size       # global batch
+  c.num_train_steps = num_train_steps
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = checkpoint_every_steps
+  c.keep_checkpoints = 3          # most recent kept ...
+  c.keep_period = keep_period     # ... plus every keep_period-th step forever (0 = none)
+  if profile_steps is not None:
+    c.profile_steps = profile_steps  # steps traced by the profiler hook (0 = off)
+  c.init_from = ""                # converted weights folder (sfd_jax.convert.*) to start from
+  c.debug_preempt_at_step = -1    # testing: send ourselves SIGTERM after this step
+  return c
+
+
+def mesh_config(data: int, fsdp: int, tensor: int = 1) -> ml_collections.ConfigDict:
+  """``config.mesh``: devices per mesh axis (-1: all remaining devices)."""
+  m = ml_collections.ConfigDict()
+  m.data = data
+  m.fsdp = fsdp
+  m.tensor = tensor
+  return m
+
+
+def vae_run_fields(arg, *, data: str, batch_size: int, num_train_steps: int,
+                   checkpoint_every_steps: int, keep_period: int):
+  """``(opts, config)`` of a VAE training config: its options ``data`` (default ``data``)
+  and ``eval``, and a config holding the loop, checkpoint, mesh and evaluation fields."""
+  opts = parse_arg(arg, data=data, eval="")
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # init, noise stream fold_in(key(seed), step), data order
+  loop_fields(c, batch_size=batch_size, num_train_steps=num_train_steps,
+              checkpoint_every_steps=checkpoint_every_steps, keep_period=keep_period)
+  c.mesh = mesh_config(data=-1, fsdp=1)  # small models: data parallel over all devices
+  c.strict_sharding = False
+  c.compiler_options = ml_collections.ConfigDict()  # XLA options of init / step / eval
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 2000       # with data.eval_path set
+  c.eval.max_examples = 0         # 0 = the whole evaluation set
+  return opts, c
+
+
+def sfd_config(arg, variant: str) -> ml_collections.ConfigDict:
+  """``base_config`` from the options of the SFD configs (default model ``variant``):
+
+  recipe: original (lr 1e-4, β2 0.999, REPA cos 1.0) | 80ep (lr 2e-4, β2 0.95, REPA cos_mse 0.5)
+  variant: override the model size (S, B, L, XL, XXL, 1p6B)
+  """
+  opts = parse_arg(arg, recipe="original", variant=variant)
+  return base_config(opts["variant"], opts["recipe"])
 
 
 def base_config(variant: str, recipe: str = "original") -> ml_collections.ConfigDict:
@@ -62,29 +139,12 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.objective.repa_weight = 1.0
   c.objective.repa_requires_cosine = False    # True = reference trap (REPA dropped w/o cos)
 
-  # --- optimizer (sfd_jax.optim) ---------------------------------------------------
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adamw"
-  c.optimizer.lr = 1e-4
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8
-  c.optimizer.weight_decay = 0.0
-  c.optimizer.grad_clip = 0.0     # 0 = no clipping (reference)
-  c.optimizer.schedule = "constant"
-  c.optimizer.warmup_steps = 0
+  c.optimizer = adamw()           # sfd_jax.training.optim
   c.ema_decay = 0.9999            # EMA from a copy of the init, every step
 
-  # --- schedule of the run -----------------------------------------------------------
-  c.batch_size = 256              # global batch
-  c.num_train_steps = 4_000_000   # 800 epochs of ImageNet at batch 256
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 10_000
-  c.keep_checkpoints = 3          # most recent kept ...
-  c.keep_period = 80_000          # ... plus every keep_period-th step forever (0 = none)
-  c.profile_steps = 5             # steps traced by the profiler hook (0 = off)
-  c.init_from = ""                # converted checkpoint dir (sfd_jax.convert.lightning_dit)
-  c.debug_preempt_at_step = -1    # testing: send ourselves SIGTERM after this step
+  # --- schedule of the run (4M steps = 800 epochs of ImageNet at batch 256) ---------
+  loop_fields(c, batch_size=256, num_train_steps=4_000_000, checkpoint_every_steps=10_000,
+              keep_period=80_000, profile_steps=5)
   c.debug_kill_at_step = -1       # testing: SIGKILL ourselves after this step (saves done)
 
   # --- data (sfd_jax.data.pipeline.build_pipeline) ---------------------------------
@@ -99,16 +159,9 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.data.repa_dtype = "float32"
 
   # --- parallelism (sfd_jax.parallel) ----------------------------------------------
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1
-  c.mesh.fsdp = -1                # -1: all remaining devices (FSDP by default)
-  c.mesh.tensor = 1
-  c.sharding_rules = [            # logical axis -> mesh axis (None = replicated)
-      ("layers", None), ("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),
-      ("heads", "tensor"), ("adaln", "tensor"), ("repa", ("fsdp", "tensor")), ("vocab", None),
-      ("freq", None), ("channels", None), ("norm", None), ("conv_h", None),
-      ("conv_w", None), ("conv_in", None), ("conv_out", "fsdp"),
-  ]
+  c.mesh = mesh_config(data=1, fsdp=-1)   # -1: all remaining devices (FSDP by default)
+  # (logical axis, mesh axis or None = replicated) pairs; empty = parallel.DEFAULT_RULES
+  c.sharding_rules = ()
   c.strict_sharding = False       # True: a weight dim that does not divide is an error
 
   # --- sampling / evaluation (filled by the sampling issue) ---------------------------
@@ -128,7 +181,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.sample.seed = 0
   c.sample.texture_vae = ""       # converted texture VAE dir (decode); "" = write latents
 
-  # --- evaluation (sfd_jax.evaluate) -------------------------------------------------
+  # --- evaluation (sfd_jax.jobs.evaluate) --------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.inception = ""           # converted FID Inception dir (python -m sfd_jax.convert.inception)
   c.eval.reference_npz = ""       # ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz
@@ -136,7 +189,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.eval.batch_size = 200         # images per Inception call (split over local devices)
   c.eval.grid_images = 64         # samples in the grid PNG (class order)
 
-  # --- periodic evaluation during training (sfd_jax.train_eval) --------------------
+  # --- periodic evaluation during training (sfd_jax.training.periodic_eval) --------
   c.train_eval = ml_collections.ConfigDict()
   c.train_eval.every_steps = 0    # 0 = off; also runs at the last step when on
   c.train_eval.num_images = 1000  # small N: a trend, not a reportable FID
@@ -156,7 +209,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.train_eval.feature_batch_size = 200
   c.train_eval.reference = ""     # ADM-format .npz: images arr_0 and/or mu/sigma
 
-  # --- export (sfd_jax.export; --mode=export) ---------------------------------------
+  # --- export (sfd_jax.jobs.export; --mode=export) ----------------------------------
   c.export = ml_collections.ConfigDict()
   c.export.step = -1              # training step to export (-1 = latest)
   c.export.weights = "ema"        # ema | params (raw weights)
@@ -171,4 +224,141 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
     c.objective.repa_mode = "cos_mse"
     c.objective.repa_weight = 0.5
     c.num_train_steps = 400_000
+  return c
+
+
+def semvae_config(arg=None) -> ml_collections.ConfigDict:
+  """``configs/semvae_ch16.py``: the reference SemVAE recipe (options ``data``, ``eval``)."""
+  opts, c = vae_run_fields(arg, data="data/imagenet_dino_train", batch_size=64,
+                           num_train_steps=1_000_000, checkpoint_every_steps=10_000,
+                           keep_period=100_000)
+
+  # --- model (sfd_jax.models.semantic_vae.SemVAEConfig fields) ------------------------
+  c.model = ml_collections.ConfigDict(dict(
+      input_dim=768, bottleneck_dim=16, hidden_dim=768, num_heads=6, num_blocks=4,
+      mlp_ratio=4.0, norm_eps=1e-5,
+      dtype="bfloat16",           # compute (the reference trains with bf16 autocast)
+      param_dtype="float32"))
+
+  # --- loss (sfd_jax.diffusion.semvae_loss.semvae_loss) ------------------------------
+  c.loss = ml_collections.ConfigDict()
+  c.loss.mse_weight = 1.0
+  c.loss.l1_weight = 0.0
+  c.loss.cos_weight = 1.0
+  c.loss.kl_weight = 1e-7
+  c.loss.cos_axis = "token"       # reference's dim=1 cosine (SPEC §12.14); "channel": per token
+
+  # --- optimizer (sfd_jax.training.optim): warm-up, constant, cosine tail -----------
+  c.optimizer = adamw(lr=5e-5, weight_decay=0.01, schedule="warmup_constant_cosine",
+                      warmup_steps=500, warmup_init_factor=0.01, total_steps=1_000_000,
+                      decay_steps=199_500, final_factor=0.1)
+
+  # --- data: feature datasets written by --mode=extract -------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.path = opts["data"]
+  c.data.eval_path = opts["eval"]
+  c.data.num_workers = 4          # Grain worker processes per host (0: in-process)
+  c.data.read_threads = 4
+  c.data.prefetch_batches = 4
+  return c
+
+
+def texture_vae_config(arg=None) -> ml_collections.ConfigDict:
+  """``configs/texture_vae_f16d32.py``: the LDM f16d32 recipe (options ``data``, ``eval``)."""
+  opts, c = vae_run_fields(arg, data="data/imagenet/train", batch_size=256,
+                           num_train_steps=250_000, checkpoint_every_steps=5_000,
+                           keep_period=50_000)
+
+  # --- model (sfd_jax.models.texture_vae.TextureVAEConfig fields) ---------------------
+  c.model = ml_collections.ConfigDict(dict(
+      ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks_enc=2, num_res_blocks_dec=3,
+      attn_resolutions=(16,), z_channels=32, embed_dim=32, resolution=256, in_channels=3,
+      out_channels=3, dropout=0.0, double_z=True, num_groups=32, norm_eps=1e-6,
+      dtype="float32",            # the LDM recipe trains in fp32
+      param_dtype="float32"))
+
+  # --- loss (sfd_jax.diffusion.vae_losses.texture_vae_loss) --------------------------
+  c.loss = ml_collections.ConfigDict()
+  c.loss.kl_weight = 1e-6
+  c.loss.pixel_reduction = "sum"  # per-image pixel sum: the scale the LDM KL weight refers to
+  c.loss.extra_terms = ""         # comma-separated names registered in training.vae
+
+  c.optimizer = adamw(b1=0.5, b2=0.9)  # Adam = AdamW without weight decay
+
+  # --- data: images (sfd_jax.data.images.make_source) ----------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "folder"        # folder | tfds
+  c.data.path = opts["data"]
+  c.data.eval_path = opts["eval"]
+  c.data.tfds_name = "imagenet2012"
+  c.data.tfds_split = "train"
+  c.data.tfds_data_dir = ""
+  c.data.tfds_manual_dir = ""
+  c.data.image_size = 256         # ADM centre crop
+  c.data.random_flip = False
+  c.data.num_workers = 16         # JPEG decoding needs workers
+  c.data.read_threads = 2
+  c.data.prefetch_batches = 2
+  c.eval.every_steps = 5000
+  return c
+
+
+def encode_config(arg=None) -> ml_collections.ConfigDict:
+  """``configs/encode_imagenet.py``: encode / extract jobs (options ``source``, ``split``,
+  ``root``, ``weights``)."""
+  opts = parse_arg(arg, source="folder", split="train", root="data/imagenet",
+                   weights="weights")
+  if opts["split"] not in ("train", "val"):
+    raise ValueError(f"split {opts['split']!r}: expected train or val")
+  c = ml_collections.ConfigDict()
+  c.seed = 42                     # image i draws its posterior noise from fold_in(key(seed), i)
+
+  # --- images (sfd_jax.data.images.make_source) -------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.source = opts["source"]  # folder | tfds
+  c.data.path = f"{opts['root']}/{opts['split']}"
+  c.data.tfds_name = "imagenet2012"
+  c.data.tfds_split = "train" if opts["split"] == "train" else "validation"
+  c.data.tfds_data_dir = ""       # "" = TFDS default
+  c.data.tfds_manual_dir = ""     # ILSVRC2012_img_{train,val}.tar, to prepare TFDS once
+  c.data.max_images = 0           # first N images only (0 = all)
+
+  # --- latent encoding (sfd_jax.jobs.encode) --------------------------------------
+  w = opts["weights"]
+  c.encode = ml_collections.ConfigDict()
+  c.encode.texture_vae = f"{w}/texture_vae_f16d32"   # python -m sfd_jax.convert.texture_vae
+  c.encode.dinov2 = f"{w}/dinov2_vitb14_reg"         # python -m sfd_jax.convert.dinov2
+  c.encode.semvae = f"{w}/semvae_ch16"               # python -m sfd_jax.convert.semantic_vae
+  c.encode.random_init = False    # True: random weights of the presets below (smoke tests)
+  c.encode.texture_vae_preset = "f16d32"
+  c.encode.dinov2_preset = "vitb14_reg"
+  c.encode.semvae_preset = "ch16"
+  c.encode.dtype = "float32"      # the reference extracts in float32
+  c.encode.image_size = 256       # ADM centre crop
+  c.encode.dino_size = 224        # DINOv2 input (bicubic 256 -> 224, no antialias)
+  c.encode.store_repa = True      # REPA target features (~89% of the bytes)
+  c.encode.per_device_batch = 32
+  c.encode.records_per_shard = 1000
+  c.encode.stats_samples = 10_000  # unflipped records for the per-channel stats
+  c.encode.stats_seed = 0
+
+  # --- SemVAE training features (sfd_jax.jobs.extract) ----------------------------
+  c.extract = ml_collections.ConfigDict()
+  c.extract.dinov2 = c.encode.dinov2
+  c.extract.random_init = False
+  c.extract.dinov2_preset = "vitb14_reg"
+  c.extract.dtype = "float32"
+  c.extract.resize = 256          # torchvision Resize(256, bicubic) on the short side
+  c.extract.crop = 224            # CenterCrop(224)
+  c.extract.per_device_batch = 64
+  c.extract.records_per_shard = 5000
+
+  # --- shared job settings (sfd_jax.data.images.run_sharded_job) ------------------
+  c.job = ml_collections.ConfigDict()
+  c.job.decode_threads = 16       # host threads decoding images
+  c.job.prefetch_batches = 4
+  c.job.log_every_batches = 50
+  c.job.compression = "uncompressed"
+  c.job.debug_stop_after_shards = -1   # testing: stop after writing this many shards
+  c.job.compiler_options = ml_collections.ConfigDict()  # XLA options of the jitted steps
   return c

@@ -8,15 +8,8 @@ from configs import common
 def get_config(arg=None):
   opts = common.parse_arg(arg, delta_t="0.3", steps="20", data="")
   c = common.base_config("S")
-  c.model.variant = "custom"
-  c.model.depth = 2
-  c.model.hidden_size = 64
-  c.model.num_heads = 4
-  c.model.input_size = 4
-  c.model.repa_dim = 16
-  c.model.repa_projector_dim = 32
-  c.model.dtype = "float32"
-  c.model.scan_blocks = False
+  c.model.update(variant="custom", depth=2, hidden_size=64, num_heads=4, input_size=4,
+                 repa_dim=16, repa_projector_dim=32, dtype="float32", scan_blocks=False)
   c.objective.delta_t = float(opts["delta_t"])
   c.optimizer.lr = 1e-3
   c.ema_decay = 0.99

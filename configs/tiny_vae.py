@@ -15,9 +15,6 @@ device per batch (8 fake CPU devices in the tests).
 import ml_collections
 
 from configs import common
-from configs import encode_imagenet
-from configs import semvae_ch16
-from configs import texture_vae_f16d32
 
 JOBS = ("semvae", "texture_vae", "encode")
 
@@ -42,13 +39,13 @@ def get_config(arg=None):
   if job not in JOBS:
     raise ValueError(f"tiny_vae: job {job!r} not one of {JOBS}")
   if job == "semvae":
-    c = semvae_ch16.get_config(f"data={opts['data']}")
+    c = common.semvae_config(f"data={opts['data']}")
     c.model.update(input_dim=32, bottleneck_dim=4, hidden_dim=32, num_heads=2,
                    num_blocks=1, dtype="float32")
     c.optimizer.update(lr=1e-3, warmup_steps=2, total_steps=100, decay_steps=20)
     return _tiny_run(c, int(opts["steps"]))
   if job == "texture_vae":
-    c = texture_vae_f16d32.get_config(f"data={opts['data']}")
+    c = common.texture_vae_config(f"data={opts['data']}")
     # one level (no resampling) keeps CPU compiles short; the full structure is
     # exercised by the texture VAE's own tests
     c.model.update(ch=16, ch_mult=(1,), num_res_blocks_enc=1, num_res_blocks_dec=1,
@@ -58,7 +55,7 @@ def get_config(arg=None):
     c.optimizer.lr = 1e-3
     c.data.image_size = 16
     return _tiny_run(c, int(opts["steps"]))
-  c = encode_imagenet.get_config()
+  c = common.encode_config()
   c.data.path = opts["data"]
   c.encode.update(random_init=True, texture_vae_preset="tiny", dinov2_preset="tiny",
                   semvae_preset="tiny", texture_vae="", dinov2="", semvae="",

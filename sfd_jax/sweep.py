@@ -7,11 +7,12 @@
   python -m sfd_jax.sweep --config=configs/tiny.py:data=DIR \\
       --sweep='objective.delta_t=0,0.3;model.depth=2,3' --set num_train_steps=50 --run
 
-``--sweep`` is a name from ``configs/sweeps.py`` (which documents the format) or an ad-hoc
-product ``field=v1,v2;field2=w1,w2``. Every run gets its own workdir
-``<workdir-root>/<sweep>/<run name>`` whose name is derived from the swept values
-(``objective.delta_t=0.3`` → ``delta_t-0.3``), so names are stable across invocations and
-re-running a sweep resumes each unfinished run from its checkpoints.
+``--sweep`` is a name from ``configs/sweeps.py`` (which documents the format; another file
+with ``--sweeps-file``), loaded from its path, or an ad-hoc product
+``field=v1,v2;field2=w1,w2``. Every run gets its own workdir ``<workdir-root>/<sweep>/<run
+name>`` whose name is derived from the swept values (``objective.delta_t=0.3`` →
+``delta_t-0.3``), so names are stable across invocations and re-running a sweep resumes
+each unfinished run from its checkpoints.
 
 Modes: ``--dry-run`` (default) prints one ``main.py`` command per run (a shell script);
 ``--run`` runs them one after another as subprocesses (from the repository root);
@@ -34,6 +35,7 @@ import sys
 from typing import Any, Iterable, Mapping, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEPS_FILE = os.path.join("configs", "sweeps.py")
 EMIT_KINDS = ("slurm", "tpu", "gpu")
 _SPEC_KEYS = {"product", "list", "base", "description"}
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -75,18 +77,52 @@ def load_config(config_arg: str):
   path = os.path.abspath(path)
   if not os.path.isfile(path):
     raise SweepError(f"config file not found: {path}")
-  root = os.path.dirname(path)
-  while os.path.isfile(os.path.join(root, "__init__.py")):
-    root = os.path.dirname(root)
+  root = _package_root(path)
   if root not in sys.path:
     sys.path.insert(0, root)
-  name = "_sfd_sweep_config_" + re.sub(r"\W", "_", path)
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _load_file(path, "_sfd_sweep_config_")
   if not hasattr(module, "get_config"):
     raise SweepError(f"{path} has no get_config()")
   return module.get_config(arg) if arg else module.get_config()
+
+
+def _package_root(path: str) -> str:
+  """The directory above the package holding ``path`` (the repository for configs/x.py)."""
+  root = os.path.dirname(os.path.abspath(path))
+  while os.path.isfile(os.path.join(root, "__init__.py")):
+    root = os.path.dirname(root)
+  return root
+
+
+def _load_file(path: str, prefix: str):
+  name = prefix + re.sub(r"\W", "_", path)
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def default_sweeps_file(config_arg: str | None = None) -> str:
+  """``configs/sweeps.py`` of the config file's repository (the directory above its
+  package), else of the current directory, else of this repository."""
+  roots = [_package_root(config_arg.partition(":")[0])] if config_arg else []
+  candidates = [os.path.join(r, SWEEPS_FILE) for r in roots + [os.getcwd(), REPO]]
+  return next((c for c in candidates if os.path.isfile(c)), candidates[0])
+
+
+def named_sweep(name: str, sweeps_file: str | None = None) -> dict:
+  """The sweep ``name`` of a sweeps file (``get_sweep(name)``; default
+  ``default_sweeps_file()``), loaded from its path."""
+  path = os.path.abspath(sweeps_file or default_sweeps_file())
+  if not os.path.isfile(path):
+    raise SweepError(f"sweeps file not found: {path}")
+  module = _load_file(path, "_sfd_sweeps_")
+  if not hasattr(module, "get_sweep"):
+    raise SweepError(f"{path} has no get_sweep()")
+  try:
+    return module.get_sweep(name)
+  except KeyError as e:
+    raise SweepError(e.args[0]) from e
 
 
 def _lookup(config, field: str):
@@ -184,17 +220,14 @@ def parse_adhoc(text: str) -> dict:
   return {"product": product}
 
 
-def resolve(sweep: str | Mapping) -> tuple[str, dict]:
-  """``(name, spec)`` for a sweep name (configs/sweeps.py), ad-hoc text, or a spec dict."""
+def resolve(sweep: str | Mapping, sweeps_file: str | None = None) -> tuple[str, dict]:
+  """``(name, spec)`` for a sweep name (of ``sweeps_file``, default configs/sweeps.py; see
+  ``named_sweep``), ad-hoc text, or a spec dict."""
   if isinstance(sweep, Mapping):
     return "sweep", dict(sweep)
   if "=" in sweep:
     return "sweep", parse_adhoc(sweep)
-  from configs import sweeps  # pylint: disable=import-outside-toplevel
-  try:
-    return sweep, sweeps.get_sweep(sweep)
-  except KeyError as e:
-    raise SweepError(e.args[0]) from e
+  return sweep, named_sweep(sweep, sweeps_file)
 
 
 def expand(spec: Mapping, name: str = "sweep") -> list[tuple[tuple[str, Any], ...]]:
@@ -276,11 +309,13 @@ def run_name(overrides: Sequence[tuple[str, Any]], labels: Mapping[str, str]) ->
 
 
 def make_runs(config, sweep: str | Mapping, workdir_root: str = "runs",
-              base: Sequence[tuple[str, Any]] = (), sweep_dir: str | None = None) -> list[Run]:
+              base: Sequence[tuple[str, Any]] = (), sweep_dir: str | None = None,
+              sweeps_file: str | None = None) -> list[Run]:
   """Expands ``sweep`` against ``config`` (a ConfigDict): checks every override on a copy
   of the config and converts string values to the field types. ``base`` overrides
-  (e.g. from ``--set``) apply to every run after the sweep's own ``base``."""
-  name, spec = resolve(sweep)
+  (e.g. from ``--set``) apply to every run after the sweep's own ``base``. Named sweeps
+  come from ``sweeps_file`` (see ``resolve``)."""
+  name, spec = resolve(sweep, sweeps_file)
   raw_runs = expand(spec, name)
   shared = tuple((spec.get("base") or {}).items()) + tuple(base)
   typed_shared = _typed(config, shared)
@@ -377,6 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--config", required=True, help="config file[:arg], as for main.py")
   ap.add_argument("--sweep", required=True,
                   help="name from configs/sweeps.py, or 'field=v1,v2;field2=w1,w2'")
+  ap.add_argument("--sweeps-file", "--sweeps_file", dest="sweeps_file", default=None,
+                  help="file of named sweeps (default: configs/sweeps.py of the config's "
+                       "repository, else of the current directory)")
   mode = ap.add_mutually_exclusive_group()
   mode.add_argument("--dry-run", action="store_true", help="print the commands (default)")
   mode.add_argument("--run", action="store_true", help="run them here, one after another")
@@ -402,8 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     base.append((field.strip(), value))
   try:
     config = load_config(args.config)
-    sweep_name, _ = resolve(args.sweep)
-    runs = make_runs(config, args.sweep, args.workdir_root, base, args.name)
+    sweeps_file = args.sweeps_file or default_sweeps_file(args.config)
+    sweep_name, _ = resolve(args.sweep, sweeps_file)
+    runs = make_runs(config, args.sweep, args.workdir_root, base, args.name, sweeps_file)
     if args.only:
       keep = [n for n in args.only.split(",") if n]
       missing = sorted(set(keep) - {r.name for r in runs})

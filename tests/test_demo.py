@@ -1,5 +1,5 @@
 """The demo's stages (configs/demo.py:fast=1) end to end, and the periodic in-training
-evaluation they exercise (sfd_jax.train_eval).
+evaluation they exercise (sfd_jax.training.periodic_eval).
 
 The demo runs once per module through ``main.py --mode=demo`` in a subprocess on 8 fake
 devices with XLA's backend optimisation level 0 (the suite's cost is compilation; this
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
-from sfd_jax import train_eval
-from sfd_jax.demo import pipeline
+from sfd_jax.jobs import demo as pipeline
+from sfd_jax.training import periodic_eval as train_eval
 
 
 def _tb_tags(directory):

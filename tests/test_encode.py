@@ -19,7 +19,9 @@ from PIL import Image
 
 import sfd_jax  # noqa: F401  (package set-up)
 from configs import tiny_vae
-from sfd_jax import encode, extract_features
+from sfd_jax.convert import networks
+from sfd_jax.data import features
+from sfd_jax.jobs import encode, extract
 from sfd_jax.data import images as images_lib
 from sfd_jax.data import pipeline, preprocess, records
 from sfd_jax.data import stats as stats_lib
@@ -185,10 +187,10 @@ def test_encode_checks_that_the_networks_fit(image_dir, tmp_path):
 def test_extract_features(image_dir, tmp_path):
   out = str(tmp_path / "features")
   c = _config(image_dir)
-  result = extract_features.run(c, out)
+  result = extract.run(c, out)
   assert result["complete"] and [s["name"] for s in result["skipped"]] == [CORRUPT]
-  feats = extract_features.FeatureRecords(out)
-  assert len(feats) == 12 and feats.spec == extract_features.FeatureSpec(64, 64, "float16")
+  feats = features.FeatureRecords(out)
+  assert len(feats) == 12 and feats.spec == features.FeatureSpec(64, 64, "float16")
   rec = feats[5]
   assert rec["features"].dtype == np.float16 and int(rec["label"]) == 1
 
@@ -197,7 +199,7 @@ def test_extract_features(image_dir, tmp_path):
   src = images_lib.ImageFolderSource(image_dir)
   assert src[5]["name"] == CORRUPT
   x = preprocess.semvae_training_dino_input(images_lib.open_image(src[6]), 128, 112)
-  dino = extract_features.load_network("dinov2", "", random_init=True, preset="tiny",
+  dino = networks.load_network("dinov2", "", random_init=True, preset="tiny",
                                        seed=c.seed)
   graphdef, state = nnx.split(dino)
   ref = jax.jit(lambda s, x: nnx.merge(graphdef, s).patch_features(x),
@@ -216,7 +218,7 @@ def test_sharded_job_splits_shards_between_processes(image_dir, tmp_path):
   """Process p of P writes shards s ≡ p (mod P); together they equal one process."""
   src = images_lib.ImageFolderSource(image_dir)
   plan = images_lib.ShardPlan(len(src), 4)                    # 4 shards
-  spec = extract_features.FeatureSpec(2, 3, "float16")
+  spec = features.FeatureSpec(2, 3, "float16")
 
   def run(directory, p, count):
     return images_lib.run_sharded_job(
@@ -226,7 +228,7 @@ def test_sharded_job_splits_shards_between_processes(image_dir, tmp_path):
             (x.mean(axis=(1, 2, 3)) + idx)[:, None, None], (len(x), 2, 3))},
         to_records=lambda out, labels: [
             {"features": f.astype(np.float16), "label": l} for f, l in zip(out["f"], labels)],
-        open_writer=lambda path: extract_features.FeatureShardWriter(path, spec),
+        open_writer=lambda path: features.FeatureShardWriter(path, spec),
         process_index=p, process_count=count, decode_threads=2, name="test")
 
   single, split = str(tmp_path / "one"), str(tmp_path / "two")

@@ -11,7 +11,8 @@ from flax import nnx
 
 import sfd_jax  # noqa: F401
 from sfd_jax import checkpoint as ckpt_lib
-from sfd_jax import export
+from sfd_jax.convert import export as export_lib
+from sfd_jax.jobs import export
 from sfd_jax.convert import lightning_dit as conv
 from sfd_jax.convert.common import load_state_dict, save_params
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT
@@ -46,12 +47,12 @@ def test_reference_layout_round_trip(parity, tmp_path, fixture, prefix, kwargs):
   path = str(parity_dir() / f"{fixture}.npz")
   ref = load_state_dict(path, prefix=prefix)
   params = conv.convert_lightning_dit(ref, cfg, name=path)
-  _assert_same_state_dict(export.to_reference_state_dict(params, cfg), ref,
+  _assert_same_state_dict(export_lib.to_reference_state_dict(params, cfg), ref,
                           f"{fixture}:{prefix or 'main'}")
 
-  # ... and through the files: converted dir -> `python -m sfd_jax.export` -> files.
+  # ... and through the files: converted dir -> `python -m sfd_jax.convert.export` -> files.
   save_params(tmp_path / "conv", params, conv.config_to_meta(cfg))
-  assert export.main(["--src", str(tmp_path / "conv"), "--dst", str(tmp_path / "out"),
+  assert export_lib.main(["--src", str(tmp_path / "conv"), "--dst", str(tmp_path / "out"),
                       "--formats", "safetensors,npz"]) == 0
   for name in ("lightning_dit.safetensors", "lightning_dit.npz"):
     _assert_same_state_dict(load_state_dict(tmp_path / "out" / name), ref, name)
@@ -65,7 +66,7 @@ def test_reference_layout_inverts_converter_with_patches():
       nnx.eval_shape(lambda: LightningDiT(cfg, rngs=nnx.Rngs(0))), nnx.Param))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), abstract)
-  sd = export.to_reference_state_dict(params, cfg)
+  sd = export_lib.to_reference_state_dict(params, cfg)
   assert sd["x_embedder.proj.weight"].shape == (32, 48, 2, 2)
   assert sd["pos_embed"].shape == (1, 4, 32) and sd["feat_rope.freqs_cos"].shape == (4, 16)
   back = conv.convert_lightning_dit(sd, cfg)
@@ -77,11 +78,11 @@ def test_to_reference_checks_shapes():
   abstract = nnx.to_pure_dict(nnx.state(
       nnx.eval_shape(lambda: LightningDiT(cfg, rngs=nnx.Rngs(0))), nnx.Param))
   params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract)
-  with pytest.raises(export.ExportError, match="x_embedder/kernel.*expects"):
-    export.to_reference_state_dict(params, dataclasses.replace(cfg, in_channels=40,
+  with pytest.raises(export_lib.ExportError, match="x_embedder/kernel.*expects"):
+    export_lib.to_reference_state_dict(params, dataclasses.replace(cfg, in_channels=40,
                                                                semantic_chans=8))
-  with pytest.raises(export.ExportError, match="3 blocks|depth=3"):
-    export.to_reference_state_dict(params, dataclasses.replace(cfg, depth=3))
+  with pytest.raises(export_lib.ExportError, match="3 blocks|depth=3"):
+    export_lib.to_reference_state_dict(params, dataclasses.replace(cfg, depth=3))
 
 
 # ----------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def trained(tmp_path_factory):
   are random host arrays: compiling the real initialiser would cost seconds for nothing.
   """
   from configs import tiny
-  from sfd_jax import train
+  from sfd_jax.training import sfd as train
   workdir = str(tmp_path_factory.mktemp("export_run"))
   config = tiny.get_config("data=/nonexistent")
   setup = train.build(config)
@@ -212,11 +213,11 @@ def test_export_errors(trained, tmp_path):
   config, workdir = trained["config"], trained["workdir"]
   with pytest.raises(ckpt_lib.CheckpointError, match=r"no checkpoint at step 4.*\[3, 5\]"):
     export.run(_export_config(config, step=4, dst=str(tmp_path / "a")), workdir)
-  with pytest.raises(export.ExportError, match="config.export.weights='raw'"):
+  with pytest.raises(export_lib.ExportError, match="config.export.weights='raw'"):
     export.run(_export_config(config, weights="raw"), workdir)
-  with pytest.raises(export.ExportError, match="unknown.*'onnx'"):
+  with pytest.raises(export_lib.ExportError, match="unknown.*'onnx'"):
     export.run(_export_config(config, formats="orbax,onnx"), workdir)
-  with pytest.raises(export.ExportError, match=r"unknown fields \['formt'\]"):
+  with pytest.raises(export_lib.ExportError, match=r"unknown fields \['formt'\]"):
     export.run(_export_config(config, formt="npz"), workdir)
   with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint directory"):
     export.run(config, str(tmp_path / "empty"))

@@ -2,7 +2,7 @@
 
 The two processes (2 fake CPU devices each, 4 global devices) find each other through
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, which
-``sfd_jax.distributed.maybe_initialize`` turns into ``jax.distributed.initialize``.
+``sfd_jax.parallel.distributed.maybe_initialize`` turns into ``jax.distributed.initialize``.
 Cross-process collectives on CPU use Gloo over TCP: jax 0.10.2's default
 ``jax_cpu_collectives_implementation`` is already ``"gloo"``, so nothing has to be set.
 
@@ -104,7 +104,7 @@ def _worker_main() -> None:
   sys.path.insert(0, REPO)
   from absl import app  # pylint: disable=import-outside-toplevel
   import main as main_mod  # pylint: disable=import-outside-toplevel
-  from sfd_jax import train  # pylint: disable=import-outside-toplevel
+  from sfd_jax.training import sfd as train  # pylint: disable=import-outside-toplevel
 
   log_dir, tag = os.environ[_LOG_DIR_ENV], os.environ[_TAG_ENV]
   make_iterator, train_and_evaluate = train.make_data_iterator, train.train_and_evaluate
@@ -208,7 +208,7 @@ def _read_json(path):
 
 def _reference_batches(config, count):
   """The first ``count`` global batches of a single-process pipeline, as fingerprints."""
-  from sfd_jax import train  # pylint: disable=import-outside-toplevel
+  from sfd_jax.training import sfd as train  # pylint: disable=import-outside-toplevel
   it = train.make_data_iterator(config, config.seed)
   try:
     return [{example_fingerprint(l, y) for l, y in zip(b["latent"], b["label"])}
@@ -260,7 +260,8 @@ def test_two_process_train_resume(tmp_path):
     assert hashes[tag][0]["step"] == steps
 
   import jax  # pylint: disable=import-outside-toplevel
-  from sfd_jax import checkpoint, train  # pylint: disable=import-outside-toplevel
+  from sfd_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from sfd_jax.training import sfd as train  # pylint: disable=import-outside-toplevel
   setup = train.build(config)
   state, step, saved_cfg = checkpoint.restore_state_only(
       os.path.join(workdir, "checkpoints"), setup.abstract_state)
@@ -270,7 +271,7 @@ def test_two_process_train_resume(tmp_path):
   assert restored == {k: hashes["b"][0][k] for k in ("params", "ema")}
 
   # --mode=export of this run writes exactly the EMA the two processes trained.
-  from sfd_jax import export  # pylint: disable=import-outside-toplevel
+  from sfd_jax.jobs import export  # pylint: disable=import-outside-toplevel
   from sfd_jax.convert.common import load_params  # pylint: disable=import-outside-toplevel
   out = export.run(config, workdir)
   exported, meta = load_params(out["dst"])

@@ -11,7 +11,8 @@ from flax import nnx
 from PIL import Image
 
 import sfd_jax  # noqa: F401
-from sfd_jax import evaluate, sample
+from sfd_jax.diffusion import generation
+from sfd_jax.jobs import evaluate, sample
 from sfd_jax.convert import lightning_dit as dit_conv
 from sfd_jax.convert import texture_vae as tvae_conv
 from sfd_jax.convert.common import save_params
@@ -98,10 +99,10 @@ def test_sampling_job_outputs(sampled):
 
 
 def test_balanced_labels_and_noise_are_per_index():
-  np.testing.assert_array_equal(sample.balanced_labels(np.arange(50_000), 50_000, 1000),
+  np.testing.assert_array_equal(generation.balanced_labels(np.arange(50_000), 50_000, 1000),
                                 np.arange(50_000) // 50)
-  a = sample.noise_for(jax.numpy.arange(4), 3, (2, 2, 3))
-  b = sample.noise_for(jax.numpy.arange(2, 6), 3, (2, 2, 3))
+  a = generation.noise_for(jax.numpy.arange(4), 3, (2, 2, 3))
+  b = generation.noise_for(jax.numpy.arange(2, 6), 3, (2, 2, 3))
   np.testing.assert_array_equal(a[2:], b[:2])
 
 

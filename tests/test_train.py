@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 import sfd_jax  # noqa: F401
-from sfd_jax import optim, parallel, train
-from sfd_jax import train_step as ts
+from sfd_jax import parallel
+from sfd_jax.training import optim
+from sfd_jax.training import sfd as train
+from sfd_jax.training import sfd as ts
 from sfd_jax.checkpoint import restore_state_only
 from sfd_jax.diffusion.objective import ObjectiveConfig
 from sfd_jax.models.lightning_dit import DiTConfig

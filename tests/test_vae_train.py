@@ -1,4 +1,4 @@
-"""Tests of the autoencoder training loop (sfd_jax.vae_train) on tiny models.
+"""Tests of the autoencoder training loop (sfd_jax.training.vae) on tiny models.
 
 For both the SemVAE (on synthetic low-rank feature records) and the texture VAE (on a
 folder of smooth synthetic images with one corrupt file): the loss goes down, and a
@@ -17,7 +17,10 @@ from PIL import Image
 
 import sfd_jax  # noqa: F401  (package set-up)
 from configs import semvae_ch16, tiny_vae
-from sfd_jax import extract_features, optim, vae_train
+from sfd_jax.convert import networks
+from sfd_jax.data import features
+from sfd_jax.training import optim
+from sfd_jax.training import vae as vae_train
 
 STEPS, PREEMPT = 8, 3
 DEVICES = 2
@@ -44,7 +47,7 @@ def _features_dir(root):
   basis = rng.normal(size=(3, 32)).astype(np.float32)
   feats = rng.normal(size=(48, 16, 3)).astype(np.float32) @ basis
   d = os.path.join(root, "features")
-  extract_features.write_feature_dataset(d, feats, [i % 4 for i in range(48)],
+  features.write_feature_dataset(d, feats, [i % 4 for i in range(48)],
                                          records_per_shard=20)
   return d
 
@@ -82,7 +85,7 @@ def _host_random_weights(c, kind, directory):
   texture VAE's own random initialiser takes long to compile on CPU)."""
   from sfd_jax.convert import common  # pylint: disable=import-outside-toplevel
   from sfd_jax.models.texture_vae import TextureVAE  # pylint: disable=import-outside-toplevel
-  model = extract_features._random_network(  # pylint: disable=protected-access
+  model = networks.random_network(
       TextureVAE, vae_train.model_config(c, kind), None, 3)
   params = common.jax_tree_to_numpy(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   return common.save_params(directory, params, meta={"kind": kind})
@@ -134,7 +137,7 @@ def test_loss_decreases_and_resume_is_exact(kind, tmp_path):
   # reference weights (what --mode=encode reads).
   dst = vae_train.export_converted(c, str(tmp_path / "straight"), kind,
                                    str(tmp_path / "export"), devices=jax.devices()[:DEVICES])
-  loaded = extract_features.load_network(kind, dst)
+  loaded = networks.load_network(kind, dst)
   assert loaded.config == vae_train.model_config(c, kind)
   exported = jax.tree.leaves(nnx.to_pure_dict(nnx.state(loaded, nnx.Param)))
   for a, b in zip(_params(straight), exported):

@@ -6,13 +6,19 @@ PyTorch install, weights-only) ``.pt/.pth/.ckpt`` files. ``StateDict`` hands out
 arrays by key while checking shapes, so every converter fails with one message that
 names the key and both shapes, and can report keys it never used.
 ``assign`` copies a nested dict of arrays into an NNX module, checking paths and shapes.
+``load_model`` and ``converter_main`` are the loader and the command line that the
+converters of config-dataclass networks (DINOv2, SemVAE) share.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from sfd_jax.core import trees
 
 
 class ConversionError(ValueError):
@@ -240,3 +246,69 @@ def load_params(directory: str | os.PathLike, kind: str | None = None,
 def jax_tree_to_numpy(tree: Mapping[str, Any]) -> dict:
   return {k: (jax_tree_to_numpy(v) if isinstance(v, Mapping) else np.asarray(v))
           for k, v in tree.items()}
+
+
+def abstract_model(model_cls, config, dtype=None):
+  """``model_cls(config, rngs=…, dtype=dtype)`` with unallocated parameters, for ``assign``."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  return nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def load_model(path: str | os.PathLike, config, *, kind: str, config_cls,
+               default_config: Callable[[], Any], convert: Callable[..., dict],
+               build: Callable[[Any], Any],
+               read: Callable[[str], Mapping[str, Any]] = load_state_dict):
+  """Builds a model holding the weights of ``path``.
+
+  ``path`` is either a directory written by a converter CLI (``save_params``; its
+  ``meta.json`` supplies the config as ``config_cls(**meta["config"])`` when ``config`` is
+  None) or a reference checkpoint file: ``read(path)`` → ``convert(state_dict, config,
+  name=path)``, with ``config`` defaulting to ``default_config()``. ``build(config)``
+  makes the (abstract) model the parameters are assigned to.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    params, meta = load_params(path, kind, strict=False)
+    if config is None:
+      config = config_cls(**meta["config"]) if "config" in meta else default_config()
+  else:
+    config = config or default_config()
+    params = convert(read(path), config, name=path)
+  model = build(config)
+  assign(model, params, name=path)
+  return model
+
+
+def converter_main(argv: Sequence[str] | None, *, kind: str, prog: str, description: str,
+                   src_help: str, presets: Sequence[str], default_preset: str, config_cls,
+                   convert: Callable[..., dict],
+                   read: Callable[[argparse.Namespace], Mapping[str, Any]] | None = None,
+                   add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                   extra_meta: Mapping[str, Any] | None = None) -> str:
+  """The converter command line: ``--src --dst [--preset] [--force]`` (+ ``add_arguments``).
+
+  Converts ``read(args)`` (default: ``load_state_dict(args.src)``) for
+  ``config_cls.preset(args.preset)`` and writes it with ``save_params``; ``meta.json``
+  holds the kind, preset, config, source path and ``extra_meta``. Returns the directory.
+  """
+  parser = argparse.ArgumentParser(prog=prog, description=description)
+  parser.add_argument("--src", required=True, help=src_help)
+  parser.add_argument("--dst", required=True, help="output directory")
+  parser.add_argument("--preset", default=default_preset, choices=list(presets))
+  parser.add_argument("--force", action="store_true", help="overwrite a non-empty --dst")
+  if add_arguments is not None:
+    add_arguments(parser)
+  args = parser.parse_args(argv)
+  config = config_cls.preset(args.preset)
+  state_dict = read(args) if read is not None else load_state_dict(args.src)
+  params = convert(state_dict, config, name=args.src)
+  meta = {"model": kind, "preset": args.preset, "config": dataclasses.asdict(config),
+          "source": os.path.abspath(args.src), **(extra_meta or {})}
+  out = save_params(args.dst, params, meta=meta, force=args.force)
+  print(f"wrote {out}")
+  return out
+
+
+def leaves(tree: Mapping[str, Any]):
+  """Every leaf of a nested mapping, in insertion order."""
+  return (v for _, v in trees.leaves(tree))

@@ -13,12 +13,8 @@ CLI (writes a standalone converted checkpoint, see ``common.save_params``)::
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 from typing import Any, Mapping
-
-from flax import nnx
 
 from sfd_jax.convert import common
 from sfd_jax.models.dinov2 import DinoV2, DinoV2Config
@@ -70,7 +66,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: DinoV2Config,
 
 def build_abstract(config: DinoV2Config, dtype=None) -> DinoV2:
   """A ``DinoV2`` with unallocated parameters, ready for ``common.assign``."""
-  return nnx.eval_shape(lambda: DinoV2(config, rngs=nnx.Rngs(0), dtype=dtype))
+  return common.abstract_model(DinoV2, config, dtype)
 
 
 def load_dinov2(path: str | os.PathLike, config: DinoV2Config | None = None, *,
@@ -82,35 +78,18 @@ def load_dinov2(path: str | os.PathLike, config: DinoV2Config | None = None, *,
   (``.pth``/``.pt`` needs PyTorch; ``.npz``/``.safetensors`` do not), in which case
   ``config`` defaults to ViT-B/14-reg.
   """
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    params, meta = common.load_params(path, MODEL_KIND, strict=False)
-    if config is None:
-      config = DinoV2Config(**meta["config"]) if "config" in meta else DinoV2Config.vitb14_reg()
-  else:
-    config = config or DinoV2Config.vitb14_reg()
-    params = convert_state_dict(common.load_state_dict(path), config, name=path)
-  model = build_abstract(config, dtype=dtype)
-  common.assign(model, params, name=path)
-  return model
+  return common.load_model(path, config, kind=MODEL_KIND, config_cls=DinoV2Config,
+                           default_config=DinoV2Config.vitb14_reg, convert=convert_state_dict,
+                           build=lambda c: build_abstract(c, dtype=dtype))
 
 
 def main(argv: list[str] | None = None) -> str:
-  parser = argparse.ArgumentParser(
-      prog="python -m sfd_jax.convert.dinov2",
-      description="Convert a DINOv2 (with registers) hub checkpoint to an sfd_jax checkpoint.")
-  parser.add_argument("--src", required=True, help="hub state dict (.pth/.pt/.npz/.safetensors)")
-  parser.add_argument("--dst", required=True, help="output directory")
-  parser.add_argument("--preset", default="vitb14_reg", choices=["vitb14_reg", "tiny"])
-  parser.add_argument("--force", action="store_true", help="overwrite a non-empty --dst")
-  args = parser.parse_args(argv)
-  config = DinoV2Config.preset(args.preset)
-  params = convert_state_dict(common.load_state_dict(args.src), config, name=args.src)
-  meta = {"model": MODEL_KIND, "preset": args.preset, "config": dataclasses.asdict(config),
-          "source": os.path.abspath(args.src), "ignored_keys": list(IGNORED_KEYS)}
-  out = common.save_params(args.dst, params, meta=meta, force=args.force)
-  print(f"wrote {out}")
-  return out
+  return common.converter_main(
+      argv, kind=MODEL_KIND, prog="python -m sfd_jax.convert.dinov2",
+      description="Convert a DINOv2 (with registers) hub checkpoint to an sfd_jax checkpoint.",
+      src_help="hub state dict (.pth/.pt/.npz/.safetensors)",
+      presets=["vitb14_reg", "tiny"], default_preset="vitb14_reg", config_cls=DinoV2Config,
+      convert=convert_state_dict, extra_meta={"ignored_keys": list(IGNORED_KEYS)})
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import sys
 import numpy as np
 from flax import nnx
 
+from sfd_jax.core import trees
 from sfd_jax.convert.common import (ConversionError, StateDict, assign, load_params,
                                     load_state_dict, save_params)
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT, rope_tables, sincos_pos_embed
@@ -160,17 +161,9 @@ def main(argv=None) -> int:
   params = convert_lightning_dit(sd, cfg, name=args.src)
   out = save_params(args.dst, params, {**config_to_meta(cfg), "source": args.src},
                     force=args.force)
-  n = sum(int(np.prod(v.shape)) for v in _leaves(params))
+  n = sum(int(np.prod(v.shape)) for _, v in trees.leaves(params))
   print(f"converted {args.src} -> {out} ({n / 1e6:.1f}M parameters, variant {args.variant})")
   return 0
-
-
-def _leaves(tree):
-  for v in tree.values():
-    if isinstance(v, dict):
-      yield from _leaves(v)
-    else:
-      yield v
 
 
 if __name__ == "__main__":

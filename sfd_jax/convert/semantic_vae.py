@@ -24,14 +24,11 @@ CLI::
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import pickle
 from typing import Any, Mapping
 
 import numpy as np
-from flax import nnx
 
 from sfd_jax.convert import common
 from sfd_jax.models.semantic_vae import SemanticVAE, SemVAEConfig
@@ -116,7 +113,7 @@ def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict
 
 def build_abstract(config: SemVAEConfig, dtype=None) -> SemanticVAE:
   """A ``SemanticVAE`` with unallocated parameters, ready for ``common.assign``."""
-  return nnx.eval_shape(lambda: SemanticVAE(config, rngs=nnx.Rngs(0), dtype=dtype))
+  return common.abstract_model(SemanticVAE, config, dtype)
 
 
 def load_semantic_vae(path: str | os.PathLike, config: SemVAEConfig | None = None, *,
@@ -127,39 +124,24 @@ def load_semantic_vae(path: str | os.PathLike, config: SemVAEConfig | None = Non
   config when ``config`` is None) or a reference checkpoint file, in which case
   ``config`` defaults to the released ch16 model.
   """
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    params, meta = common.load_params(path, MODEL_KIND, strict=False)
-    if config is None:
-      config = SemVAEConfig(**meta["config"]) if "config" in meta else SemVAEConfig.ch16()
-  else:
-    config = config or SemVAEConfig.ch16()
-    params = convert_state_dict(read_state_dict(path, allow_pickle), config, name=path)
-  model = build_abstract(config, dtype=dtype)
-  common.assign(model, params, name=path)
-  return model
+  return common.load_model(path, config, kind=MODEL_KIND, config_cls=SemVAEConfig,
+                           default_config=SemVAEConfig.ch16, convert=convert_state_dict,
+                           build=lambda c: build_abstract(c, dtype=dtype),
+                           read=lambda p: read_state_dict(p, allow_pickle))
 
 
 def main(argv: list[str] | None = None) -> str:
-  parser = argparse.ArgumentParser(
-      prog="python -m sfd_jax.convert.semantic_vae",
-      description="Convert a SemVAE checkpoint (semantic_ae_final.pt) to an sfd_jax checkpoint.")
-  parser.add_argument("--src", required=True,
-                      help="checkpoint (.pt with model_state_dict, .npz or .safetensors)")
-  parser.add_argument("--dst", required=True, help="output directory")
-  parser.add_argument("--preset", default="ch16", choices=["ch16", "tiny"])
-  parser.add_argument("--force", action="store_true", help="overwrite a non-empty --dst")
-  parser.add_argument("--allow-pickle", action="store_true",
-                      help="full torch.load of a trusted .pt (runs pickled code)")
-  args = parser.parse_args(argv)
-  config = SemVAEConfig.preset(args.preset)
-  params = convert_state_dict(read_state_dict(args.src, args.allow_pickle), config,
-                              name=args.src)
-  meta = {"model": MODEL_KIND, "preset": args.preset, "config": dataclasses.asdict(config),
-          "source": os.path.abspath(args.src)}
-  out = common.save_params(args.dst, params, meta=meta, force=args.force)
-  print(f"wrote {out}")
-  return out
+  def add_arguments(parser):
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="full torch.load of a trusted .pt (runs pickled code)")
+
+  return common.converter_main(
+      argv, kind=MODEL_KIND, prog="python -m sfd_jax.convert.semantic_vae",
+      description="Convert a SemVAE checkpoint (semantic_ae_final.pt) to an sfd_jax checkpoint.",
+      src_help="checkpoint (.pt with model_state_dict, .npz or .safetensors)",
+      presets=["ch16", "tiny"], default_preset="ch16", config_cls=SemVAEConfig,
+      convert=convert_state_dict, add_arguments=add_arguments,
+      read=lambda args: read_state_dict(args.src, args.allow_pickle))
 
 
 if __name__ == "__main__":

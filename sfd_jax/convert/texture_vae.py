@@ -31,8 +31,8 @@ import numpy as np
 from flax import nnx
 
 import sfd_jax  # noqa: F401  (flax settings)
-from sfd_jax.convert.common import (ConversionError, StateDict, assign, load_params,
-                                    load_state_dict, save_params)
+from sfd_jax.convert.common import (ConversionError, StateDict, abstract_model, assign, leaves,
+                                    load_params, load_state_dict, save_params)
 from sfd_jax.models.texture_vae import PRESETS, TextureVAE, TextureVAEConfig
 
 KIND = "texture_vae"
@@ -46,7 +46,7 @@ IGNORE_PREFIXES: tuple[str, ...] = (
 
 @functools.lru_cache(maxsize=8)
 def _abstract_template(cfg: TextureVAEConfig, dtype) -> TextureVAE:
-  return nnx.eval_shape(lambda: TextureVAE(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+  return abstract_model(TextureVAE, cfg, dtype)
 
 
 def _abstract_model(cfg: TextureVAEConfig, dtype=None) -> TextureVAE:
@@ -175,17 +175,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     raise ConversionError(f"{e} (converting for --preset {args.preset})") from e
   out = save_converted(args.dst, params, cfg, source=os.path.abspath(args.src),
                        force=args.force)
-  n = sum(int(np.prod(v.shape)) for v in _leaves(params))
+  n = sum(int(np.prod(v.shape)) for v in leaves(params))
   print(f"texture VAE ({args.preset}, {n:,} parameters) written to {out}")
   return out
-
-
-def _leaves(tree: Mapping[str, Any]):
-  for v in tree.values():
-    if isinstance(v, Mapping):
-      yield from _leaves(v)
-    else:
-      yield v
 
 
 __all__ = ("IGNORE_PREFIXES", "convert_texture_vae", "load_texture_vae", "save_converted",

@@ -380,7 +380,7 @@ def prepare_output(directory: str, plan: ShardPlan, manifest: Mapping[str, Any],
   complete one; the other processes check the manifest after it.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from sfd_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from sfd_jax.parallel.multihost import process_barrier  # pylint: disable=import-outside-toplevel
   os.makedirs(directory, exist_ok=True)
   if jax.process_index() == 0:
     check_job_manifest(directory, manifest)
@@ -390,7 +390,7 @@ def prepare_output(directory: str, plan: ShardPlan, manifest: Mapping[str, Any],
         if os.path.exists(path):
           logging.info("removing %s until all shards are finished", path)
           os.remove(path)
-  checkpoint.process_barrier(f"prepare_output:{os.path.basename(directory)}")
+  process_barrier(f"prepare_output:{os.path.basename(directory)}")
   if jax.process_index() != 0:
     check_job_manifest(directory, manifest)
 
@@ -613,3 +613,40 @@ def skipped_images(done: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for index, name, reason in d.get("skipped", []):
       out.append({"index": int(index), "name": name, "reason": reason})
   return out
+
+
+def finish_job(workdir: str, plan: ShardPlan, source,
+               result: JobResult, name: str, write_index) -> dict[str, Any]:
+  """Waits for every process, then (process 0) lists the shards and reports.
+
+  ``write_index(shard_infos, metadata)`` writes the dataset's index file; it runs on
+  process 0 once all shards are finished and returns a dict of extra summary entries.
+  Returns ``{"complete", "num_records", "skipped", ...}``; ``complete`` is False on
+  processes other than 0 and while some shard is unfinished (a process stopped early).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from sfd_jax.parallel.multihost import process_barrier  # pylint: disable=import-outside-toplevel
+  process_barrier(f"{name}_done")
+  incomplete = {"complete": False, "num_records": 0, "skipped": []}
+  if jax.process_index() != 0:
+    return incomplete
+  missing = unfinished_shards(workdir, plan)
+  if missing:
+    logging.warning("%s: %d of %d shards unfinished (e.g. %s); rerun the same command to "
+                    "complete %s", name, len(missing), plan.num_shards,
+                    plan.file(missing[0]), workdir)
+    return incomplete
+  done = collect_done(workdir, plan)
+  skipped = skipped_images(done)
+  shards = finished_shard_infos(done)
+  n = sum(s.num_records for s in shards)
+  if n == 0:
+    raise RuntimeError(f"{name}: no image of {source.describe()} could be read")
+  extra = write_index(shards, {"source": source.describe(), "skipped_images": skipped})
+  if skipped:
+    logging.warning("%s: %d unreadable image(s) skipped: %s", name, len(skipped),
+                    ", ".join(s["name"] for s in skipped[:20])
+                    + (" ..." if len(skipped) > 20 else ""))
+  logging.info("%s: finished %s: %d records in %d shards, %d unreadable image(s) skipped",
+               name, workdir, n, len(shards), len(skipped))
+  return dict({"complete": True, "num_records": n, "skipped": skipped}, **(extra or {}))

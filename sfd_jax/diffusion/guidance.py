@@ -37,12 +37,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from sfd_jax.diffusion import clocks
+from sfd_jax.diffusion.clocks import SEMANTIC_CHANS
+
 VelocityFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 GUIDANCE_MODES = ("none", "cfg", "autoguidance")
 INTERVAL_MODES = ("both", "tex", "sem")
 NULL_LABEL = 1000
-SEMANTIC_CHANS = 16
 
 
 def _check_interval_mode(interval_mode: str) -> None:
@@ -61,10 +63,10 @@ def _batch_times(t, n: int) -> jax.Array:
 
 
 def semantic_channel_mask(channels: int, semantic_chans: int) -> jax.Array:
-  """[C] bool, True on the last ``semantic_chans`` channels."""
+  """[C] bool, True on the last ``semantic_chans`` channels (range-checked)."""
   if not 0 <= semantic_chans <= channels:
     raise ValueError(f"semantic_chans={semantic_chans} must be in [0, {channels}]")
-  return jnp.arange(channels) >= channels - semantic_chans
+  return clocks.semantic_channel_mask(channels, semantic_chans)
 
 
 def combine(v_cond: jax.Array, v_ref: jax.Array, t_tex, t_sem, *, scale_tex: float,

@@ -1,8 +1,9 @@
 """Semantic-first flow-matching objective (SPEC §6).
 
 Path: x_t = t·x₁ + (1 − t)·x₀ with t = 0 noise and t = 1 data; target u = x₁ − x₀.
-Semantic-first clocks: τ = t·(1 + Δt), t_sem = min(τ, 1), t_tex = max(τ − Δt, 0); the
-texture channels [0:C−S] follow t_tex and the semantic channels [C−S:C] follow t_sem.
+Semantic-first clocks (``sfd_jax.diffusion.clocks``): τ = t·(1 + Δt), t_sem = min(τ, 1),
+t_tex = max(τ − Δt, 0); the texture channels [0:C−S] follow t_tex and the semantic
+channels [C−S:C] follow t_sem.
 Clamped samples are still supervised on every channel.
 
 Loss terms, each per example and then averaged over the batch:
@@ -24,6 +25,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from sfd_jax.diffusion import clocks
 
 TIME_SAMPLERS = ("logit_normal", "uniform")
 REPA_MODES = ("cos", "mse", "cos_mse")
@@ -52,18 +55,26 @@ class ObjectiveConfig:
     if self.repa_mode not in REPA_MODES:
       raise ValueError(f"repa_mode {self.repa_mode!r} not in {REPA_MODES}")
 
+  @classmethod
+  def from_config(cls, config) -> "ObjectiveConfig":
+    """From a run config: ``config.objective`` fields, ``semantic_chans`` of
+    ``config.model``; REPA is on only when both ``objective.use_repa`` (default True) and
+    ``model.use_repa`` are. An unknown ``config.objective`` field is an error naming it."""
+    o = config.objective.to_dict()
+    unknown = set(o) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"config.objective has unknown fields {sorted(unknown)}")
+    o["semantic_chans"] = config.model.semantic_chans
+    o["use_repa"] = bool(o.get("use_repa", True) and config.model.use_repa)
+    return cls(**o)
+
   @property
   def repa_active(self) -> bool:
     return self.use_repa and (self.use_cosine_loss or not self.repa_requires_cosine)
 
 
-def semantic_first_times(t: jax.Array, delta_t: float) -> tuple[jax.Array, jax.Array]:
-  """Global training time t ∈ [0,1] → (t_tex, t_sem). Δt = 0 gives (t, t)."""
-  t = jnp.asarray(t, jnp.float32)
-  if delta_t == 0:
-    return t, t
-  tau = t * jnp.float32(1.0 + delta_t)
-  return jnp.maximum(tau - jnp.float32(delta_t), 0.0), jnp.minimum(tau, 1.0)
+# Global training time t ∈ [0,1] → (t_tex, t_sem); Δt = 0 gives (t, t). (Old name.)
+semantic_first_times = clocks.training_clocks
 
 
 def sample_times(key: jax.Array, n: int, cfg: ObjectiveConfig) -> jax.Array:
@@ -72,15 +83,10 @@ def sample_times(key: jax.Array, n: int, cfg: ObjectiveConfig) -> jax.Array:
   return jax.random.uniform(key, (n,))
 
 
-def _part_mask(channels: int, semantic_chans: int) -> jax.Array:
-  """[C] bool, True on the (last) semantic channels."""
-  return jnp.arange(channels) >= channels - semantic_chans
-
-
 def interpolate(x0: jax.Array, x1: jax.Array, t_tex: jax.Array, t_sem: jax.Array,
                 semantic_chans: int) -> tuple[jax.Array, jax.Array]:
   """Per-part linear path; x [N, H, W, C]. Returns (x_t, u_t)."""
-  sem = _part_mask(x1.shape[-1], semantic_chans)
+  sem = clocks.semantic_channel_mask(x1.shape[-1], semantic_chans)
   t = jnp.where(sem[None], t_sem[:, None], t_tex[:, None])[:, None, None, :]
   return t * x1 + (1 - t) * x0, x1 - x0
 
@@ -99,7 +105,8 @@ def velocity_losses(pred: jax.Array, target: jax.Array,
                     cfg: ObjectiveConfig) -> dict[str, jax.Array]:
   """Per-example weighted MSE and cosine velocity loss; pred/target [N, H, W, C]."""
   pred = pred.astype(jnp.float32)
-  w = jnp.where(_part_mask(pred.shape[-1], cfg.semantic_chans), cfg.semantic_weight, 1.0)
+  sem = clocks.semantic_channel_mask(pred.shape[-1], cfg.semantic_chans)
+  w = jnp.where(sem, cfg.semantic_weight, 1.0)
   mse = jnp.mean(w * jnp.square(pred - target), axis=(1, 2, 3))
   cos = jnp.mean(1.0 - cosine_similarity(pred, target, axis=-1), axis=(1, 2))
   return {"mse": mse, "cos": cos}
@@ -143,7 +150,7 @@ def training_losses(apply_fn: ApplyFn, x1: jax.Array, y: jax.Array, key: jax.Arr
     x0 = jax.random.normal(k_noise, x1.shape, jnp.float32)
   if t is None:
     t = sample_times(k_time, n, cfg)
-  t_tex, t_sem = semantic_first_times(t, cfg.delta_t)
+  t_tex, t_sem = clocks.training_clocks(t, cfg.delta_t)
   xt, ut = interpolate(x0, x1.astype(jnp.float32), t_tex, t_sem, cfg.semantic_chans)
   pred, proj = apply_fn(xt, t_tex, t_sem, y, k_drop)
   terms = velocity_losses(pred, ut, cfg)

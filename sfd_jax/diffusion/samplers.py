@@ -6,10 +6,11 @@ The semantic-first ODE (SPEC §8.1) runs over global time τ ∈ [0, 1 + Δt]:
   t_tex = max(τ − Δt, 0),   t_sem = min(τ, 1),
 
 with the phase mask m: texture channels (the first C − S) active iff τ ≥ Δt, semantic
-channels (the last S) active iff τ ≤ 1, both comparisons in float32. Each evaluation
-uses one scalar τ for the whole batch. With Δt = 0 it is the plain [0, 1] flow with both
-clocks equal to τ. Since dt_part/dτ = m_part(τ), each part follows its own rectified
-flow on its own clock; the mask only says when.
+channels (the last S) active iff τ ≤ 1, both comparisons in float32 (clocks and mask live
+in ``sfd_jax.diffusion.clocks``). Each evaluation uses one scalar τ for the whole batch.
+With Δt = 0 it is the plain [0, 1] flow with both clocks equal to τ. Since
+dt_part/dτ = m_part(τ), each part follows its own rectified flow on its own clock; the
+mask only says when.
 
 Velocity functions have the signature ``fn(x, t_tex, t_sem, y) -> v`` with x, v
 ``[N, H, W, C]`` (channels last) and times ``[N]``; a ``LightningDiT`` or a function from
@@ -38,13 +39,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The clock map and the phase mask (re-exported: ``samplers.clocks``, ``samplers.phase_mask``).
+from sfd_jax.diffusion.clocks import (SEMANTIC_CHANS, clocks, phase_mask,  # noqa: F401
+                                      semantic_channel_mask)
+
 VelocityFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 METHODS = ("euler", "heun", "dopri5", "sde")
 DIFFUSION_FORMS = ("SBDM", "sigma", "linear", "constant", "decreasing",
                    "increasing-decreasing")
 LAST_STEPS = ("mean", "euler", None)
-SEMANTIC_CHANS = 16
 
 
 class SampleOutput(NamedTuple):
@@ -110,23 +114,6 @@ def time_grid(num_steps: int, delta_t: float = 0.3, shift: float = 0.0,
     raise ValueError(f"num_steps counts grid points and must be >= 2, got {num_steps}")
   end = 1.0 + delta_t if end is None else end
   return shift_grid(torch_linspace(0.0, end, num_steps), shift, delta_t)
-
-
-def clocks(tau, delta_t: float) -> tuple[jax.Array, jax.Array]:
-  """Global time τ → (t_tex, t_sem) = (max(τ − Δt, 0), min(τ, 1)), in float32.
-
-  t_tex is computed from the unclamped τ (float32 ``τ − Δt``, as the reference)."""
-  tau = jnp.asarray(tau, jnp.float32)
-  return jnp.maximum(tau - jnp.float32(delta_t), 0.0), jnp.minimum(tau, 1.0)
-
-
-def phase_mask(tau, delta_t: float, channels: int,
-               semantic_chans: int = SEMANTIC_CHANS) -> jax.Array:
-  """Float32 [C] mask: texture channels iff τ ≥ Δt, semantic (last S) iff τ ≤ 1."""
-  tau = jnp.asarray(tau, jnp.float32)
-  sem = jnp.arange(channels) >= channels - semantic_chans
-  on = jnp.where(sem, tau <= jnp.float32(1.0), tau >= jnp.float32(delta_t))
-  return on.astype(jnp.float32)
 
 
 def _call(velocity_fn: VelocityFn, x: jax.Array, tau, y, delta_t: float) -> jax.Array:
@@ -419,7 +406,7 @@ def euler_maruyama(velocity_fn: VelocityFn, z: jax.Array, y, key: jax.Array, *,
     raise ValueError(f"last_step_size must be in (0, 1), got {last_step_size}")
   grid = time_grid(num_steps, delta_t, end=1.0 + delta_t - h)
   channels = z.shape[-1]
-  sem = jnp.arange(channels) >= channels - semantic_chans
+  sem = semantic_channel_mask(channels, semantic_chans)
 
   def per_channel_clock(tau):
     t_tex, t_sem = clocks(tau, delta_t)

@@ -29,7 +29,8 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from sfd_jax.models.texture_vae import DiagonalGaussian, TextureVAE
+from sfd_jax.models.distributions import DiagonalGaussian
+from sfd_jax.models.texture_vae import TextureVAE
 
 GeneratorLossTerm = Callable[[jax.Array, jax.Array, DiagonalGaussian], jax.Array]
 

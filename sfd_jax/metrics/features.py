@@ -3,7 +3,7 @@
 Kinds:
   ``inception`` — the FID Inception-v3 (a directory written by ``python -m
   sfd_jax.convert.inception``); numbers comparable to the ADM evaluator.
-  ``demo`` — the demo's own small feature network (``sfd_jax.demo.features``); only
+  ``demo`` — the demo's own small feature network (``sfd_jax.models.feature_net``); only
   meaningful on the demo's dataset.
 """
 from __future__ import annotations
@@ -24,6 +24,6 @@ def load_extractor(kind: str, path: str, *, batch_size: int, preprocess: str = "
     from sfd_jax.convert.inception import load_inception  # pylint: disable=import-outside-toplevel
     model = load_inception(path, preprocess=preprocess)
   else:
-    from sfd_jax.demo.features import load_feature_net  # pylint: disable=import-outside-toplevel
+    from sfd_jax.convert.feature_net import load_feature_net  # pylint: disable=import-outside-toplevel
     model = load_feature_net(path)
   return adm.FeatureExtractor.from_model(model, batch_size=batch_size, in_sharding=in_sharding)

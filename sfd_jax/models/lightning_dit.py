@@ -119,6 +119,22 @@ class DiTConfig:
     return cls(**{"depth": depth, "hidden_size": hidden, "num_heads": heads, **overrides})
 
   @classmethod
+  def from_config(cls, config) -> "DiTConfig":
+    """From a run config: ``config.model`` (``variant`` table + overrides; ``"custom"``
+    = the fields as given) with Δt taken from ``config.objective.delta_t`` so that the
+    clocks of model and objective agree."""
+    m = config.model.to_dict()
+    variant = m.pop("variant")
+    unknown = set(m) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"config.model has unknown fields {sorted(unknown)}")
+    m["attention_impl"] = m.get("attention_impl") or None
+    m["delta_t"] = config.objective.delta_t
+    if variant == "custom":
+      return cls(**m)
+    return cls.variant(variant, **m)
+
+  @classmethod
   def from_reference_kwargs(cls, kw: dict[str, Any], **overrides) -> "DiTConfig":
     """Builds a config from the reference constructor's keyword arguments."""
     for flag in ("use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm"):

@@ -14,7 +14,8 @@ last C, clamped to [−30, 20]; std = exp(logvar/2); sample = mean + std·ε wit
 in the reference's [B, C, h, w] layout; KL per sample = ½·Σ(μ² + σ² − 1 − log σ²) over
 all latent elements. Everything here stays in token layout [B, L, C]; only ε is
 generated in NCHW and rearranged (``eps_nchw_to_tokens``) so that a given ε tensor
-means the same thing as in the reference.
+means the same thing as in the reference (``sfd_jax.models.distributions.TokenGaussian``,
+re-exported here as ``DiagonalGaussian``).
 
 Deviation: for a token count that is not a perfect square the reference silently pads
 (or truncates) the sequence to 16×16 before building the posterior; sampling here
@@ -24,17 +25,18 @@ posterior moments work for any L.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax import struct
 
 from sfd_jax.models import layers
 from sfd_jax.models.dinov2 import TransformerBlock
+# The posterior lives in models.distributions; its token-layout names are re-exported here.
+from sfd_jax.models.distributions import (LOGVAR_MAX, LOGVAR_MIN, TokenGaussian,  # noqa: F401
+                                          eps_nchw_to_tokens, token_grid, tokens_to_nchw)
 
-LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+DiagonalGaussian = TokenGaussian  # the SemVAE posterior under its historical name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,73 +92,6 @@ def torch_default_init(role: str, fan_in: int):
   return kernel, bias
 
 
-def token_grid(num_tokens: int) -> int:
-  """Side h = w of the square token grid; raises for a non-square token count."""
-  side = math.isqrt(num_tokens)
-  if side * side != num_tokens:
-    raise ValueError(f"SemVAE: {num_tokens} tokens do not form a square h×w grid; the "
-                     "reference posterior is laid out as [B, C, h, w] with h = w")
-  return side
-
-
-def eps_nchw_to_tokens(eps_nchw: jax.Array) -> jax.Array:
-  """ε in the reference layout [B, C, h, w] → token layout [B, h·w, C] (row-major)."""
-  b, c, h, w = eps_nchw.shape
-  return jnp.transpose(eps_nchw, (0, 2, 3, 1)).reshape(b, h * w, c)
-
-
-def tokens_to_nchw(tokens: jax.Array) -> jax.Array:
-  """[B, h·w, C] → [B, C, h, w] (``b (h w) c -> b c h w``, square grid)."""
-  b, l, c = tokens.shape
-  side = token_grid(l)
-  return jnp.transpose(tokens.reshape(b, side, side, c), (0, 3, 1, 2))
-
-
-@struct.dataclass
-class DiagonalGaussian:
-  """Diagonal Gaussian posterior in token layout [B, L, C] (logvar already clamped)."""
-  mean: jax.Array
-  logvar: jax.Array
-
-  @classmethod
-  def from_moments(cls, moments: jax.Array) -> "DiagonalGaussian":
-    """Encoder output [B, L, 2C] → mean (first C), clamped log-variance (last C)."""
-    c = moments.shape[-1] // 2
-    moments = moments.astype(jnp.float32)
-    return cls(mean=moments[..., :c],
-               logvar=jnp.clip(moments[..., c:], LOGVAR_MIN, LOGVAR_MAX))
-
-  @property
-  def std(self) -> jax.Array:
-    return jnp.exp(0.5 * self.logvar)
-
-  @property
-  def var(self) -> jax.Array:
-    return jnp.exp(self.logvar)
-
-  def mode(self) -> jax.Array:
-    return self.mean
-
-  def draw_eps(self, key: jax.Array) -> jax.Array:
-    """Standard normal ε drawn in the reference's [B, C, h, w] layout, returned as tokens."""
-    b, l, c = self.mean.shape
-    side = token_grid(l)
-    return eps_nchw_to_tokens(jax.random.normal(key, (b, c, side, side), self.mean.dtype))
-
-  def sample(self, key: jax.Array | None = None, *,
-             eps_nchw: jax.Array | None = None) -> jax.Array:
-    """mean + std·ε, with ε from ``key`` (drawn NCHW) or given as ``eps_nchw``."""
-    if (key is None) == (eps_nchw is None):
-      raise ValueError("DiagonalGaussian.sample: pass exactly one of key / eps_nchw")
-    eps = self.draw_eps(key) if eps_nchw is None else eps_nchw_to_tokens(eps_nchw)
-    return self.mean + self.std * eps.astype(self.mean.dtype)
-
-  def kl(self) -> jax.Array:
-    """KL to N(0, I) per sample, summed over all latent elements: [B]."""
-    terms = jnp.square(self.mean) + self.var - 1.0 - self.logvar
-    return 0.5 * jnp.sum(terms, axis=tuple(range(1, terms.ndim)))
-
-
 class TokenTransformer(nnx.Module):
   """Linear in → pre-norm transformer blocks → LayerNorm → Linear out (per token)."""
 
@@ -193,12 +128,12 @@ class SemanticVAE(nnx.Module):
     self.encoder = TokenTransformer(config.input_dim, 2 * config.bottleneck_dim, config, **kw)
     self.decoder = TokenTransformer(config.bottleneck_dim, config.input_dim, config, **kw)
 
-  def encode(self, features: jax.Array) -> DiagonalGaussian:
+  def encode(self, features: jax.Array) -> TokenGaussian:
     """[B, L, C_in] features → posterior over [B, L, bottleneck] (float32 moments)."""
     if features.shape[-1] != self.config.input_dim:
       raise ValueError(f"SemanticVAE.encode: features have {features.shape[-1]} channels, "
                        f"expected input_dim {self.config.input_dim}")
-    return DiagonalGaussian.from_moments(self.encoder(features))
+    return TokenGaussian.from_moments(self.encoder(features))
 
   def decode(self, z: jax.Array) -> jax.Array:
     """[B, L, bottleneck] latents → [B, L, C_in] reconstructed features."""

@@ -22,7 +22,8 @@ from the highest index down to 0.
 Images are NHWC in [-1, 1]; latents are NHWC. Every parameter is created through
 ``sfd_jax.models.layers`` and carries logical axis names. ``dtype`` is the compute dtype
 (e.g. ``jnp.bfloat16``); parameters stay in ``param_dtype`` (float32). GroupNorm
-statistics, the attention softmax and the posterior are computed in float32.
+statistics, the attention softmax and the posterior are computed in float32. The posterior
+is ``sfd_jax.models.distributions.DiagonalGaussian`` (re-exported here).
 """
 from __future__ import annotations
 
@@ -32,12 +33,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax import struct
 
 from sfd_jax.models import layers
+# The NHWC posterior (sfd_jax.models.distributions), re-exported under its old home.
+from sfd_jax.models.distributions import LOGVAR_MAX, LOGVAR_MIN, DiagonalGaussian
 
-LOGVAR_MIN = -30.0
-LOGVAR_MAX = 20.0
 PRESETS = ("f16d32", "tiny")  # classmethods of TextureVAEConfig
 
 
@@ -164,49 +164,6 @@ class TextureVAEConfig:
     if unknown:
       raise ValueError(f"TextureVAEConfig.from_dict: unknown field(s) {unknown}")
     return cls(**dict(d))
-
-
-@struct.dataclass
-class DiagonalGaussian:
-  """Diagonal Gaussian posterior over an NHWC latent (LDM's DiagonalGaussianDistribution).
-
-  ``logvar`` is already clamped to [LOGVAR_MIN, LOGVAR_MAX]. Arrays are float32.
-  """
-  mean: jax.Array
-  logvar: jax.Array
-
-  @classmethod
-  def from_moments(cls, moments: jax.Array, axis: int = -1) -> "DiagonalGaussian":
-    """Splits ``moments`` in half along ``axis`` (mean first) and clamps the log-variance."""
-    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=axis)
-    return cls(mean=mean, logvar=jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX))
-
-  @property
-  def std(self) -> jax.Array:
-    return jnp.exp(0.5 * self.logvar)
-
-  @property
-  def var(self) -> jax.Array:
-    return jnp.exp(self.logvar)
-
-  def mode(self) -> jax.Array:
-    return self.mean
-
-  def sample(self, key: jax.Array | None = None, *, eps: jax.Array | None = None) -> jax.Array:
-    """mean + std·eps, with eps given or drawn from N(0, I) with ``key``."""
-    if (key is None) == (eps is None):
-      raise ValueError("DiagonalGaussian.sample: pass exactly one of `key` or `eps`")
-    if eps is None:
-      eps = jax.random.normal(key, self.mean.shape, jnp.float32)
-    elif tuple(eps.shape) != tuple(self.mean.shape):
-      raise ValueError(f"DiagonalGaussian.sample: eps has shape {tuple(eps.shape)}, "
-                       f"expected {tuple(self.mean.shape)}")
-    return self.mean + self.std * eps.astype(jnp.float32)
-
-  def kl(self) -> jax.Array:
-    """KL(q ‖ N(0, I)) per sample: ½·Σ(μ² + σ² − 1 − log σ²) over all non-batch axes."""
-    terms = jnp.square(self.mean) + self.var - 1.0 - self.logvar
-    return 0.5 * jnp.sum(terms, axis=tuple(range(1, terms.ndim)))
 
 
 def _conv(cin: int, cout: int, k: int, *, rngs: nnx.Rngs, dtype, param_dtype,

@@ -1,0 +1,284 @@
+"""Writing LightningDiT weights for elsewhere: Orbax (converted layout), the reference's
+PyTorch state dict as ``.safetensors`` / ``.npz``, in float32, bfloat16 or float16.
+
+From an already converted (Orbax) checkpoint to the reference layout::
+
+  python -m sfd_jax.convert.export --src ckpt/sfd_xl --dst exports/sfd_xl --formats safetensors
+
+What is written into ``dst``:
+
+* ``orbax``: ``params/`` + ``meta.json`` exactly as ``sfd_jax.convert.common.save_params``
+  writes them, with meta ``{"kind": "lightning_dit", "config": DiTConfig}``, so
+  ``sfd_jax.convert.lightning_dit.load_converted(dst)`` (the sampler, ``init_from``) loads it;
+* ``safetensors`` / ``npz``: ``lightning_dit.safetensors`` / ``lightning_dit.npz``, a flat state
+  dict with the reference PyTorch key names and layouts (``nn.Linear`` weights (out, in),
+  the patch embedding as a (D, C, p, p) convolution, one entry per block), including the
+  buffers the reference keeps in its state dict (``pos_embed``, ``feat_rope.freqs_cos/sin``)
+  recomputed from the config, so ``model.load_state_dict(...)`` of the reference
+  ``LightningDiT`` accepts it with ``strict=True``. NumPy has no bfloat16, so a bf16 export
+  stores the (bf16-rounded) values as float32 in ``.npz``;
+* ``export.json``: what was exported (source, step, weights, dtype, files, config).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from safetensors.numpy import save_file
+
+from sfd_jax.checkpoint import WEIGHTS
+from sfd_jax.convert.common import load_params, save_params
+from sfd_jax.convert.lightning_dit import config_to_meta
+from sfd_jax.models.lightning_dit import DiTConfig, rope_tables, sincos_pos_embed
+
+FORMATS = ("orbax", "safetensors", "npz")
+DTYPES = ("float32", "bfloat16", "float16")
+REFERENCE_NAME = "lightning_dit"      # lightning_dit.safetensors / lightning_dit.npz
+MANIFEST = "export.json"
+# Entries of ``dst`` that an export writes (and that ``overwrite`` may replace).
+_OWNED = ("params", "meta.json", MANIFEST, f"{REFERENCE_NAME}.safetensors",
+          f"{REFERENCE_NAME}.npz")
+
+
+class ExportError(ValueError):
+  """Bad export options or a checkpoint that cannot be exported."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+  """``config.export``: which step and weights, stored dtype, formats, destination."""
+  step: int | None = None             # None = latest
+  weights: str = "ema"
+  dtype: str = "float32"
+  formats: tuple[str, ...] = ("orbax", "safetensors")
+  dst: str = ""
+  overwrite: bool = False
+
+  def __post_init__(self):
+    if self.weights not in WEIGHTS:
+      raise ExportError(f"config.export.weights={self.weights!r}; expected one of {WEIGHTS}")
+    if self.dtype not in DTYPES:
+      raise ExportError(f"config.export.dtype={self.dtype!r}; expected one of {DTYPES}")
+    bad = [f for f in self.formats if f not in FORMATS]
+    if bad or not self.formats:
+      raise ExportError(f"config.export.formats={','.join(self.formats)!r}: unknown "
+                        f"{bad or 'empty list'}; expected a comma-separated subset of {FORMATS}")
+
+  @classmethod
+  def from_config(cls, config) -> "ExportOptions":
+    """Reads ``config.export`` (``step`` < 0 = latest; ``formats`` comma-separated);
+    fields it lacks keep the defaults above (those of configs/common.py)."""
+    section = config.get("export") if hasattr(config, "get") else None
+    given = {} if section is None else dict(
+        section.to_dict() if hasattr(section, "to_dict") else section)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+      raise ExportError(f"config.export has unknown fields {unknown}; known: {known}")
+    if "step" in given:
+      given["step"] = None if int(given["step"]) < 0 else int(given["step"])
+    if "formats" in given:
+      given["formats"] = parse_formats(given["formats"])
+    return cls(**given)
+
+
+def parse_formats(formats) -> tuple[str, ...]:
+  """'orbax, safetensors' or a sequence -> ('orbax', 'safetensors') (order kept, no dups)."""
+  items = formats.split(",") if isinstance(formats, str) else list(formats)
+  out: list[str] = []
+  for f in (str(i).strip().lower() for i in items):
+    if f and f not in out:
+      out.append(f)
+  return tuple(out)
+
+
+# ----------------------------------------------------------------------------------
+# sfd_jax parameters -> reference state dict (the inverse of convert_lightning_dit)
+# ----------------------------------------------------------------------------------
+
+
+def reference_buffers(cfg) -> dict[str, np.ndarray]:
+  """The non-trainable tensors of the reference state dict, recomputed from the config."""
+  grid = cfg.input_size // cfg.patch_size
+  cos, sin = rope_tables(cfg.head_dim, grid)
+  return {"pos_embed": sincos_pos_embed(cfg.hidden_size, grid)[None],
+          "feat_rope.freqs_cos": cos, "feat_rope.freqs_sin": sin}
+
+
+def to_reference_state_dict(params: Mapping[str, Any], cfg) -> dict[str, np.ndarray]:
+  """Nested ``LightningDiT(cfg)`` parameters -> flat reference (PyTorch) state dict.
+
+  Exactly undoes ``sfd_jax.convert.lightning_dit.convert_lightning_dit``: Dense kernels
+  are transposed back to (out, in), the patch-embedding kernel (p·p·C, D) becomes the
+  (D, C, p, p) convolution weight, the stacked blocks are split into ``blocks.<i>.*``,
+  and ``pos_embed`` / ``feat_rope.freqs_cos`` / ``feat_rope.freqs_sin`` are added.
+  Arrays keep their dtype; shapes are checked against ``cfg``.
+  """
+  d, c_in, p = cfg.hidden_size, cfg.in_channels, cfg.patch_size
+  sd: dict[str, np.ndarray] = {}
+
+  def get(path: str, shape=None) -> np.ndarray:
+    node: Any = params
+    for key in path.split("/"):
+      if not isinstance(node, Mapping) or key not in node:
+        raise ExportError(f"parameters have no '{path}' (config {cfg})")
+      node = node[key]
+    arr = np.asarray(node)
+    if shape is not None and tuple(arr.shape) != tuple(shape):
+      raise ExportError(f"parameter '{path}' has shape {tuple(arr.shape)}, the config "
+                        f"expects {tuple(shape)}")
+    return arr
+
+  def linear(src: str, dst: str, index=None) -> None:
+    kernel, bias = get(f"{src}/kernel"), get(f"{src}/bias")
+    if index is not None:
+      kernel, bias = kernel[index], bias[index]
+    sd[f"{dst}.weight"] = np.ascontiguousarray(kernel.T)
+    sd[f"{dst}.bias"] = np.ascontiguousarray(bias)
+
+  kernel = get("x_embedder/kernel", (p * p * c_in, d))
+  sd["x_embedder.proj.weight"] = np.ascontiguousarray(
+      kernel.reshape(p, p, c_in, d).transpose(3, 2, 0, 1))
+  sd["x_embedder.proj.bias"] = get("x_embedder/bias", (d,))
+  embedders = ("t_embedder_sem", "t_embedder_tex") if cfg.semantic_first else ("t_embedder",)
+  for name in embedders:
+    linear(f"{name}/mlp_0", f"{name}.mlp.0")
+    linear(f"{name}/mlp_2", f"{name}.mlp.2")
+  sd["y_embedder.embedding_table.weight"] = get(
+      "y_embedding", (cfg.num_classes + int(cfg.class_dropout_prob > 0), d))
+
+  depth = get("blocks/norm1/scale").shape[0]
+  if depth != cfg.depth:
+    raise ExportError(f"parameters have {depth} blocks, the config has depth={cfg.depth}")
+  for i in range(depth):
+    b = f"blocks.{i}"
+    sd[f"{b}.norm1.weight"] = get("blocks/norm1/scale")[i]
+    sd[f"{b}.norm2.weight"] = get("blocks/norm2/scale")[i]
+    linear("blocks/attn/qkv", f"{b}.attn.qkv", i)
+    sd[f"{b}.attn.q_norm.weight"] = get("blocks/attn/q_norm/scale")[i]
+    sd[f"{b}.attn.k_norm.weight"] = get("blocks/attn/k_norm/scale")[i]
+    linear("blocks/attn/proj", f"{b}.attn.proj", i)
+    linear("blocks/mlp/w12", f"{b}.mlp.w12", i)
+    linear("blocks/mlp/w3", f"{b}.mlp.w3", i)
+    linear("blocks/adaLN_modulation", f"{b}.adaLN_modulation.1", i)
+  sd["final_layer.norm_final.weight"] = get("final_layer/norm_final/scale", (d,))
+  linear("final_layer/linear", "final_layer.linear")
+  linear("final_layer/adaLN_modulation", "final_layer.adaLN_modulation.1")
+  if cfg.use_repa:
+    for ours, ref in (("l0", "0"), ("l2", "2"), ("l4", "4")):
+      linear(f"repa_projector/{ours}", f"repa_projector.{ref}")
+  sd.update(reference_buffers(cfg))
+  return {k: np.ascontiguousarray(v) for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------
+
+
+def np_dtype(name: str) -> np.dtype:
+  """NumPy dtype for a name, bfloat16 included (via ml_dtypes, as JAX does)."""
+  return np.dtype(jnp.dtype(name))
+
+
+def cast_tree(tree: Mapping[str, Any], dtype: str) -> dict:
+  """Casts every floating-point array of a nested dict to ``dtype``; others stay as is."""
+  target = np_dtype(dtype)
+
+  def one(a):
+    a = np.asarray(a)
+    return a.astype(target) if jnp.issubdtype(a.dtype, jnp.floating) else a
+  return {k: (cast_tree(v, dtype) if isinstance(v, Mapping) else one(v))
+          for k, v in tree.items()}
+
+
+def _prepare_dst(dst: str, overwrite: bool) -> None:
+  if os.path.isdir(dst) and os.listdir(dst):
+    if not overwrite:
+      raise FileExistsError(f"export destination {dst} is not empty (set "
+                            "config.export.overwrite=True, or --overwrite, to replace an "
+                            "earlier export there)")
+    for name in _OWNED:
+      path = os.path.join(dst, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+  os.makedirs(dst, exist_ok=True)
+
+
+def export_params(params: Mapping[str, Any], cfg, dst: str, *,
+                  formats=("orbax", "safetensors"), dtype: str = "float32",
+                  overwrite: bool = False, info: Mapping[str, Any] | None = None) -> dict:
+  """Writes ``params`` of ``LightningDiT(cfg)`` in the requested formats into ``dst``.
+
+  ``info`` (source, step, weights, ...) goes into ``meta.json`` and ``export.json``.
+  Returns the manifest (also written to ``dst/export.json``).
+  """
+  formats = parse_formats(formats)
+  ExportOptions(dtype=dtype, formats=formats)       # validates both
+  dst = os.path.abspath(dst)
+  _prepare_dst(dst, overwrite)
+  cast = cast_tree(params, dtype)
+  meta = {**config_to_meta(cfg), **dict(info or {}), "stored_dtype": dtype}
+  files = []
+  if "orbax" in formats:
+    save_params(dst, cast, meta, force=True)
+    files += ["params", "meta.json"]
+  if "safetensors" in formats or "npz" in formats:
+    sd = to_reference_state_dict(cast, cfg)
+    sd = {k: v.astype(np_dtype(dtype)) for k, v in sd.items()}   # buffers too
+    if "safetensors" in formats:
+      name = f"{REFERENCE_NAME}.safetensors"
+      save_file(sd, os.path.join(dst, name),
+                metadata={"format": "pt", "sfd_jax": json.dumps(meta, default=str)})
+      files.append(name)
+    if "npz" in formats:
+      name = f"{REFERENCE_NAME}.npz"
+      if dtype == "bfloat16":
+        logging.info("npz has no bfloat16: storing the bf16-rounded values as float32")
+        sd = {k: v.astype(np.float32) for k, v in sd.items()}
+      np.savez(os.path.join(dst, name), **sd)
+      files.append(name)
+  manifest = {**meta, "files": files, "formats": list(formats)}
+  with open(os.path.join(dst, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+  return manifest
+
+
+# ----------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+  """``python -m sfd_jax.convert.export``: a converted (Orbax) checkpoint -> other formats."""
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--src", required=True,
+                  help="converted checkpoint dir (params/ + meta.json), e.g. from "
+                       "sfd_jax.convert.lightning_dit or an earlier export")
+  ap.add_argument("--dst", required=True, help="output directory")
+  ap.add_argument("--formats", default="safetensors",
+                  help=f"comma-separated subset of {FORMATS} (default: safetensors)")
+  ap.add_argument("--dtype", default="float32", choices=DTYPES)
+  ap.add_argument("--overwrite", action="store_true", help="replace an earlier export in --dst")
+  args = ap.parse_args(argv)
+  params, meta = load_params(args.src, "lightning_dit")
+  cfg = DiTConfig(**meta["config"])
+  manifest = export_params(params, cfg, args.dst, formats=args.formats, dtype=args.dtype,
+                           overwrite=args.overwrite, info={"source": os.path.abspath(args.src)})
+  print(f"exported {args.src} -> {args.dst}: {', '.join(manifest['files'])}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

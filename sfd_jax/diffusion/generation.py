@@ -1,0 +1,284 @@
+"""Class-conditional generation: typed sampling options, the latent decoder, one batch
+inside jit, and a resumable run that writes numbered images (the sampling job, the
+evaluation job, the demo and the in-training evaluation all use it).
+
+Determinism: the label of global sample index ``i`` is ``i·num_classes // N`` (balanced,
+``i // 50`` for 50k images as the reference) and its noise is drawn from
+``fold_in(key(seed), i)``. Batches are fixed ranges of indices of ``batch_size``
+(global), so any number of devices or processes produces the same images (dopri5's
+shared step sizes included). Finished batches are skipped on restart.
+
+Outputs of ``sample_to_directory``: ``{index:06d}.png`` (or ``{index:06d}.npy`` latents),
+and at the end ``samples_<N>.npz`` with ``arr_0`` uint8 [N, H, W, 3] shuffled with Python
+``random.seed(42)`` as the reference's evaluation script does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sfd_jax import checkpoint, parallel
+from sfd_jax.core import images as images_lib
+from sfd_jax.diffusion import guidance, samplers
+from sfd_jax.parallel.multihost import gather, process_barrier
+
+
+class SamplingError(ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  """How to integrate: guidance (none | cfg | autoguidance) and its scale, the solver
+  (euler | heun | dopri5 | sde) with its steps / tolerances / timestep shift, the seed."""
+  guidance: str = "none"
+  scale: float = 1.0
+  method: str = "euler"
+  num_steps: int = 250
+  atol: float = 1e-6
+  rtol: float = 1e-3
+  timestep_shift: float = 0.0
+  seed: int = 0
+
+  @classmethod
+  def from_config(cls, section) -> "SamplingOptions":
+    """The option fields of a config section (``config.sample``, ``config.train_eval``);
+    fields the section lacks keep the defaults."""
+    given = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    kw = {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}
+    return cls(guidance=str(kw.get("guidance", cls.guidance)),
+               scale=float(kw.get("scale", cls.scale)),
+               method=str(kw.get("method", cls.method)),
+               num_steps=int(kw.get("num_steps", cls.num_steps)),
+               atol=float(kw.get("atol", cls.atol)), rtol=float(kw.get("rtol", cls.rtol)),
+               timestep_shift=float(kw.get("timestep_shift", cls.timestep_shift)),
+               seed=int(kw.get("seed", cls.seed)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LatentDecoder:
+  """The texture VAE and the statistics that undo the latent normalisation:
+  texture latent = normalised · std / multiplier + mean."""
+  vae: Any                     # a TextureVAE (or anything with ``decode``)
+  mean: jax.Array
+  std: jax.Array
+  multiplier: float = 1.0
+
+  def decode(self, texture: jax.Array) -> jax.Array:
+    """Normalised texture latents [N, h, w, C] → uint8 images [N, H, W, 3]."""
+    return to_uint8(self.vae.decode(texture * self.std / self.multiplier + self.mean))
+
+  def split(self):
+    """(static part, arrays) for passing through ``jax.jit``; see ``merge``."""
+    graphdef, state = nnx.split(self.vae)
+    return (graphdef, self.multiplier), (state, self.mean, self.std)
+
+  @classmethod
+  def merge(cls, static, arrays) -> "LatentDecoder":
+    (graphdef, multiplier), (state, mean, std) = static, arrays
+    return cls(nnx.merge(graphdef, state), mean, std, multiplier)
+
+
+def balanced_labels(indices: np.ndarray, num_images: int, num_classes: int) -> np.ndarray:
+  """Class of global index i: i·K // N (== i // (N/K) when K divides N)."""
+  return (np.asarray(indices, np.int64) * num_classes // num_images).astype(np.int32)
+
+
+def noise_for(indices: jax.Array, seed: int, shape: tuple[int, ...]) -> jax.Array:
+  base = jax.random.key(seed)
+  size = int(np.prod(shape))
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), (size,))
+                  .reshape(shape))(indices)
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+  """[-1, 1] → uint8 as the reference: clamp(127.5·x + 128, 0, 255) then truncate."""
+  return jnp.clip(127.5 * images.astype(jnp.float32) + 128.0, 0, 255).astype(jnp.uint8)
+
+
+def load_decoder(config) -> LatentDecoder | None:
+  """The ``LatentDecoder`` of ``config.sample.texture_vae`` with the latent statistics
+  (``config.sample.stats``, else ``config.data.stats`` / ``config.data.path``); None when
+  the field is empty (then latents are written instead of images)."""
+  if not config.sample.get("texture_vae", ""):
+    return None
+  # pylint: disable=import-outside-toplevel
+  from sfd_jax.convert.texture_vae import load_converted_texture_vae
+  from sfd_jax.data import stats as stats_lib
+  vae = load_converted_texture_vae(config.sample.texture_vae)
+  path = config.sample.get("stats", "") or config.data.get("stats", "") or config.data.path
+  if not path:
+    raise SamplingError("decoding needs latent statistics: set config.sample.stats or "
+                        "config.data.path")
+  stats = stats_lib.load_stats(path)
+  return LatentDecoder(vae, jnp.asarray(stats.texture_mean, jnp.float32),
+                       jnp.asarray(stats.texture_std, jnp.float32),
+                       float(config.data.get("latent_multiplier", 1.0)))
+
+
+def generate(model, guide, decoder: LatentDecoder | None, indices: jax.Array,
+             labels: jax.Array, key: jax.Array, opts: SamplingOptions):
+  """Samples one batch (call inside jit); returns (uint8 images or latents, NFE).
+
+  Noise of row ``r`` comes from global index ``indices[r]``. With a ``decoder`` the
+  texture channels are decoded to uint8 [N, H, W, 3]; without one the normalised latents
+  are returned.
+  """
+  cfg = model.cfg
+  fn = guidance.make_guided_velocity(model, guide, mode=opts.guidance, scale=opts.scale)
+  z = noise_for(indices, opts.seed, (cfg.input_size, cfg.input_size, cfg.in_channels))
+  out = samplers.sample(fn, z, labels, method=opts.method, num_steps=opts.num_steps,
+                        delta_t=cfg.delta_t, semantic_chans=cfg.semantic_chans,
+                        atol=opts.atol, rtol=opts.rtol, shift=opts.timestep_shift, key=key)
+  if decoder is None:
+    return out.x, out.nfe
+  return decoder.decode(out.x[..., :cfg.in_channels - cfg.semantic_chans]), out.nfe
+
+
+def check_guide(main, guide) -> None:
+  """The guide must share the main model's latent layout and clocks."""
+  for name in ("in_channels", "semantic_chans", "input_size", "patch_size", "delta_t",
+               "num_classes"):
+    a, b = getattr(main, name), getattr(guide, name)
+    if a != b:
+      raise SamplingError(f"guide model has {name}={b} but the main model has {name}={a}: "
+                          "the guide must use the same latent layout and clocks")
+
+
+# ---------------------------------------------------------------- a run to files
+
+
+def _done(out_dir: str, indices, ext: str) -> bool:
+  return all(os.path.exists(os.path.join(out_dir, f"{i:06d}.{ext}")) for i in indices)
+
+
+def _write(out_dir: str, rows: np.ndarray, start: int, ext: str) -> None:
+  """Process 0 writes rows as {index:06d}.{png,npy}, each atomically (tmp + rename)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  if jax.process_index() != 0:
+    return
+  for j, row in enumerate(rows):
+    path = os.path.join(out_dir, f"{start + j:06d}.{ext}")
+    with open(path + ".tmp", "wb") as f:
+      if ext == "png":
+        Image.fromarray(row).save(f, format="PNG")
+      else:
+        np.save(f, row)
+    os.replace(path + ".tmp", path)
+
+
+def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: SamplingOptions,
+                        out_dir: str, *, num_images: int, batch_size: int,
+                        devices=None) -> dict[str, Any]:
+  """Samples ``num_images`` (class-balanced) into ``out_dir``; resumes; packs the npz.
+
+  ``batch_size`` is global; the batch is split over ``devices`` (default: all).
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  cfg = model.cfg
+  mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
+  n, bs = int(num_images), int(batch_size)
+  if bs % mesh.size:
+    raise SamplingError(f"config.sample.batch_size={bs} is not divisible by the "
+                        f"{mesh.size} devices")
+  batch_sh = NamedSharding(mesh, P("data"))
+  rep = NamedSharding(mesh, P())
+
+  g_model, p_model = nnx.split(model)
+  p_model = jax.device_put(p_model, rep)
+  g_guide, p_guide = nnx.split(guide) if guide is not None else (None, None)
+  p_guide = jax.device_put(p_guide, rep) if guide is not None else None
+  s_dec, p_dec = decoder.split() if decoder is not None else (None, None)
+  p_dec = jax.device_put(p_dec, rep) if decoder is not None else None
+
+  def generate_batch(pm, pg, pd, indices, labels, key):
+    gd = nnx.merge(g_guide, pg) if pg is not None else None
+    dec = LatentDecoder.merge(s_dec, pd) if pd is not None else None
+    return generate(nnx.merge(g_model, pm), gd, dec, indices, labels, key, opts)
+
+  gen = jax.jit(generate_batch, out_shardings=(batch_sh, rep))
+  ext = "png" if decoder is not None else "npy"
+  t0, done_images, total_nfe = time.time(), 0, 0
+  num_batches = -(-n // bs)
+  for b in range(num_batches):
+    start = b * bs
+    idx = np.arange(start, start + bs)
+    real = idx[idx < n]
+    if _done(out_dir, real, ext):
+      continue
+    labels = balanced_labels(np.minimum(idx, n - 1), n, cfg.num_classes)
+    ind = jax.device_put(jnp.asarray(idx, jnp.int32), batch_sh)
+    lab = jax.device_put(jnp.asarray(labels), batch_sh)
+    key = jax.random.fold_in(jax.random.key(opts.seed + 1), b)
+    imgs, nfe = gen(p_model, p_guide, p_dec, ind, lab, key)
+    _write(out_dir, gather(imgs)[:len(real)], start, ext)
+    done_images += len(real)
+    total_nfe += int(nfe)
+    rate = done_images / max(time.time() - t0, 1e-9)
+    logging.info("sampled batch %d/%d (%d images, NFE %d, %.2f images/s)", b + 1,
+                 num_batches, len(real), int(nfe), rate)
+  process_barrier("sampling_done")
+  result = {"num_images": n, "out_dir": out_dir, "images_per_sec_this_run":
+            done_images / max(time.time() - t0, 1e-9), "format": ext}
+  if jax.process_index() == 0 and ext == "png":
+    result["npz"] = pack_npz(out_dir, n)
+  return result
+
+
+def pack_npz(out_dir: str, n: int) -> str:
+  """Packs the N PNGs into ``samples_<N>.npz`` (``arr_0``), shuffled as the reference."""
+  files = images_lib.numbered_pngs(out_dir, n)
+  missing = [f for f in files if not os.path.exists(f)]
+  if missing:
+    raise SamplingError(f"{len(missing)} sample images missing, e.g. {missing[0]}")
+  random.seed(42)
+  random.shuffle(files)
+  arr = images_lib.load_pngs(files)
+  path = os.path.join(out_dir, f"samples_{n}.npz")
+  np.savez(path + ".tmp.npz", arr_0=arr)
+  os.replace(path + ".tmp.npz", path)
+  logging.info("wrote %s %s", path, arr.shape)
+  return path
+
+
+# ---------------------------------------------------------------- from a config
+
+
+def prepare(config):
+  """(model, guide or None, decoder or None, options) named by ``config.sample``."""
+  s = config.sample
+  opts = SamplingOptions.from_config(s)
+  try:
+    model = checkpoint.load_dit(s.checkpoint, "config.sample.checkpoint")
+    guide = None
+    if opts.guidance == "autoguidance" and opts.scale > 1:
+      guide = checkpoint.load_dit(s.guide_checkpoint, "config.sample.guide_checkpoint")
+      check_guide(model.cfg, guide.cfg)
+  except checkpoint.CheckpointError as e:
+    raise SamplingError(str(e)) from e
+  return model, guide, load_decoder(config), opts
+
+
+def sample_from_config(config, workdir: str, devices=None) -> dict[str, Any]:
+  """``config.sample`` end to end: load, sample into ``<workdir>/samples`` (resumable),
+  write ``<workdir>/sample_info.json``."""
+  model, guide, decoder, opts = prepare(config)
+  result = sample_to_directory(
+      model, guide, decoder, opts, os.path.join(workdir, "samples"),
+      num_images=int(config.sample.num_images), batch_size=int(config.sample.batch_size),
+      devices=devices)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "sample_info.json"), "w") as f:
+      json.dump({**result, "config": config.sample.to_dict()}, f, indent=2, default=str)
+  return result

@@ -1,0 +1,77 @@
+"""The evaluation job: ``python main.py --config=... --mode=eval --workdir=DIR``.
+
+Samples ``config.sample.num_images`` images with the sampling job (sharded; resumes),
+extracts Inception features (batch split over the local devices), computes FID, sFID,
+Inception Score, precision and recall against an ADM reference batch
+(``config.eval.reference_npz``, e.g. ``VIRTUAL_imagenet256_labeled.npz``), and writes
+``<workdir>/eval/metrics.json``, TensorBoard scalars and a sample grid PNG.
+
+``config.eval``: ``inception`` (converted FID Inception directory: ``python -m
+sfd_jax.convert.inception``), ``reference_npz``, ``preprocess`` ("adm" to mirror the ADM
+evaluator's TF graph resize, "pytorch_fid" for pytorch-fid), ``batch_size``,
+``grid_images``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sfd_jax.core import images as images_lib
+from sfd_jax.core import writers as writers_lib
+from sfd_jax.diffusion import generation
+
+
+class EvalError(ValueError):
+  pass
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  e = config.eval
+  if not e.inception:
+    raise EvalError("config.eval.inception is empty: convert the FID Inception weights once "
+                    "(python -m sfd_jax.convert.inception --src pt_inception-2015-12-05-"
+                    "6726825d.pth --dst DIR) and point the field at DIR")
+  if not e.reference_npz or not os.path.exists(e.reference_npz):
+    raise EvalError(f"config.eval.reference_npz={e.reference_npz!r} does not exist (the ADM "
+                    "reference batch, e.g. VIRTUAL_imagenet256_labeled.npz)")
+  if not config.sample.get("texture_vae", ""):
+    raise EvalError("evaluation needs decoded images: set config.sample.texture_vae")
+  result = generation.sample_from_config(config, workdir)
+  eval_dir = os.path.join(workdir, "eval")
+  os.makedirs(eval_dir, exist_ok=True)
+  if jax.process_index() != 0:
+    return {}
+  from sfd_jax.convert.inception import load_inception  # pylint: disable=import-outside-toplevel
+  from sfd_jax.metrics import adm  # pylint: disable=import-outside-toplevel
+  inception = load_inception(e.inception, preprocess=e.preprocess)
+  n_local = jax.local_device_count()
+  bs = int(e.batch_size) // n_local * n_local or n_local
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
+  extractor = adm.FeatureExtractor.from_model(inception, batch_size=bs,
+                                              in_sharding=NamedSharding(mesh, P("data")))
+  metrics = adm.compute_metrics(result["npz"], e.reference_npz, extractor)
+  metrics = {k: float(v) for k, v in metrics.items()}
+  info = {"metrics": metrics, "num_images": int(config.sample.num_images),
+          "samples_npz": result["npz"], "reference_npz": e.reference_npz,
+          "sample": config.sample.to_dict(), "preprocess": e.preprocess}
+  with open(os.path.join(eval_dir, "metrics.json"), "w") as f:
+    json.dump(info, f, indent=2, default=str)
+  files = [f for f in images_lib.numbered_pngs(result["out_dir"], int(e.grid_images))
+           if os.path.exists(f)]
+  writer = writers_lib.create_writer(eval_dir)
+  step = int(e.get("step", 0))
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items() if np.isfinite(v)})
+  if files:
+    grid = images_lib.image_grid(images_lib.load_pngs(files))
+    images_lib.save_png(grid, os.path.join(eval_dir, "grid.png"))
+    writer.write_images(step, {"eval/samples": grid[None]})
+  writer.flush()
+  logging.info("eval: %s", json.dumps(metrics))
+  return info

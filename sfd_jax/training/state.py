@@ -1,0 +1,178 @@
+"""The one sharded train-state builder of every trainer (SFD DiT, Semantic VAE, texture VAE).
+
+A train state is a plain pytree::
+
+  {"step": int32[], "nonfinite": int32[],
+   "<part>": params, "<part's opt>": optax state, ["<part's ema>": params], ...}
+
+with one *trainable part* per optimizer (one for the DiT and the VAEs; a GAN adds a
+discriminator part with its own optimizer). For the DiT the keys are ``params``,
+``opt_state`` and ``ema``; for the VAEs ``params`` and ``opt_state`` — the layout of
+every checkpoint written so far.
+
+Built in one way for all: abstract shapes (``nnx.eval_shape``) → logical axis names →
+shardings from the rule table → ``jax.jit(init, out_shardings=...)``, so no device ever
+holds a whole model. Optimizer moments follow the parameter they track
+(``optax.tree_map_params``); every other optimizer leaf is replicated.
+``nonfinite`` counts steps whose loss or gradient norm was NaN/Inf (the loop checks it
+before every save).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from sfd_jax import parallel
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """One trainable network of a run: how to build it, its optimizer, its state keys."""
+  build: Callable[[], nnx.Module]         # builds the module (random init, seeded)
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule | None = None
+  params_key: str = "params"
+  opt_key: str = "opt_state"
+  ema_key: str | None = None               # e.g. "ema": an EMA copy of the params
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PartSetup:
+  """The static structure of one part (module graph, abstract params, specs)."""
+  part: Part
+  graphdef: Any
+  abstract_params: Any       # nnx.State of ShapeDtypeStructs (with logical metadata)
+
+  def model(self, params) -> nnx.Module:
+    """Merges pure-dict params into a module (inside or outside jit)."""
+    state = jax.tree.map(lambda x: x, self.abstract_params)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state)
+
+
+@dataclasses.dataclass(eq=False)
+class TrainSetup:
+  """Everything static about a training run (built once, shared by init and step).
+
+  The first part is the main one: ``model``, ``tx``, ``schedule``, ``graphdef`` and
+  ``abstract_params`` refer to it. ``model_cfg`` / ``obj_cfg`` / ``ema_decay`` are the
+  trainer's own settings, kept here so that hooks (periodic evaluation) can read them.
+  """
+  mesh: Mesh
+  rules: Any
+  parts: tuple[PartSetup, ...]
+  state_shardings: Any
+  abstract_state: Any        # ShapeDtypeStructs with shardings (restore target)
+  sharding_notes: list[str]
+  seed: int
+  model_cfg: Any = None
+  obj_cfg: Any = None
+  ema_decay: float | None = None
+  compiler_options: Mapping[str, Any] | None = None
+
+  @property
+  def main(self) -> PartSetup:
+    return self.parts[0]
+
+  @property
+  def tx(self) -> optax.GradientTransformation:
+    return self.main.part.tx
+
+  @property
+  def schedule(self) -> optax.Schedule | None:
+    return self.main.part.schedule
+
+  @property
+  def graphdef(self):
+    return self.main.graphdef
+
+  @property
+  def abstract_params(self):
+    return self.main.abstract_params
+
+  def model(self, params) -> nnx.Module:
+    return self.main.model(params)
+
+  def jit(self, fn, **kw):
+    """``jax.jit`` with the run's XLA compiler options."""
+    return jax.jit(fn, compiler_options=dict(self.compiler_options or {}) or None, **kw)
+
+
+def _spec_leaf(x) -> bool:
+  return isinstance(x, P)
+
+
+def build_setup(parts: Sequence[Part], mesh: Mesh, *, rules=parallel.DEFAULT_RULES,
+                seed: int = 0, strict_sharding: bool = False, model_cfg=None, obj_cfg=None,
+                ema_decay: float | None = None,
+                compiler_options: Mapping[str, Any] | None = None) -> TrainSetup:
+  """Abstract state, logical specs and shardings of ``parts`` on ``mesh``."""
+  abstract: dict[str, Any] = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+                              "nonfinite": jax.ShapeDtypeStruct((), jnp.int32)}
+  logical: dict[str, Any] = {"step": P(), "nonfinite": P()}
+  setups = []
+  for part in parts:
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(part.build), nnx.Param)
+    shapes = nnx.to_pure_dict(abstract_params)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    opt_shape = jax.eval_shape(part.tx.init, shapes)
+    opt_specs = optax.tree_map_params(part.tx, lambda _, spec: spec, opt_shape, specs,
+                                      transform_non_params=lambda _: P(), is_leaf=_spec_leaf)
+    abstract[part.params_key], logical[part.params_key] = shapes, specs
+    abstract[part.opt_key], logical[part.opt_key] = opt_shape, opt_specs
+    if part.ema_key:
+      abstract[part.ema_key], logical[part.ema_key] = shapes, specs
+    setups.append(PartSetup(part, graphdef, abstract_params))
+  notes: list[str] = []
+  shardings = parallel.tree_shardings(abstract, logical, [tuple(r) for r in rules], mesh,
+                                      strict=strict_sharding, notes=notes)
+  abstract_sharded = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return TrainSetup(mesh, rules, tuple(setups), shardings, abstract_sharded, notes, seed,
+                    model_cfg=model_cfg, obj_cfg=obj_cfg, ema_decay=ema_decay,
+                    compiler_options=compiler_options)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(setup: TrainSetup, given: bool):
+  parts = setup.parts
+
+  def init(given_params):
+    state = {"step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32)}
+    for i, ps in enumerate(parts):
+      p = ps.part
+      if i == 0 and given_params is not None:
+        params = jax.tree.map(lambda a, s: jnp.asarray(a, s.dtype), given_params,
+                              setup.abstract_state[p.params_key])
+      else:
+        params = nnx.to_pure_dict(nnx.state(p.build(), nnx.Param))
+      state[p.params_key] = params
+      state[p.opt_key] = p.tx.init(params)
+      if p.ema_key:
+        state[p.ema_key] = jax.tree.map(jnp.copy, params)   # EMA starts as a copy
+    return state
+
+  sh = setup.state_shardings
+  if given:
+    return setup.jit(init, in_shardings=(sh[parts[0].part.params_key],), out_shardings=sh)
+  return setup.jit(lambda: init(None), out_shardings=sh)
+
+
+def create_train_state(setup: TrainSetup, init_params: Any | None = None):
+  """Initialises the state sharded over the mesh.
+
+  ``init_params`` (a pure dict, e.g. from a converted checkpoint) replaces the random
+  initialisation of the main part; an EMA starts as a copy of the initial parameters.
+  """
+  with jax.set_mesh(setup.mesh):
+    if init_params is None:
+      return _jitted_init(setup, False)()
+    sh = setup.state_shardings[setup.main.part.params_key]
+    return _jitted_init(setup, True)(jax.device_put(init_params, sh))
