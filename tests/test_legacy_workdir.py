@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 
 import sfd_jax  # noqa: F401
 from tests.conftest import CACHE_DIR, REPO
-from tests.util import assert_close_ref
+from tests.util import assert_close_ref, flat_dict
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "legacy_v1"
 PROVENANCE = json.loads((FIXTURE / "provenance.json").read_text())
@@ -108,19 +108,9 @@ def _copy_writable(src, dst):
     p.chmod(p.stat().st_mode | 0o200)
 
 
-def _flat_config(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat_config(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def _config_drift(old, new):
   """Numeric-relevant config fields that differ between the fixture and today's run."""
-  old, new = _flat_config(old), _flat_config(new)
+  old, new = flat_dict(old), flat_dict(new)
   skip = {"data.path", "num_train_steps"}
   rows = []
   for k in sorted(old):

@@ -9,6 +9,7 @@ import pytest
 
 from configs import sweeps as named
 from sfd_jax import sweep
+from tests.util import flat_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XL = "configs/sfd_xl.py"
@@ -17,16 +18,6 @@ XL = "configs/sfd_xl.py"
 @pytest.fixture(scope="module")
 def xl():
   return sweep.load_config(os.path.join(REPO, XL))
-
-
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def test_delta_t_ablation_runs(xl):
@@ -50,10 +41,10 @@ def test_every_named_sweep_expands_against_every_model_config():
 
 
 def test_overrides_reach_the_config_and_nothing_else(xl):
-  base = _flat(xl.to_dict())
+  base = flat_dict(xl.to_dict())
   for run in sweep.make_runs(xl, "delta_t_x_size"):
     cfg = sweep.apply_overrides(xl, run.all_overrides)
-    got = _flat(cfg.to_dict())
+    got = flat_dict(cfg.to_dict())
     changed = {k for k in base if got[k] != base[k]}
     assert changed <= {"model.variant", "objective.delta_t", "num_train_steps"}
     assert cfg.model.variant == dict(run.overrides)["model.variant"]

@@ -2,6 +2,17 @@
 import numpy as np
 
 
+def flat_dict(d, prefix=""):
+  """{"a": {"b": 1}} -> {"a.b": 1}."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flat_dict(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def assert_close_ref(actual, ref, tol=1e-4, name=""):
   """max|a - ref| <= tol * max(1, max|ref|): the parity README's criterion."""
   actual = np.asarray(actual, np.float64)
