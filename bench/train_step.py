@@ -28,6 +28,8 @@ import time
 from bench import common
 from bench.flops import forward_flops
 
+EMA_DECAY = 0.9999   # the recipe's (configs/common.py base_config)
+
 REMATS = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 ATTENTION = ("auto", "xla", "cudnn")
 
@@ -75,29 +77,28 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def build_setup(spec: RunSpec, *, dtype: str, scan: bool, mesh_shape: dict[str, int],
                 seed: int = 0, devices=None):
-  """The reference SFD recipe (configs/common.py) for ``spec`` on a mesh: TrainSetup."""
+  """The reference SFD recipe for ``spec`` on a mesh: TrainSetup.
+
+  The recipe comes from the dataclass defaults (``DiTConfig``, ``ObjectiveConfig``) and
+  ``optim.DEFAULT_ADAMW`` — equal to ``configs/common.py``'s (tests/test_bench_flops.py
+  checks it) — so the benchmark needs neither ml_collections nor TensorFlow.
+  """
   import sfd_jax  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   from sfd_jax import parallel  # pylint: disable=import-outside-toplevel
   from sfd_jax.training import optim  # pylint: disable=import-outside-toplevel
   from sfd_jax.training import sfd as ts  # pylint: disable=import-outside-toplevel
   from sfd_jax.diffusion.objective import ObjectiveConfig  # pylint: disable=import-outside-toplevel
   from sfd_jax.models.lightning_dit import DiTConfig  # pylint: disable=import-outside-toplevel
-  from configs import common as config_common  # pylint: disable=import-outside-toplevel
 
-  config = config_common.base_config(spec.variant)
   model_cfg = DiTConfig.variant(
       spec.variant, dtype=dtype, scan_blocks=scan, remat_policy=spec.remat,
-      attention_impl=None if spec.attention == "auto" else spec.attention,
-      delta_t=config.objective.delta_t, repa_depth=config.model.repa_depth,
-      repa_dim=config.model.repa_dim, class_dropout_prob=config.model.class_dropout_prob)
-  obj = {k: v for k, v in config.objective.to_dict().items()
-         if k in {f.name for f in dataclasses.fields(ObjectiveConfig)}}
-  obj_cfg = ObjectiveConfig(semantic_chans=model_cfg.semantic_chans, **obj)
-  tx, schedule = optim.make_optimizer(config.optimizer)
+      attention_impl=None if spec.attention == "auto" else spec.attention)
+  obj_cfg = ObjectiveConfig(semantic_chans=model_cfg.semantic_chans,
+                            delta_t=model_cfg.delta_t)
+  tx, schedule = optim.make_optimizer(optim.DEFAULT_ADAMW)
   mesh = parallel.make_mesh(mesh_shape, devices)
-  return ts.build_setup(model_cfg, obj_cfg, mesh, tx, schedule,
-                        rules=[tuple(r) for r in (config.get("sharding_rules") or parallel.DEFAULT_RULES)],
-                        ema_decay=config.ema_decay, seed=seed)
+  return ts.build_setup(model_cfg, obj_cfg, mesh, tx, schedule, rules=parallel.DEFAULT_RULES,
+                        ema_decay=EMA_DECAY, seed=seed)
 
 
 def abstract_batch(setup, global_batch: int):

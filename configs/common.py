@@ -62,6 +62,10 @@ def loop_fields(c: ml_collections.ConfigDict, *, batch_size: int, num_train_step
     c.profile_steps = profile_steps  # steps traced by the profiler hook (0 = off)
   c.init_from = ""                # converted weights folder (sfd_jax.convert.*) to start from
   c.debug_preempt_at_step = -1    # testing: send ourselves SIGTERM after this step
+  c.writer = "auto"               # auto (clu if TensorFlow is installed, else tensorboardX)
+                                  # | clu | tensorboardx | log
+  c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="sfd_jax", entity="",
+                                           name="", mode="online"))  # Weights & Biases
   return c
 
 

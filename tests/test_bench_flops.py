@@ -77,3 +77,23 @@ def test_device_peaks():
   assert common.device_peak_tflops("TPU v5p") == 459
   assert common.device_peak_tflops("TPU v6 lite") == 918
   assert common.device_peak_tflops(jax.devices("cpu")[0].device_kind) is None
+
+
+def test_benchmark_recipe_is_the_configs():
+  """bench.train_step builds the SFD recipe without ml_collections: from the dataclass
+  defaults and optim.DEFAULT_ADAMW, which must equal configs/common.py's recipe."""
+  import dataclasses as dc  # pylint: disable=import-outside-toplevel
+  from bench import train_step as bench_step  # pylint: disable=import-outside-toplevel
+  from configs import common as config_common  # pylint: disable=import-outside-toplevel
+  from sfd_jax.diffusion.objective import ObjectiveConfig  # pylint: disable=import-outside-toplevel
+  from sfd_jax.training import optim  # pylint: disable=import-outside-toplevel
+  c = config_common.base_config("XL")
+  assert c.optimizer.to_dict() == optim.DEFAULT_ADAMW
+  assert c.ema_decay == bench_step.EMA_DECAY
+  assert ObjectiveConfig.from_config(c) == ObjectiveConfig()
+  ours = DiTConfig.variant("XL")
+  theirs = DiTConfig.from_config(c)
+  compute = {"dtype", "scan_blocks", "remat_policy", "attention_impl", "param_dtype"}
+  for f in dc.fields(DiTConfig):
+    if f.name not in compute:
+      assert getattr(ours, f.name) == getattr(theirs, f.name), f.name

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sfd_jax import checkpoint, parallel
 from sfd_jax.core import images as images_lib
+from sfd_jax.core import progress
 from sfd_jax.diffusion import guidance, samplers
 from sfd_jax.parallel.multihost import gather, process_barrier
 
@@ -211,11 +212,14 @@ def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: Sampl
   ext = "png" if decoder is not None else "npy"
   t0, done_images, total_nfe = time.time(), 0, 0
   num_batches = -(-n // bs)
+  bar = progress.track(n, f"sampling {os.path.basename(out_dir.rstrip('/')) or out_dir}",
+                       "images", enabled=jax.process_index() == 0)
   for b in range(num_batches):
     start = b * bs
     idx = np.arange(start, start + bs)
     real = idx[idx < n]
     if _done(out_dir, real, ext):
+      bar.update(len(real))
       continue
     labels = balanced_labels(np.minimum(idx, n - 1), n, cfg.num_classes)
     ind = jax.device_put(jnp.asarray(idx, jnp.int32), batch_sh)
@@ -225,9 +229,13 @@ def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: Sampl
     _write(out_dir, gather(imgs)[:len(real)], start, ext)
     done_images += len(real)
     total_nfe += int(nfe)
-    rate = done_images / max(time.time() - t0, 1e-9)
-    logging.info("sampled batch %d/%d (%d images, NFE %d, %.2f images/s)", b + 1,
-                 num_batches, len(real), int(nfe), rate)
+    bar.update(len(real))
+    logging.debug("sampled batch %d/%d (%d images, NFE %d)", b + 1, num_batches, len(real),
+                  int(nfe))
+  bar.close()
+  if done_images:
+    logging.info("sampled %d images in this run (NFE %d per batch on average)", done_images,
+                 round(total_nfe / max(1, -(-done_images // bs))))
   process_barrier("sampling_done")
   result = {"num_images": n, "out_dir": out_dir, "images_per_sec_this_run":
             done_images / max(time.time() - t0, 1e-9), "format": ext}

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from sfd_jax.core import progress
 from sfd_jax.metrics import fid as fidlib
 
 STATS_SUFFIX = ".sfd_stats.npz"
@@ -221,14 +222,12 @@ def compute_activations(path: str | os.PathLike, extractor: FeatureExtractor,
   path = os.fspath(path)
   shape = _check_images(path, key)
   parts: dict[str, list[np.ndarray]] = {}
-  done, reported = 0, 0
-  for batch in iter_npz_batches(path, key, extractor.batch_size):
-    for name, val in extractor(batch).items():
-      parts.setdefault(name, []).append(val)
-    done += batch.shape[0]
-    if 10 * done >= (reported + 1) * shape[0]:  # about every 10 %
-      reported = 10 * done // shape[0]
-      log.info("%s: features of %d / %d images", os.path.basename(path), done, shape[0])
+  with progress.track(int(shape[0]), f"{os.path.basename(path)}: features",
+                      "images") as bar:
+    for batch in iter_npz_batches(path, key, extractor.batch_size):
+      for name, val in extractor(batch).items():
+        parts.setdefault(name, []).append(val)
+      bar.update(batch.shape[0])
   return {name: np.concatenate(vals, axis=0) for name, vals in parts.items()}
 
 

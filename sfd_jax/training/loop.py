@@ -28,6 +28,8 @@ from jax.sharding import PartitionSpec as P
 from sfd_jax import parallel
 from sfd_jax.checkpoint import Checkpointer, PreemptionGuard
 from sfd_jax.core import paths
+from sfd_jax.core import progress as progress_lib
+from sfd_jax.core import writers as writers_lib
 from sfd_jax.data import global_batch
 from sfd_jax.training.state import TrainSetup, create_train_state
 
@@ -82,12 +84,13 @@ class TrainTask:
   rate_name: str = "images_per_sec"
 
 
-def default_writer(workdir: str, is_main: bool, total: int, every: int):
-  """clu metric writer and progress hook (imported here: clu pulls in TensorFlow)."""
-  from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  return writer, [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                                  every_steps=every)]
+def default_writer(config, workdir: str, is_main: bool):
+  """The run's metric writer: ``config.writer`` ("auto": clu's TensorBoard writer when
+  TensorFlow is installed, else tensorboardX; "clu" | "tensorboardx" | "log"), plus
+  Weights & Biases when ``config.wandb.enabled``."""
+  return writers_lib.create_writer(workdir, is_main=is_main,
+                                   kind=str(config.get("writer", "auto") or "auto"),
+                                   wandb=config.get("wandb"))
 
 
 def resume_or_init(task: TrainTask, ckpt: Checkpointer, data_it) -> tuple[Any, int]:
@@ -102,8 +105,8 @@ def resume_or_init(task: TrainTask, ckpt: Checkpointer, data_it) -> tuple[Any, i
 def train(task: TrainTask, config, workdir: str, *, writer=None) -> dict[str, Any]:
   """Runs (or resumes) ``task`` in ``workdir``; returns ``{"step", "metrics", "state"}``.
 
-  ``writer``: a clu-style metric writer (``write_scalars``, ``write_images``,
-  ``write_hparams``, ``flush``); default: TensorBoard + log lines and a progress hook.
+  ``writer``: a metric writer (``write_scalars``, ``write_images``, ``write_hparams``,
+  ``flush``); default: ``default_writer`` plus a progress hook (steps/s, images/s, ETA).
   """
   paths.makedirs(workdir)
   mesh = task.setup.mesh
@@ -124,16 +127,17 @@ def train(task: TrainTask, config, workdir: str, *, writer=None) -> dict[str, An
     logging.info("parameter sharding (arrays >= 64k elements):\n%s",
                  parallel.format_sharding_table(rows))
 
-  progress = []
-  if writer is None:
-    writer, progress = default_writer(workdir, is_main, total, every)
+  progress: list[Callable[[int], Any]] = []
+  own_writer = writer is None
+  if own_writer:
+    writer = default_writer(config, workdir, is_main)
+    progress.append(progress_lib.Progress(total, writer, every_steps=every,
+                                          batch_size=batch_size, start_step=start))
   if start == 0:
     writer.write_hparams(hparams(config))
   if is_main and config.get("profile_steps", 0):
-    from clu import periodic_actions  # pylint: disable=import-outside-toplevel
-    progress.append(periodic_actions.Profile(logdir=workdir,
-                                             num_profile_steps=config.profile_steps,
-                                             first_profile=min(start + 10, total)))
+    progress.append(progress_lib.Profile(workdir, num_profile_steps=config.profile_steps,
+                                         first_profile=min(start + 10, total)))
   spec = P(parallel.BATCH_AXES)
   cfg_dict = config.to_dict()
   last: dict[str, Any] = {}
@@ -175,6 +179,8 @@ def train(task: TrainTask, config, workdir: str, *, writer=None) -> dict[str, An
         break
   ckpt.close()
   writer.flush()
+  if own_writer and hasattr(writer, "close"):
+    writer.close()
   if hasattr(data_it, "close"):
     data_it.close()
   return {"step": step, "metrics": last, "state": state}

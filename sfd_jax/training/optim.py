@@ -13,8 +13,29 @@ import optax
 
 SCHEDULES = ("constant", "warmup_constant_cosine")
 
+# The SFD recipe's optimizer (configs/common.py ``adamw()`` builds the same section; a test
+# keeps the two equal): for callers without a config, such as the benchmarks.
+DEFAULT_ADAMW = {"name": "adamw", "lr": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+                 "weight_decay": 0.0, "grad_clip": 0.0, "schedule": "constant",
+                 "warmup_steps": 0}
+
+
+class _Section(dict):
+  """A plain dict read like a ConfigDict section (``opt.lr`` and ``opt.get``)."""
+
+  def __getattr__(self, name):
+    try:
+      return self[name]
+    except KeyError as e:
+      raise AttributeError(name) from e
+
+
+def _section(opt):
+  return _Section(opt) if isinstance(opt, dict) and not hasattr(opt, "lr") else opt
+
 
 def make_schedule(opt) -> optax.Schedule:
+  opt = _section(opt)
   lr = float(opt.lr)
   name = opt.get("schedule", "constant")
   if name == "constant":
@@ -45,7 +66,9 @@ def make_schedule(opt) -> optax.Schedule:
 
 
 def make_optimizer(opt) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(optax transformation, learning-rate schedule) from ``config.optimizer``."""
+  """(optax transformation, learning-rate schedule) from ``config.optimizer`` (or a dict
+  with the same fields)."""
+  opt = _section(opt)
   if opt.get("name", "adamw") != "adamw":
     raise ValueError(f"optimizer.name {opt.name!r}: only 'adamw' is implemented")
   schedule = make_schedule(opt)

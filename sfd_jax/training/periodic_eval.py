@@ -24,11 +24,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -39,6 +38,9 @@ from sfd_jax.metrics import adm
 from sfd_jax.metrics import features as features_lib
 from sfd_jax.metrics import fid as fidlib
 from sfd_jax.parallel.multihost import gather
+
+if TYPE_CHECKING:
+  import ml_collections
 
 
 class TrainEvalError(ValueError):

@@ -8,17 +8,15 @@ in-training evaluation (``config.train_eval``) — and hands it to
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
-import ml_collections
 import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sfd_jax import parallel
-from sfd_jax.data import pipeline
 from sfd_jax.diffusion import objective as obj_lib
 from sfd_jax.diffusion.objective import ObjectiveConfig
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT
@@ -27,6 +25,9 @@ from sfd_jax.training import state as state_lib
 from sfd_jax.training import step as step_lib
 from sfd_jax.training.loop import NonFiniteLossError  # noqa: F401  (re-exported)
 from sfd_jax.training.state import Part, TrainSetup, create_train_state  # noqa: F401
+
+if TYPE_CHECKING:
+  import ml_collections
 
 __all__ = ["NonFiniteLossError", "build", "build_setup", "create_train_state",
            "loss_and_metrics", "make_data_iterator", "make_train_step", "train_and_evaluate"]
@@ -90,6 +91,7 @@ def make_data_iterator(config: ml_collections.ConfigDict, seed: int):
   if not d.path:
     raise ValueError("config.data.path is empty: point it at a dataset directory "
                      "(see docs/data.md)")
+  from sfd_jax.data import pipeline  # pylint: disable=import-outside-toplevel  (Grain)
   per_process = config.batch_size // jax.process_count()
   return pipeline.build_pipeline(
       d.path, batch_size=per_process, seed=seed, stats=d.stats or None,

@@ -1,0 +1,97 @@
+"""The command line: ``sfd-jax`` (console script) and ``python main.py`` are the same app.
+
+  sfd-jax --config=configs/sfd_xl.py --workdir=runs/sfd_xl [--mode=train]
+  sfd-jax --config=configs/sfd_xl.py:recipe=80ep --config.optimizer.lr=2e-4 ...
+
+Modes (one job module each, ``sfd_jax/jobs/``): train (default), sample, eval, export,
+encode (images → latent dataset), extract (SemVAE training features), train_semvae,
+train_texture_vae, demo. Launched as several
+processes (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID
+set), it initialises ``jax.distributed`` first; on one process it runs as is.
+
+``main.py`` is ``from sfd_jax.cli import run; run()``. Config files are paths
+(``configs/`` in the repository); a config that imports its package (``from configs import
+common``) is imported from the directory above that package, wherever ``sfd-jax`` runs.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# mode -> (job module under sfd_jax.jobs, its entry function fn(config, workdir))
+JOBS: dict[str, tuple[str, str]] = {
+    "train": ("train", "run"),
+    "sample": ("sample", "run"),
+    "eval": ("evaluate", "run"),
+    "export": ("export", "run"),
+    "encode": ("encode", "run"),
+    "extract": ("extract", "run"),
+    "train_semvae": ("train_vae", "run_semvae"),
+    "train_texture_vae": ("train_vae", "run_texture_vae"),
+    "demo": ("demo", "run"),
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (path[:args])",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, outputs")
+_MODE = flags.DEFINE_enum("mode", "train", list(JOBS), "job to run")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from sfd_jax.parallel import distributed  # pylint: disable=import-outside-toplevel
+  distributed.maybe_initialize()
+  import jax  # pylint: disable=import-outside-toplevel
+  from sfd_jax.core import paths  # pylint: disable=import-outside-toplevel
+  config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+  if config is None:
+    raise app.UsageError("--config is required")
+  if workdir is None:
+    raise app.UsageError("--workdir is required")
+  workdir = paths.abspath(workdir)   # gs:// workdirs stay URLs (train/export; sample/eval: local)
+  logging.info("sfd_jax %s: process %d/%d, %d local / %d global devices (%s)", mode,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)
+  module, fn = JOBS[mode]
+  getattr(importlib.import_module(f"sfd_jax.jobs.{module}"), fn)(config, workdir)
+
+
+def _config_import_root(argv: list[str]) -> str | None:
+  """The directory to import a config file's package from (``configs/x.py`` does
+  ``from configs import common``): above the config's directory and every parent that is
+  a package. ``python main.py`` has it on ``sys.path`` already (main.py's directory); the
+  console script does not."""
+  path = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config="):
+      path = arg[len("--config="):]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  if not path:
+    return None
+  path = path.split(":", 1)[0]
+  d = os.path.dirname(os.path.abspath(path))
+  if not os.path.isfile(os.path.join(d, "__init__.py")):
+    return None
+  while os.path.isfile(os.path.join(d, "__init__.py")):
+    d = os.path.dirname(d)
+  return d
+
+
+def run(argv: list[str] | None = None) -> None:
+  """Entry point of ``sfd-jax`` and ``main.py``."""
+  argv = sys.argv if argv is None else argv
+  root = _config_import_root(argv)
+  if root and root not in sys.path:
+    sys.path.insert(0, root)
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+  run()
