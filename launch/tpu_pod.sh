@@ -127,8 +127,12 @@ fi
 
 # 2. Environment: the pinned requirements plus the TPU runtime for the pinned jax.
 if [[ "$SETUP" == 1 ]]; then
-  JAX_VERSION="$(sed -n 's/^jax==\([^ ;#]*\).*/\1/p' "$REPO/requirements.txt")"
-  [[ -n "$JAX_VERSION" ]] || die "no 'jax==' pin in $REPO/requirements.txt"
+  # requirements.txt is the Python 3.11 pinned set (it may just include requirements/py311.txt)
+  PINS="$REPO/requirements.txt"
+  INCLUDED="$(sed -n 's/^-r[[:space:]]*\([^ ]*\).*/\1/p' "$PINS" | head -n 1)"
+  [[ -z "$INCLUDED" ]] || PINS="$REPO/$INCLUDED"
+  JAX_VERSION="$(sed -n 's/^jax==\([^ ;#]*\).*/\1/p' "$PINS")"
+  [[ -n "$JAX_VERSION" ]] || die "no 'jax==' pin in $PINS"
   on_all_workers "cd ~/$REMOTE_DIR && $(quote "$SETUP_PYTHON") -m venv .venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]==$JAX_VERSION' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 fi
 
