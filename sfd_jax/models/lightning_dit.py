@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from sfd_jax.models import attention as attn_lib
 from sfd_jax.models import layers as L
 
 # ----------------------------------------------------------------------------------
@@ -69,7 +71,7 @@ class DiTConfig:
   param_dtype: str = "float32"
   scan_blocks: bool = False
   remat_policy: str = "none"      # one of REMAT_POLICIES
-  attention_impl: str | None = None  # None (auto), "xla", "cudnn"
+  attention_impl: str | None = None  # None/"auto" (models/attention.py), "xla", "cudnn"
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -259,9 +261,9 @@ class Attention(nnx.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = apply_rope(self.q_norm(q), *rope)
     k = apply_rope(self.k_norm(k), *rope)
-    out = jax.nn.dot_product_attention(q, k, v.astype(q.dtype),
-                                       scale=1.0 / math.sqrt(self.head_dim),
-                                       implementation=self.impl)
+    out = attn_lib.dot_product_attention(q, k, v.astype(q.dtype), impl=self.impl)
+    # The residual the "save_attn_out" remat policy keeps (everything else is recomputed).
+    out = checkpoint_name(out, "attn_out")
     return self.proj(out.reshape(n, t, -1))
 
 
