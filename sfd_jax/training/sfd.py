@@ -79,11 +79,13 @@ def loss_and_metrics(setup: TrainSetup, model: LightningDiT, batch: dict[str, ja
   return loss, metrics
 
 
-def make_train_step(setup: TrainSetup, donate: bool = True) -> Callable:
-  """``step(state, batch) -> (state, metrics)``: the core's step with the SFD loss."""
+def make_train_step(setup: TrainSetup, donate: bool = True, *, norms_every: int = 1,
+                    total_steps: int | None = None) -> Callable:
+  """``step(state, batch) -> (state, metrics)``: the core's step with the SFD loss
+  (``norms_every``/``total_steps``: see ``sfd_jax.training.step.make_train_step``)."""
   return step_lib.make_train_step(
       setup, lambda model, batch, key, _: loss_and_metrics(setup, model, batch, key),
-      donate=donate)
+      donate=donate, norms_every=norms_every, total_steps=total_steps)
 
 
 def make_data_iterator(config: ml_collections.ConfigDict, seed: int):
@@ -124,7 +126,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         due=lambda s: periodic_eval.due(config, s, total),
         fn=lambda s, state, w: {f"train_eval/{k}": v
                                 for k, v in evaluator(s, state, w).items()}))
-  task = loop.TrainTask(name="sfd", setup=setup, step=make_train_step(setup),
+  task = loop.TrainTask(name="sfd", setup=setup, step=make_train_step(
+                            setup, norms_every=int(config.log_every_steps),
+                            total_steps=int(config.num_train_steps)),
                         make_data=lambda: make_data_iterator(config, config.seed),
                         init_params=_init_from(config), hooks=hooks)
   return loop.train(task, config, workdir, writer=writer)

@@ -11,7 +11,8 @@ generator, then discriminator, on the same batch as the reference alternates the
    ``loss_fn(model, batch, key, state)`` gets the part's module merged from the params
    (``state`` holds the other parts, already updated earlier in this step);
 3. optimizer update, optional EMA (``setup.ema_decay``), global norms (grad, param,
-   update) and the learning rate as metrics; a NaN/Inf loss or gradient norm increments
+   update; param/update only on logging steps with ``norms_every``) and the learning
+   rate as metrics; a NaN/Inf loss or gradient norm increments
    ``state["nonfinite"]``.
 
 With more than one part, metric names are prefixed with the part's params key.
@@ -38,11 +39,18 @@ def global_norm(tree) -> jax.Array:
 
 
 def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, norms_every: int = 1,
+                    total_steps: int | None = None) -> Callable:
   """``step(state, batch) -> (state, metrics)`` for the parts of ``setup``.
 
   ``losses``: one loss function (for a single-part setup) or ``{params_key: loss_fn}``.
+  ``norms_every``: the parameter and update norms (two extra passes over the weights) are
+  computed only on steps whose count after the update is a multiple of it, or equals
+  ``total_steps`` — the steps the loop logs — and are 0 otherwise (``lax.cond``). The
+  gradient norm is computed every step (the NaN guard needs it). 1: every step.
   """
+  if norms_every < 1:
+    raise ValueError(f"norms_every must be >= 1, got {norms_every}")
   if callable(losses):
     losses = {setup.main.part.params_key: losses}
   unknown = set(losses) - {ps.part.params_key for ps in setup.parts}
@@ -51,6 +59,18 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
   base_key = jax.random.key(setup.seed)
   decay = setup.ema_decay
   prefix = len(setup.parts) > 1
+
+  def _norms(params, updates, step):
+    def compute(pu):
+      return {"param_norm": global_norm(pu[0]), "update_norm": global_norm(pu[1])}
+    if norms_every == 1:
+      return compute((params, updates))
+    done = step + 1
+    due = done % norms_every == 0
+    if total_steps is not None:
+      due = due | (done == total_steps)
+    zeros = lambda pu: {"param_norm": jnp.float32(0), "update_norm": jnp.float32(0)}
+    return jax.lax.cond(due, compute, zeros, (params, updates))
 
   def step_fn(state, batch):
     key = jax.random.fold_in(base_key, state["step"])
@@ -75,8 +95,7 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
             state[p.ema_key], params)
       grad_norm = global_norm(grads)
       finite = finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      metrics.update(grad_norm=grad_norm, param_norm=global_norm(params),
-                     update_norm=global_norm(updates))
+      metrics.update(grad_norm=grad_norm, **_norms(params, updates, state["step"]))
       if p.schedule is not None:
         metrics["lr"] = jnp.asarray(p.schedule(state["step"]), jnp.float32)
       state[p.params_key], state[p.opt_key] = params, opt_state
