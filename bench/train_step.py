@@ -101,7 +101,10 @@ def build_setup(spec: RunSpec, *, dtype: str, scan: bool, mesh_shape: dict[str, 
                         ema_decay=EMA_DECAY, seed=seed)
 
 
-def abstract_batch(setup, global_batch: int):
+REPA_DTYPE = "bfloat16"   # what the training config feeds (config.data.repa_dtype)
+
+
+def abstract_batch(setup, global_batch: int, repa_dtype: str = REPA_DTYPE):
   """ShapeDtypeStructs (with the batch sharding) of one training batch."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -114,23 +117,23 @@ def abstract_batch(setup, global_batch: int):
       "latent": jax.ShapeDtypeStruct((global_batch, g, g, cfg.in_channels), jnp.float32,
                                      sharding=sh),
       "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sh),
-      "repa": jax.ShapeDtypeStruct((global_batch, cfg.num_tokens, cfg.repa_dim), jnp.float32,
-                                   sharding=sh),
+      "repa": jax.ShapeDtypeStruct((global_batch, cfg.num_tokens, cfg.repa_dim),
+                                   jnp.dtype(repa_dtype), sharding=sh),
   }
 
 
-def random_batch(setup, global_batch: int, seed: int = 1):
+def random_batch(setup, global_batch: int, seed: int = 1, repa_dtype: str = REPA_DTYPE):
   """A synthetic batch created directly on the devices, batch-sharded."""
   import jax  # pylint: disable=import-outside-toplevel
 
-  shapes = abstract_batch(setup, global_batch)
+  shapes = abstract_batch(setup, global_batch, repa_dtype)
   cfg = setup.model_cfg
 
   def make(key):
     k1, k2, k3 = jax.random.split(key, 3)
     return {"latent": jax.random.normal(k1, shapes["latent"].shape),
             "label": jax.random.randint(k2, shapes["label"].shape, 0, cfg.num_classes),
-            "repa": jax.random.normal(k3, shapes["repa"].shape)}
+            "repa": jax.random.normal(k3, shapes["repa"].shape).astype(shapes["repa"].dtype)}
 
   out_sh = {k: v.sharding for k, v in shapes.items()}
   return jax.jit(make, out_shardings=out_sh)(jax.random.key(seed))

@@ -160,7 +160,9 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.data.num_workers = 8          # Grain worker processes per host
   c.data.read_threads = 4
   c.data.prefetch_batches = 2
-  c.data.repa_dtype = "float32"
+  # REPA targets as fed to the device: bfloat16 halves the per-step host batch (the loss
+  # upcasts to float32); "float32" = the reference; "float16" = stored dtype, exact.
+  c.data.repa_dtype = "bfloat16"
 
   # --- parallelism (sfd_jax.parallel) ----------------------------------------------
   c.mesh = mesh_config(data=1, fsdp=-1)   # -1: all remaining devices (FSDP by default)

@@ -111,11 +111,24 @@ class ExampleTransform(grain.transforms.MapWithIndex):
     return out
 
 
+REPA_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def repa_numpy_dtype(name: str) -> np.dtype:
+  """numpy dtype of ``repa_dtype`` (bfloat16 through ml_dtypes, which JAX ships)."""
+  if name not in REPA_DTYPES:
+    raise ValueError(f"repa_dtype {name!r} not in {REPA_DTYPES}")
+  if name == "bfloat16":
+    import ml_dtypes  # pylint: disable=import-outside-toplevel
+    return np.dtype(ml_dtypes.bfloat16)
+  return np.dtype(name)
+
+
 class BatchFn:
   """Stacks examples into a batch, casting ``repa`` to ``repa_dtype`` in the same pass."""
 
   def __init__(self, repa_dtype: str = "float32"):
-    self.repa_dtype = np.dtype(repa_dtype)
+    self.repa_dtype = repa_numpy_dtype(repa_dtype)
 
   def __call__(self, examples):
     return {k: np.stack([e[k] for e in examples],
@@ -156,8 +169,9 @@ def build_pipeline(data_dir: str | os.PathLike, *, batch_size: int, seed: int = 
     latent_multiplier: factor applied to the whole normalised latent (SFD: 1.0).
     flip: random choice between stored and flipped views (SFD: True).
     repa: emit REPA target features (``repa`` key).
-    repa_dtype: dtype of the emitted REPA features (SFD reference: float32;
-      "float16" halves host memory traffic, the stored features being float16).
+    repa_dtype: dtype of the emitted REPA features: float32 (the reference's), bfloat16
+      (the training config's default: half the host→device bytes; the loss upcasts to
+      float32) or float16 (also half, and exact: the stored features are float16).
     shuffle: global shuffle (reseeded every epoch).
     drop_remainder: with finite epochs, drop the tail that does not fill a whole
       *global* batch, so every process yields the same number of batches.
