@@ -67,7 +67,7 @@ RUNS=(
   "sample_xl_f32|100|-m bench.sampling --tag xl_f32 --variant XL --guide-variant B --batch 16 --dtype float32 --runs euler:250:cfg,euler:250:autoguidance --warmup 1 --repeats 1"
 )
 if [ -n "${REFERENCE:-}" ]; then
-  RUNS+=("reference_cuda|90|-m bench.reference_side_by_side --reference $REFERENCE --torch-python ${TORCH_PYTHON:-$PY} --device cuda --batch 64 --size S --mode train")
+  RUNS+=("reference_cuda|90|-m bench.reference_side_by_side --reference $REFERENCE --torch-python ${TORCH_PYTHON:-$PY} --device cuda --batch 64")
 fi
 
 first=1

@@ -181,6 +181,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.sample.timestep_shift = 0.0
   c.sample.guidance = "autoguidance"  # none | cfg | autoguidance
   c.sample.scale = 1.5
+  c.sample.dtype = "float32"      # denoiser compute dtype: float32 | bfloat16 (weights as stored)
   c.sample.num_images = 50_000
   c.sample.batch_size = 64        # global; fixed index ranges -> device-count independent
   c.sample.stats = ""             # latent stats for decoding (default: data.stats / data.path)

@@ -263,16 +263,29 @@ def pack_npz(out_dir: str, n: int) -> str:
 # ---------------------------------------------------------------- from a config
 
 
+def with_compute_dtype(model, dtype: str):
+  """The same LightningDiT (weights shared, kept in their dtype) computing its matmuls in
+  ``dtype`` (``config.sample.dtype``: "float32" default, "bfloat16" faster on GPU/TPU)."""
+  from sfd_jax.models.lightning_dit import LightningDiT  # pylint: disable=import-outside-toplevel
+  if model is None or model.cfg.dtype == dtype:
+    return model
+  cfg = dataclasses.replace(model.cfg, dtype=str(jnp.dtype(dtype)))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: LightningDiT(cfg, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, nnx.state(model))
+
+
 def prepare(config):
   """(model, guide or None, decoder or None, options) named by ``config.sample``."""
   s = config.sample
   opts = SamplingOptions.from_config(s)
+  dtype = s.get("dtype", "float32") or "float32"
   try:
     model = checkpoint.load_dit(s.checkpoint, "config.sample.checkpoint")
     guide = None
     if opts.guidance == "autoguidance" and opts.scale > 1:
       guide = checkpoint.load_dit(s.guide_checkpoint, "config.sample.guide_checkpoint")
       check_guide(model.cfg, guide.cfg)
+    model, guide = with_compute_dtype(model, dtype), with_compute_dtype(guide, dtype)
   except checkpoint.CheckpointError as e:
     raise SamplingError(str(e)) from e
   return model, guide, load_decoder(config), opts
