@@ -101,7 +101,7 @@ def build_setup(spec: RunSpec, *, dtype: str, scan: bool, mesh_shape: dict[str, 
                         ema_decay=EMA_DECAY, seed=seed)
 
 
-REPA_DTYPE = "bfloat16"   # what the training config feeds (config.data.repa_dtype)
+REPA_DTYPE = "float16"   # what the training config feeds (config.data.repa_dtype)
 
 
 def abstract_batch(setup, global_batch: int, repa_dtype: str = REPA_DTYPE):

@@ -36,9 +36,13 @@ def test_repa_loss_upcasts_half_targets():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_training_config_default_is_bfloat16():
+def test_training_config_default_is_half_and_exact():
   import sys
   from tests.conftest import REPO
   sys.path.insert(0, str(REPO))
   from configs import common  # pylint: disable=import-outside-toplevel
-  assert common.base_config("B").data.repa_dtype == "bfloat16"
+  assert common.base_config("B").data.repa_dtype == "float16"
+  stored = np.random.RandomState(2).randn(3, 4).astype(np.float16)   # records: float16
+  fed = pipeline.BatchFn("float16")([{"repa": stored}])["repa"]
+  np.testing.assert_array_equal(jnp.asarray(fed).astype(jnp.float32),
+                                pipeline.BatchFn("float32")([{"repa": stored}])["repa"])

@@ -169,9 +169,10 @@ def build_pipeline(data_dir: str | os.PathLike, *, batch_size: int, seed: int = 
     latent_multiplier: factor applied to the whole normalised latent (SFD: 1.0).
     flip: random choice between stored and flipped views (SFD: True).
     repa: emit REPA target features (``repa`` key).
-    repa_dtype: dtype of the emitted REPA features: float32 (the reference's), bfloat16
-      (the training config's default: half the host→device bytes; the loss upcasts to
-      float32) or float16 (also half, and exact: the stored features are float16).
+    repa_dtype: dtype of the emitted REPA features: float32 (the reference's), float16
+      (the training config's default: half the host→device bytes, and exact — the stored
+      features are float16 and the loss upcasts to float32) or bfloat16 (also half, but
+      rounds the stored values).
     shuffle: global shuffle (reseeded every epoch).
     drop_remainder: with finite epochs, drop the tail that does not fill a whole
       *global* batch, so every process yields the same number of batches.
