@@ -14,6 +14,8 @@ import importlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sfd_jax.core import errors
+
 # mode -> (job module under sfd_jax.jobs, its entry function)
 JOBS = {
     "train": ("train", "run"),
@@ -55,4 +57,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  errors.run_main(main)   # user errors: one line on stderr, exit 2 (docs/errors.md)
