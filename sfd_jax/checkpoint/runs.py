@@ -16,7 +16,7 @@ from absl import logging
 from flax import nnx
 
 from sfd_jax.checkpoint.manager import ITEMS, CheckpointError
-from sfd_jax.core import paths, trees
+from sfd_jax.core import errors, paths, trees
 
 WEIGHTS = ("ema", "params")
 
@@ -35,7 +35,12 @@ def is_run(path: str) -> bool:
 
 
 def _manager(directory: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(paths.abspath(directory), item_names=ITEMS)
+  directory = paths.abspath(directory)
+  if "://" not in directory and not os.path.isdir(directory):
+    raise CheckpointError(f"no checkpoint directory {directory} (expected a training workdir "
+                          "or its checkpoints/ folder)")
+  return ocp.CheckpointManager(directory, item_names=ITEMS,
+                               options=ocp.CheckpointManagerOptions(create=False))
 
 
 def _pick_step(mngr: ocp.CheckpointManager, directory: str, step: int | None) -> int:
@@ -49,12 +54,26 @@ def _pick_step(mngr: ocp.CheckpointManager, directory: str, step: int | None) ->
   return step
 
 
+def _restore(mngr: ocp.CheckpointManager, directory: str, step: int, what: str, args):
+  """``mngr.restore`` with every failure naming the checkpoint and what was read."""
+  try:
+    return mngr.restore(step, args=args)
+  except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore / json)
+    err = errors.as_resource_error(e, where=f"{directory}/{step}")
+    if err is not None:
+      raise err from e
+    raise CheckpointError(f"checkpoint {directory}/{step}: cannot read {what} "
+                          f"({errors.reason(e)}); use another step (available: "
+                          f"{sorted(mngr.all_steps())}) or another run") from e
+
+
 def _read_config(mngr: ocp.CheckpointManager, directory: str, step: int) -> dict:
   from etils import epath  # pylint: disable=import-outside-toplevel
   if not (epath.Path(paths.abspath(directory)) / str(step) / "config").is_dir():
     return {}
-  return dict(mngr.restore(step, args=ocp.args.Composite(
-      config=ocp.args.JsonRestore()))["config"] or {})
+  out = _restore(mngr, directory, step, "its saved config",
+                 ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return dict(out["config"] or {})
 
 
 def read_config(directory: str, step: int | None = None) -> dict:
@@ -74,8 +93,9 @@ def restore_state_only(directory: str, abstract_state: Any, step: int | None = N
   mngr = _manager(directory)
   try:
     step = _pick_step(mngr, directory, step)
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
+    out = _restore(mngr, directory, step, "the train state (does the config describe the "
+                   "model it was trained with?)",
+                   ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return out["state"], step, _read_config(mngr, directory, step)
   finally:
     mngr.close()
@@ -95,11 +115,8 @@ def restore_weights(directory: str, abstract_params: Mapping[str, Any], *,
     step = _pick_step(mngr, directory, step)
     target = {weights: abstract_params}
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    try:
-      out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          target, restore_args=as_numpy, partial_restore=True)))
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(f"{directory}/{step}: cannot read '{weights}': {e}") from e
+    out = _restore(mngr, directory, step, f"'{weights}'", ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target, restore_args=as_numpy, partial_restore=True)))
   finally:
     mngr.close()
   params = trees.to_numpy(out["state"][weights])
@@ -129,7 +146,11 @@ def restore_dit(path: str, *, weights: str = "ema", step: int | None = None, con
   finally:
     mngr.close()
   if run_config:
-    model_cfg = DiTConfig.from_config(ml_collections.ConfigDict(run_config))
+    try:
+      model_cfg = DiTConfig.from_config(ml_collections.ConfigDict(run_config))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+      raise CheckpointError(f"{ckdir}/{step}: its saved config does not describe a "
+                            f"LightningDiT ({e}); is it a run of another trainer?") from e
   elif config is not None:
     logging.warning("%s/%d has no saved config: using the given config's model", ckdir, step)
     model_cfg = DiTConfig.from_config(config)
