@@ -46,7 +46,8 @@ def _manager(directory: str) -> ocp.CheckpointManager:
 def _pick_step(mngr: ocp.CheckpointManager, directory: str, step: int | None) -> int:
   steps = sorted(mngr.all_steps())
   if not steps:
-    raise CheckpointError(f"no checkpoint in {directory}")
+    raise CheckpointError(f"no checkpoint in {directory}: point it at a training run "
+                          "(a workdir with checkpoints/<step>/) or train one first")
   step = steps[-1] if step is None else int(step)
   if step not in steps:
     raise CheckpointError(f"{directory} has no checkpoint at step {step}; available "
@@ -160,6 +161,38 @@ def restore_dit(path: str, *, weights: str = "ema", step: int | None = None, con
       nnx.eval_shape(lambda: LightningDiT(model_cfg, rngs=nnx.Rngs(0))), nnx.Param))
   params, step = restore_weights(ckdir, abstract, weights=weights, step=step)
   return params, model_cfg, step, run_config
+
+
+def dit_config(path: str, field: str = "config.sample.checkpoint"):
+  """The ``DiTConfig`` of what ``load_dit(path)`` would load, without reading weights
+  (``meta.json`` of a converted dir, or the saved config of a run)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from sfd_jax.core import files  # pylint: disable=import-outside-toplevel
+  from sfd_jax.models.lightning_dit import DiTConfig  # pylint: disable=import-outside-toplevel
+  if not path:
+    raise CheckpointError(f"{field} is empty: give a converted checkpoint directory or a "
+                          "training workdir")
+  path = os.path.abspath(path)
+  meta_path = os.path.join(path, "meta.json")
+  if os.path.exists(meta_path):
+    meta = files.read_json(meta_path, what=f"{field} metadata", error=CheckpointError)
+    try:
+      return DiTConfig(**meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise CheckpointError(f"{field}={path}: meta.json does not describe a LightningDiT "
+                            f"({e!r})") from e
+  if not is_run(path):
+    raise CheckpointError(f"{field}={path}: neither a converted checkpoint (meta.json) nor "
+                          "a training run (checkpoints/<step>/)")
+  ckdir = checkpoint_dir(path)
+  run_config = read_config(ckdir)
+  if not run_config:
+    raise CheckpointError(f"{ckdir}: the latest checkpoint has no saved config")
+  try:
+    return DiTConfig.from_config(ml_collections.ConfigDict(run_config))
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise CheckpointError(f"{ckdir}: its saved config does not describe a LightningDiT "
+                          f"({e}); is it a run of another trainer?") from e
 
 
 def load_dit(path: str, field: str = "config.sample.checkpoint"):

@@ -252,11 +252,14 @@ def check_writable(directory: str, what: str = "the output directory") -> None:
     raise ConfigError(f"{what} {directory} cannot be created: a part of the path is a "
                       "file, not a directory; choose another path") from e
   except Exception as e:  # pylint: disable=broad-except
-    err = as_resource_error(e, where=str(directory))
-    if err is None:
+    found = resource_errno(e)
+    if found is None:
       raise
-    raise ResourceError(f"{what} {directory} is not writable: {str(err).split(': ', 1)[-1]}"
-                        ) from e
+    text, fix = _RESOURCE_ERRNOS[found[0]]
+    raise ResourceError(f"{what} {directory} is not writable: {text} "
+                        f"[{errno.errorcode.get(found[0], found[0])}]; {fix} (or choose "
+                        "another one) and rerun the same command; nothing in it was "
+                        "changed") from e
 
 
 # ------------------------------------------------------------------ reporting
@@ -335,8 +338,17 @@ def report(prog: str, err: UserError, exc: BaseException | None = None) -> None:
   sys.exit(EXIT_CODE)
 
 
-def _prog() -> str:
-  return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sfd_jax"
+def _prog(argv0: str | None = None) -> str:
+  """How the user ran us: ``main.py``, or ``python -m sfd_jax.x.y`` for a package module."""
+  argv0 = (sys.argv[0] if sys.argv else "") if argv0 is None else argv0
+  if not argv0:
+    return "sfd_jax"
+  pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # .../sfd_jax
+  path = os.path.abspath(argv0)
+  if path.endswith(".py") and path.startswith(pkg + os.sep):
+    rel = os.path.relpath(path[:-3], os.path.dirname(pkg)).replace(os.sep, ".")
+    return f"python -m {rel}"
+  return os.path.basename(argv0)
 
 
 def guard(fn: Callable, prog: str | None = None) -> Callable:
@@ -548,7 +560,7 @@ def check_config_flags(flag_values=None) -> None:
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing with every command-line mistake as one line (exit 2)."""
   from absl import flags  # pylint: disable=import-outside-toplevel
-  prog = os.path.basename(argv[0]) if argv else _prog()
+  prog = _prog(argv[0] if argv else None)
   try:
     rest = flags.FLAGS(list(argv))
     check_config_flags()
@@ -568,7 +580,7 @@ def run_main(main: Callable, argv: Sequence[str] | None = None) -> None:
   """``absl.app.run(main, argv)`` with one-line user errors and flag errors (exit 2)."""
   from absl import app  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv if argv is None else argv)
-  prog = os.path.basename(argv[0]) if argv else _prog()
+  prog = _prog(argv[0] if argv else None)
   quiet_library_noise()
   app.run(guard(main, prog), argv=argv, flags_parser=parse_flags)
 

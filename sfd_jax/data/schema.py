@@ -321,7 +321,8 @@ def read_dataset_info(directory: str | os.PathLike) -> DatasetInfo:
     with open(path, encoding="utf-8") as f:
       obj = json.load(f)
   except ValueError as e:
-    raise DataFormatError(f"{path}: not valid JSON: {e}") from e
+    raise DataFormatError(f"{path}: not valid JSON ({e}); restore it from a copy or rerun "
+                          "the job that wrote the dataset") from e
   if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
     raise DataFormatError(f"{path}: 'format' must be {FORMAT_NAME!r}")
   if obj.get("schema_version") != SCHEMA_VERSION:

@@ -58,7 +58,7 @@ class LatentStats:
           raise DataFormatError(f"{where}: '{name}' expected shape {list(want)}, "
                                 f"found {list(a.shape)}")
       if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
-        bad = [f"{name}[{i}]={a[i]!r}" for name, a in ((f"{part}_mean", mean),
+        bad = [f"{name}[{i}]={float(a[i])}" for name, a in ((f"{part}_mean", mean),
                                                        (f"{part}_std", std))
                for i in np.flatnonzero(~np.isfinite(a) | ((a <= 0) if "std" in name else
                                                            np.zeros_like(a, bool)))[:3]]
@@ -106,7 +106,7 @@ def load_stats(path: str | os.PathLike, schema: LatentSchema | None = None) -> L
   try:
     stats = LatentStats(**arrays)
   except DataFormatError as e:
-    raise DataFormatError(f"{path}: {e}") from e
+    raise DataFormatError(f"{path}: {str(e).removeprefix('LatentStats: ')}") from e
   stats.check(schema, where=path)
   return stats
 

@@ -310,19 +310,28 @@ def pack_npz(out_dir: str, n: int) -> str:
 
 
 def prepare(config):
-  """(model, guide or None, decoder or None, options) named by ``config.sample``."""
+  """(model, guide or None, decoder or None, options) named by ``config.sample``.
+
+  What fits together is checked before any weights are read: the guide against the main
+  model, the texture VAE and the statistics against the model's texture channels.
+  """
   s = config.sample
   opts = validate_config(config)
+  autoguidance = opts.guidance == "autoguidance" and opts.scale > 1
   try:
+    main_cfg = checkpoint.dit_config(s.checkpoint, "config.sample.checkpoint")
+    if autoguidance:
+      check_guide(main_cfg, checkpoint.dit_config(s.guide_checkpoint,
+                                                  "config.sample.guide_checkpoint"))
+    decoder = load_decoder(config)
+    check_decoder(main_cfg, decoder)
     model = checkpoint.load_dit(s.checkpoint, "config.sample.checkpoint")
     guide = None
-    if opts.guidance == "autoguidance" and opts.scale > 1:
+    if autoguidance:
       guide = checkpoint.load_dit(s.guide_checkpoint, "config.sample.guide_checkpoint")
       check_guide(model.cfg, guide.cfg)
   except checkpoint.CheckpointError as e:
     raise SamplingError(str(e)) from e
-  decoder = load_decoder(config)
-  check_decoder(model.cfg, decoder)
   return model, guide, decoder, opts
 
 
@@ -330,6 +339,10 @@ def sample_from_config(config, workdir: str, devices=None) -> dict[str, Any]:
   """``config.sample`` end to end: load, sample into ``<workdir>/samples`` (resumable),
   write ``<workdir>/sample_info.json``."""
   validate_config(config)
+  n_dev = len(devices) if devices is not None else jax.device_count()
+  if int(config.sample.batch_size) % n_dev:
+    raise SamplingError(f"config.sample.batch_size={int(config.sample.batch_size)} is not "
+                        f"divisible by the {n_dev} devices; use a multiple of {n_dev}")
   errors.check_writable(os.path.join(workdir, "samples"), "the samples directory")
   model, guide, decoder, opts = prepare(config)
   result = sample_to_directory(
