@@ -315,6 +315,13 @@ def _cases(s: Saved) -> list[Case]:
       main("extract_no_class_folders", f"--config.data.path={p['flat']}", mode="extract",
            config=vae + "encode", kind="file not found",
            expect=(p["flat"], "no class sub-folders")),
+      main("encode_with_a_training_config", mode="encode",
+           expect=("config.encode", "--mode=encode", "configs/encode_imagenet.py")),
+      # --- demo
+      main("demo_with_a_training_config", mode="demo",
+           expect=("config.demo", "--mode=demo", "configs/demo.py")),
+      main("demo_dataset_unknown", "--config.demo.dataset=mnist", mode="demo",
+           config="--config=configs/demo.py:fast=1", expect=("config.demo.dataset", "'mnist'")),
       # --- the two autoencoder trainers
       main("semvae_data_empty", mode="train_semvae", config=vae + "semvae",
            expect=("config.data.path is empty", "--mode=extract")),
@@ -506,7 +513,7 @@ def test_table_has_forty_cases(saved):
           "sfd_jax.training.vae"} <= targets
   modes = {a.split("=", 1)[1] for c in cases for a in c.args if a.startswith("--mode=")}
   assert {"train", "sample", "eval", "export", "encode", "extract", "train_semvae",
-          "train_texture_vae"} <= modes
+          "train_texture_vae", "demo"} <= modes
 
 
 class _AnyPath(dict):

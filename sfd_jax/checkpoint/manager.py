@@ -11,6 +11,13 @@ Saves are asynchronous; Orbax writes into a temporary directory and renames it w
 save is complete, so a process killed mid-save (even SIGKILL) leaves the previous
 checkpoint intact and the partial one invisible. ``PreemptionGuard`` turns SIGTERM (and
 Orbax's multi-host preemption notice) into a clean "save and exit" at the next step.
+
+``Checkpointer.resume`` takes the newest checkpoint that restores: one that cannot be read
+(truncated or missing files, unreadable metadata) is reported by step and reason and moved
+to ``<directory>.corrupt/<step>`` — never deleted, and out of Orbax's reach, so a later
+save of the same step cannot collide with it or garbage-collect it. Errors are
+``core.errors`` user errors (``CheckpointError``; ``ResourceError`` for a full disk or a
+permission problem), printed as one line by the entry points.
 """
 from __future__ import annotations
 

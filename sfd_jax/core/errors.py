@@ -159,6 +159,24 @@ def one_of(choices: Iterable[Any]) -> Callable[[Any], bool]:
   return lambda v: v in choices
 
 
+def require_sections(config, sections: Sequence[str], *, mode: str, example: str) -> None:
+  """``ConfigError`` when the config lacks a section that ``--mode=<mode>`` reads (the
+  config file of another mode)."""
+  missing = [s for s in sections if not _has(config, s)]
+  if missing:
+    raise ConfigError(f"the config has no {', '.join('config.' + m for m in missing)} "
+                      f"section, which --mode={mode} needs: the --config file is not one "
+                      f"for this mode; use one written for it (e.g. {example})")
+
+
+def _has(config, field: str) -> bool:
+  try:
+    field_value(config, field)
+    return True
+  except (KeyError, AttributeError, TypeError):
+    return False
+
+
 def check_fields(config, rules: Sequence[tuple], *, prefix: str = "config") -> None:
   """``check_field`` for each ``(field, ok, expected[, hint])`` of ``rules``."""
   for rule in rules:
@@ -424,6 +442,15 @@ class _QuietStream:
   def flush(self) -> None:
     self._stream.flush()
 
+  def flush_pending(self) -> None:
+    """Writes what is still buffered (an unfinished block is never lost)."""
+    with self._lock:
+      for tid in list(self._blocks):
+        self._emit("".join(self._blocks.pop(tid)))
+      for tid in list(self._partial):
+        self._emit(self._partial.pop(tid))
+      self._stream.flush()
+
 
 class _OneLineLibraryErrors:
   """A logging filter: ERROR records of Orbax / TensorStore keep their first line and
@@ -446,7 +473,9 @@ def quiet_library_noise() -> None:
   """Installs the stderr and logging filters above (not when tracebacks are requested)."""
   if traceback_requested() or isinstance(sys.stderr, _QuietStream):
     return
+  import atexit  # pylint: disable=import-outside-toplevel
   sys.stderr = _QuietStream(sys.stderr)
+  atexit.register(sys.stderr.flush_pending)
   import logging  # pylint: disable=import-outside-toplevel
   flt = _OneLineLibraryErrors()
   for logger in (logging.getLogger(), logging.getLogger("absl")):

@@ -196,7 +196,8 @@ def make_source(cfg: Mapping[str, Any]):
     return TfdsSource(cfg.get("tfds_name") or "imagenet2012", cfg.get("tfds_split") or "train",
                       data_dir=cfg.get("tfds_data_dir") or None,
                       manual_dir=cfg.get("tfds_manual_dir") or None)
-  raise ConfigError(f"config.data.source must be one of {SOURCE_KINDS}, got {kind!r}")
+  raise ConfigError(f"config.data.source {kind!r} not one of {SOURCE_KINDS}: use 'folder' "
+                    "(an image folder of class sub-folders) or 'tfds'")
 
 
 def validate_job_config(config, section: str) -> None:
@@ -204,6 +205,8 @@ def validate_job_config(config, section: str) -> None:
   ``config.job`` / ``config.data``), checked before any network is loaded."""
   from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
   e = errors
+  e.require_sections(config, (section, "job", "data"), mode=section,
+                     example="configs/encode_imagenet.py")
   rules = [(f"{section}.per_device_batch", e.positive_int, "an integer > 0"),
            (f"{section}.records_per_shard", e.positive_int, "an integer > 0")]
   if section == "encode":

@@ -177,6 +177,7 @@ def validate_config(config, section: str = "sample") -> SamplingOptions:
   """The sampling fields of ``config.<section>`` (ranges, choices), checked before any
   model is loaded; returns the options."""
   e = errors
+  e.require_sections(config, (section, "data"), mode="sample", example="configs/sfd_xl.py")
   from sfd_jax.diffusion.guidance import GUIDANCE_MODES  # pylint: disable=import-outside-toplevel
   rules = [
       ("num_images", e.positive_int, "an integer > 0"),

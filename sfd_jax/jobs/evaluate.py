@@ -33,6 +33,8 @@ class EvalError(ConfigError):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
+  errors.require_sections(config, ("eval", "sample"), mode="eval", example="configs/sfd_xl.py")
   e = config.eval
   if not e.inception:
     raise EvalError("config.eval.inception is empty: convert the FID Inception weights once "
@@ -45,7 +47,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise EvalError("evaluation needs decoded images: set config.sample.texture_vae")
   # Everything the metrics need is checked before the (long) sampling run.
   from sfd_jax.convert.common import check_converted_dir  # pylint: disable=import-outside-toplevel
-  from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
   from sfd_jax.metrics import adm  # pylint: disable=import-outside-toplevel
   from sfd_jax.models.inception import PREPROCESS_MODES  # pylint: disable=import-outside-toplevel
   errors.check_fields(e, [

@@ -41,6 +41,8 @@ __all__ = ["NonFiniteLossError", "build", "build_setup", "check_data", "create_t
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Ranges and types of the SFD training fields, before anything is built or compiled
   (``ConfigError`` naming the field, what it must be and what it is)."""
+  errors.require_sections(config, ("model", "objective", "optimizer", "data", "mesh"),
+                          mode="train", example="configs/sfd_xl.py")
   loop.validate_config(config)
   e = errors
   e.check_fields(config, [

@@ -140,6 +140,9 @@ def validate_config(config: ml_collections.ConfigDict, kind: str) -> None:
   """Ranges and types of a VAE training config, before anything is built or compiled."""
   if kind not in KINDS:
     raise ValueError(f"model kind {kind!r} not one of {KINDS}")
+  errors.require_sections(
+      config, ("model", "loss", "optimizer", "data", "mesh"), mode=f"train_{kind}",
+      example="configs/semvae_ch16.py" if kind == "semvae" else "configs/texture_vae_f16d32.py")
   loop.validate_config(config)
   e = errors
   rules = [
