@@ -388,8 +388,10 @@ def _env():
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
   env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   env.setdefault("JAX_PLATFORMS", "cpu")
-  env.pop(  # the default output of a user error: no traceback
-      "SFD_JAX_TRACEBACK", None)
+  # as tests/conftest.py sets it in this process, so that the children's train steps are
+  # the programs the fixture compiled (persistent-cache hits)
+  env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+  env.pop("SFD_JAX_TRACEBACK", None)   # the default output of a user error: no traceback
   return env
 
 

@@ -286,9 +286,12 @@ def check_writable(directory: str, what: str = "the output directory") -> None:
 def user_error(exc: BaseException) -> UserError | None:
   """The user error ``exc`` stands for (itself, one in its cause chain, or a resource
   error), else None (an internal error)."""
-  for e in _chain(exc):
+  e, seen = exc, set()
+  while e is not None and id(e) not in seen:   # explicit causes only (``raise ... from``):
+    seen.add(id(e))                            # a bug while handling a user error stays a bug
     if isinstance(e, UserError):
       return e
+    e = e.__cause__
   return as_resource_error(exc)
 
 

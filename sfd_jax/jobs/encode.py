@@ -168,8 +168,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns ``{"complete", "num_records", "skipped", "stats"}`` (totals and stats only on
   process 0 once every shard is finished).
   """
-  e = config.encode
   images_lib.validate_job_config(config, "encode")
+  e = config.encode
   errors.check_writable(workdir, "the output dataset directory")
   source = images_lib.Subset(images_lib.make_source(config.data),
                              int(config.data.get("max_images", 0)))

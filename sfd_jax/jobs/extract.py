@@ -57,8 +57,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns ``{"complete": bool, "num_records": int, "skipped": [...]}`` (the totals only
   on process 0 once every shard is finished).
   """
-  e = config.extract
   images_lib.validate_job_config(config, "extract")
+  e = config.extract
   errors.check_writable(workdir, "the output feature dataset directory")
   source = images_lib.Subset(images_lib.make_source(config.data),
                              int(config.data.get("max_images", 0)))
