@@ -331,8 +331,8 @@ def check_job_manifest(directory: str, manifest: Mapping[str, Any]) -> None:
   path = os.path.join(directory, JOB_FILE)
   manifest = json.loads(json.dumps(manifest, sort_keys=True, default=str))
   if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
+    from sfd_jax.core import files  # pylint: disable=import-outside-toplevel
+    old = files.read_json(path, what="job manifest", error=DataError)
     diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
     if diff:
       detail = "; ".join(f"{k}: recorded {old.get(k)!r}, now {manifest.get(k)!r}"

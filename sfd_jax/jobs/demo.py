@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 
 from sfd_jax.convert import feature_net as feat_io
-from sfd_jax.core import errors
+from sfd_jax.core import errors, files
 from sfd_jax.core import images as images_lib
 from sfd_jax.diffusion import generation
 from sfd_jax.metrics import adm
@@ -72,8 +72,8 @@ def _stage(workdir: str, stage: str, fn: Callable[[str], dict[str, Any]],
   """Runs ``fn(stage_dir)`` unless its done.json exists; returns the recorded info."""
   marker = _done_path(workdir, stage)
   if os.path.exists(marker):
-    with open(marker) as f:
-      info = json.load(f)
+    info = files.read_json(marker, what="demo stage marker (delete it to redo the stage)",
+                           error=errors.DataError)
     log(f"{stage}: done earlier (delete {os.path.dirname(marker)} to redo)")
     return info
   d = os.path.join(workdir, stage)
