@@ -61,6 +61,9 @@ def loop_fields(c: ml_collections.ConfigDict, *, batch_size: int, num_train_step
   if profile_steps is not None:
     c.profile_steps = profile_steps  # steps traced by the profiler hook (0 = off)
   c.init_from = ""                # converted weights folder (sfd_jax.convert.*) to start from
+  # resume with changed model/objective/loss/optimizer-structure/batch/seed/normalisation
+  # fields: "" refuses (listing them), "all" or "objective.delta_t,model.depth" allows
+  c.allow_config_change = ""
   c.debug_preempt_at_step = -1    # testing: send ourselves SIGTERM after this step
   c.writer = "auto"               # auto (clu if TensorFlow is installed, else tensorboardX)
                                   # | clu | tensorboardx | log

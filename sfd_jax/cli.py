@@ -22,6 +22,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sfd_jax.core import errors
+
 # mode -> (job module under sfd_jax.jobs, its entry function fn(config, workdir))
 JOBS: dict[str, tuple[str, str]] = {
     "train": ("train", "run"),
@@ -90,7 +92,7 @@ def run(argv: list[str] | None = None) -> None:
   if root and root not in sys.path:
     sys.path.insert(0, root)
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, argv=argv)
+  errors.run_main(main, argv=argv)   # user errors: one line, exit 2 (docs/errors.md)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import subprocess
 import sys
 from typing import Any, Iterable, Mapping, Sequence
 
+from sfd_jax.core.errors import EXIT_CODE, ArgumentParser, ConfigError, format_line, run_cli
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEPS_FILE = os.path.join("configs", "sweeps.py")
 EMIT_KINDS = ("slurm", "tpu", "gpu")
@@ -41,7 +43,7 @@ _SPEC_KEYS = {"product", "list", "base", "description"}
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
   """A sweep that cannot be expanded or applied to the config."""
 
 
@@ -80,10 +82,17 @@ def load_config(config_arg: str):
   root = _package_root(path)
   if root not in sys.path:
     sys.path.insert(0, root)
-  module = _load_file(path, "_sfd_sweep_config_")
+  try:
+    module = _load_file(path, "_sfd_sweep_config_")
+  except Exception as e:  # pylint: disable=broad-except  (the file's own error)
+    raise SweepError(f"config file {path} cannot be imported ({type(e).__name__}: {e})") from e
   if not hasattr(module, "get_config"):
     raise SweepError(f"{path} has no get_config()")
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    raise SweepError(f"--config={config_arg}: get_config({arg!r}) failed "
+                     f"({type(e).__name__}: {e}); check the options after ':'") from e
 
 
 def _package_root(path: str) -> str:
@@ -407,8 +416,7 @@ def run_locally(runs: Sequence[Run], config_arg: str, keep_going: bool = False,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", required=True, help="config file[:arg], as for main.py")
   ap.add_argument("--sweep", required=True,
                   help="name from configs/sweeps.py, or 'field=v1,v2;field2=w1,w2'")
@@ -450,8 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SweepError(f"--only: no run named {missing}; runs: {[r.name for r in runs]}")
       runs = [r for r in runs if r.name in keep]
   except SweepError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    print(format_line("python -m sfd_jax.sweep", e), file=sys.stderr)
+    return EXIT_CODE
   dir_name = args.name or sweep_name
   if args.run:
     codes = run_locally(runs, args.config, keep_going=args.keep_going, python=args.python)
@@ -471,4 +479,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run_cli(main, "python -m sfd_jax.sweep")

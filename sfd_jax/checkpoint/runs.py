@@ -16,7 +16,7 @@ from absl import logging
 from flax import nnx
 
 from sfd_jax.checkpoint.manager import ITEMS, CheckpointError
-from sfd_jax.core import paths, trees
+from sfd_jax.core import errors, paths, trees
 
 WEIGHTS = ("ema", "params")
 
@@ -35,13 +35,19 @@ def is_run(path: str) -> bool:
 
 
 def _manager(directory: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(paths.abspath(directory), item_names=ITEMS)
+  directory = paths.abspath(directory)
+  if "://" not in directory and not os.path.isdir(directory):
+    raise CheckpointError(f"no checkpoint directory {directory} (expected a training workdir "
+                          "or its checkpoints/ folder)")
+  return ocp.CheckpointManager(directory, item_names=ITEMS,
+                               options=ocp.CheckpointManagerOptions(create=False))
 
 
 def _pick_step(mngr: ocp.CheckpointManager, directory: str, step: int | None) -> int:
   steps = sorted(mngr.all_steps())
   if not steps:
-    raise CheckpointError(f"no checkpoint in {directory}")
+    raise CheckpointError(f"no checkpoint in {directory}: point it at a training run "
+                          "(a workdir with checkpoints/<step>/) or train one first")
   step = steps[-1] if step is None else int(step)
   if step not in steps:
     raise CheckpointError(f"{directory} has no checkpoint at step {step}; available "
@@ -49,12 +55,26 @@ def _pick_step(mngr: ocp.CheckpointManager, directory: str, step: int | None) ->
   return step
 
 
+def _restore(mngr: ocp.CheckpointManager, directory: str, step: int, what: str, args):
+  """``mngr.restore`` with every failure naming the checkpoint and what was read."""
+  try:
+    return mngr.restore(step, args=args)
+  except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore / json)
+    err = errors.as_resource_error(e, where=f"{directory}/{step}")
+    if err is not None:
+      raise err from e
+    raise CheckpointError(f"checkpoint {directory}/{step}: cannot read {what} "
+                          f"({errors.reason(e)}); use another step (available: "
+                          f"{sorted(mngr.all_steps())}) or another run") from e
+
+
 def _read_config(mngr: ocp.CheckpointManager, directory: str, step: int) -> dict:
   from etils import epath  # pylint: disable=import-outside-toplevel
   if not (epath.Path(paths.abspath(directory)) / str(step) / "config").is_dir():
     return {}
-  return dict(mngr.restore(step, args=ocp.args.Composite(
-      config=ocp.args.JsonRestore()))["config"] or {})
+  out = _restore(mngr, directory, step, "its saved config",
+                 ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return dict(out["config"] or {})
 
 
 def read_config(directory: str, step: int | None = None) -> dict:
@@ -74,8 +94,9 @@ def restore_state_only(directory: str, abstract_state: Any, step: int | None = N
   mngr = _manager(directory)
   try:
     step = _pick_step(mngr, directory, step)
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
+    out = _restore(mngr, directory, step, "the train state (does the config describe the "
+                   "model it was trained with?)",
+                   ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return out["state"], step, _read_config(mngr, directory, step)
   finally:
     mngr.close()
@@ -95,11 +116,8 @@ def restore_weights(directory: str, abstract_params: Mapping[str, Any], *,
     step = _pick_step(mngr, directory, step)
     target = {weights: abstract_params}
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    try:
-      out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          target, restore_args=as_numpy, partial_restore=True)))
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(f"{directory}/{step}: cannot read '{weights}': {e}") from e
+    out = _restore(mngr, directory, step, f"'{weights}'", ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target, restore_args=as_numpy, partial_restore=True)))
   finally:
     mngr.close()
   params = trees.to_numpy(out["state"][weights])
@@ -129,7 +147,11 @@ def restore_dit(path: str, *, weights: str = "ema", step: int | None = None, con
   finally:
     mngr.close()
   if run_config:
-    model_cfg = DiTConfig.from_config(ml_collections.ConfigDict(run_config))
+    try:
+      model_cfg = DiTConfig.from_config(ml_collections.ConfigDict(run_config))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+      raise CheckpointError(f"{ckdir}/{step}: its saved config does not describe a "
+                            f"LightningDiT ({e}); is it a run of another trainer?") from e
   elif config is not None:
     logging.warning("%s/%d has no saved config: using the given config's model", ckdir, step)
     model_cfg = DiTConfig.from_config(config)
@@ -139,6 +161,38 @@ def restore_dit(path: str, *, weights: str = "ema", step: int | None = None, con
       nnx.eval_shape(lambda: LightningDiT(model_cfg, rngs=nnx.Rngs(0))), nnx.Param))
   params, step = restore_weights(ckdir, abstract, weights=weights, step=step)
   return params, model_cfg, step, run_config
+
+
+def dit_config(path: str, field: str = "config.sample.checkpoint"):
+  """The ``DiTConfig`` of what ``load_dit(path)`` would load, without reading weights
+  (``meta.json`` of a converted dir, or the saved config of a run)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from sfd_jax.core import files  # pylint: disable=import-outside-toplevel
+  from sfd_jax.models.lightning_dit import DiTConfig  # pylint: disable=import-outside-toplevel
+  if not path:
+    raise CheckpointError(f"{field} is empty: give a converted checkpoint directory or a "
+                          "training workdir")
+  path = os.path.abspath(path)
+  meta_path = os.path.join(path, "meta.json")
+  if os.path.exists(meta_path):
+    meta = files.read_json(meta_path, what=f"{field} metadata", error=CheckpointError)
+    try:
+      return DiTConfig(**meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise CheckpointError(f"{field}={path}: meta.json does not describe a LightningDiT "
+                            f"({e!r})") from e
+  if not is_run(path):
+    raise CheckpointError(f"{field}={path}: neither a converted checkpoint (meta.json) nor "
+                          "a training run (checkpoints/<step>/)")
+  ckdir = checkpoint_dir(path)
+  run_config = read_config(ckdir)
+  if not run_config:
+    raise CheckpointError(f"{ckdir}: the latest checkpoint has no saved config")
+  try:
+    return DiTConfig.from_config(ml_collections.ConfigDict(run_config))
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise CheckpointError(f"{ckdir}: its saved config does not describe a LightningDiT "
+                          f"({e}); is it a run of another trainer?") from e
 
 
 def load_dit(path: str, field: str = "config.sample.checkpoint"):

@@ -18,28 +18,19 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from sfd_jax.core import trees
+from sfd_jax.core import files, trees
+from sfd_jax.core.errors import ConverterInputError, MissingFileError, OutputExistsError
 
 
-class ConversionError(ValueError):
+class ConversionError(ConverterInputError):
   """A reference checkpoint does not match the model it is converted into."""
 
 
 def _torch_load(path: str, entries: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:  # pragma: no cover - depends on the optional install
-    raise ConversionError(
-        f"{path}: reading .pt/.pth/.ckpt files needs PyTorch "
-        "(pip install torch==2.13.0); or convert it to .npz/.safetensors first") from e
-  obj = torch.load(path, map_location="cpu", weights_only=True)
-  if isinstance(obj, Mapping):
-    for entry in (entries or ()):
-      if entry in obj and isinstance(obj[entry], Mapping):
-        obj = obj[entry]
-        break
-  if not isinstance(obj, Mapping):
-    raise ConversionError(f"{path}: expected a state dict, found {type(obj).__name__}")
+  obj = files.read_array_file(path, what="checkpoint file", error=ConversionError,
+                              entries=entries or (),
+                              alternative="or convert it to .npz/.safetensors first")
+  import torch  # pylint: disable=import-outside-toplevel  (read_array_file needed it)
   out = {}
   for k, v in obj.items():
     if hasattr(v, "detach"):
@@ -59,17 +50,23 @@ def load_state_dict(path: str | os.PathLike, entries: Iterable[str] | None = Non
       entry names to try in order (first one present wins).
     prefix: keep only keys starting with this prefix, with the prefix removed. Without
       one, ``.npz`` keys containing "/" (a second network of a fixture) are skipped.
+
+  Raises:
+    MissingFileError: no file at ``path``.
+    ConversionError: the file cannot be read as a state dict (naming it and why).
   """
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"checkpoint file not found: {path}")
+    raise MissingFileError(f"checkpoint file not found: {path}")
+  if os.path.isdir(path):
+    raise ConversionError(f"{path} is a directory; give a reference checkpoint file "
+                          "(.pt/.pth/.ckpt, .npz or .safetensors)")
   if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
-      sd = {k: z[k] for k in z.files if k != "config" and not k.startswith(("in/", "out/"))}
+    sd = files.load_npz(path, what="checkpoint file", error=ConversionError)
+    sd = {k: v for k, v in sd.items() if k != "config" and not k.startswith(("in/", "out/"))}
   elif path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    sd = dict(load_file(path))
-  elif path.endswith((".pt", ".pth", ".ckpt", ".bin")):
+    sd = files.load_safetensors(path, what="checkpoint file", error=ConversionError)
+  elif path.endswith(files.TORCH_SUFFIXES):
     sd = _torch_load(path, entries)
   else:
     raise ConversionError(f"{path}: unknown checkpoint format (expected .npz, .safetensors, "
@@ -204,7 +201,8 @@ def save_params(directory: str | os.PathLike, params: Mapping[str, Any],
 
   directory = os.path.abspath(os.fspath(directory))
   if os.path.exists(directory) and os.listdir(directory) and not force:
-    raise FileExistsError(f"{directory} exists and is not empty (pass force=True / --force)")
+    raise OutputExistsError(f"{directory} exists and is not empty; pass --force (force=True) "
+                            "to overwrite it, or choose another destination")
   os.makedirs(directory, exist_ok=True)
   tree = jax_tree_to_numpy(params)
   with ocp.StandardCheckpointer() as ckptr:
@@ -228,19 +226,54 @@ def load_params(directory: str | os.PathLike, kind: str | None = None,
   directory = os.path.abspath(os.fspath(directory))
   ppath = os.path.join(directory, "params")
   if not os.path.isdir(ppath):
-    raise FileNotFoundError(f"{directory}: not a converted checkpoint (no 'params' folder)")
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(ppath)
+    if not os.path.exists(directory):
+      raise MissingFileError(f"converted checkpoint {directory} not found")
+    raise MissingFileError(f"{directory}: not a converted checkpoint (no 'params' folder); "
+                           "write one with python -m sfd_jax.convert.<network>")
   meta = {}
   mpath = os.path.join(directory, "meta.json")
   if os.path.exists(mpath):
-    with open(mpath) as f:
-      meta = json.load(f)
+    meta = files.read_json(mpath, what="converted checkpoint metadata",
+                           error=ConversionError)
   if kind is not None:
     found = meta.get("kind", meta.get("model"))
     if found != kind and (strict or found is not None):
       raise ConversionError(f"{directory}: meta.json says it holds {found!r}, expected {kind!r}")
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.restore(ppath)
+  except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore errors)
+    from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
+    err = errors.as_resource_error(e, where=directory)
+    if err is not None:
+      raise err from e
+    raise ConversionError(f"converted checkpoint {directory}: its 'params' cannot be read "
+                          f"({errors.reason(e)}); convert or export it again") from e
   return jax_tree_to_numpy(tree), meta
+
+
+def check_converted_dir(directory: str | os.PathLike, kind: str | None = None,
+                        field: str = "") -> dict:
+  """Checks, without reading the weights, that ``directory`` is a converted-weights
+  folder (``params/`` + readable ``meta.json``) of ``kind``; returns the meta.
+
+  Errors (``MissingFileError`` / ``ConversionError``) name ``field`` and the folder.
+  """
+  where = f"{field}={os.fspath(directory)!r}" if field else os.fspath(directory)
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    raise MissingFileError(f"{where}: no such directory (expected a converted checkpoint "
+                           "folder written by python -m sfd_jax.convert.<network>)")
+  if not os.path.isdir(os.path.join(directory, "params")):
+    raise MissingFileError(f"{where}: not a converted checkpoint (no 'params' folder); "
+                           "write one with python -m sfd_jax.convert.<network>")
+  mpath = os.path.join(directory, "meta.json")
+  meta = (files.read_json(mpath, what="converted checkpoint metadata", error=ConversionError)
+          if os.path.exists(mpath) else {})
+  found = meta.get("kind", meta.get("model"))
+  if kind is not None and found is not None and found != kind:
+    raise ConversionError(f"{where}: meta.json says it holds {found!r}, expected {kind!r}")
+  return meta
 
 
 def jax_tree_to_numpy(tree: Mapping[str, Any]) -> dict:
@@ -291,7 +324,8 @@ def converter_main(argv: Sequence[str] | None, *, kind: str, prog: str, descript
   ``config_cls.preset(args.preset)`` and writes it with ``save_params``; ``meta.json``
   holds the kind, preset, config, source path and ``extra_meta``. Returns the directory.
   """
-  parser = argparse.ArgumentParser(prog=prog, description=description)
+  from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
+  parser = errors.ArgumentParser(prog=prog, description=description)
   parser.add_argument("--src", required=True, help=src_help)
   parser.add_argument("--dst", required=True, help="output directory")
   parser.add_argument("--preset", default=default_preset, choices=list(presets))

@@ -93,4 +93,5 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-  main()
+  from sfd_jax.core import errors  # pylint: disable=g-import-not-at-top
+  errors.run_cli(main, "python -m sfd_jax.convert.dinov2")

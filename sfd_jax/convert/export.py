@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -35,6 +34,8 @@ from absl import logging
 from safetensors.numpy import save_file
 
 from sfd_jax.checkpoint import WEIGHTS
+from sfd_jax.core import errors
+from sfd_jax.core.errors import ConfigError
 from sfd_jax.convert.common import load_params, save_params
 from sfd_jax.convert.lightning_dit import config_to_meta
 from sfd_jax.models.lightning_dit import DiTConfig, rope_tables, sincos_pos_embed
@@ -48,7 +49,7 @@ _OWNED = ("params", "meta.json", MANIFEST, f"{REFERENCE_NAME}.safetensors",
           f"{REFERENCE_NAME}.npz")
 
 
-class ExportError(ValueError):
+class ExportError(ConfigError):
   """Bad export options or a checkpoint that cannot be exported."""
 
 
@@ -203,7 +204,7 @@ def cast_tree(tree: Mapping[str, Any], dtype: str) -> dict:
 def _prepare_dst(dst: str, overwrite: bool) -> None:
   if os.path.isdir(dst) and os.listdir(dst):
     if not overwrite:
-      raise FileExistsError(f"export destination {dst} is not empty (set "
+      raise errors.OutputExistsError(f"export destination {dst} is not empty (set "
                             "config.export.overwrite=True, or --overwrite, to replace an "
                             "earlier export there)")
     for name in _OWNED:
@@ -261,8 +262,8 @@ def export_params(params: Mapping[str, Any], cfg, dst: str, *,
 
 def main(argv=None) -> int:
   """``python -m sfd_jax.convert.export``: a converted (Orbax) checkpoint -> other formats."""
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = errors.ArgumentParser(prog="python -m sfd_jax.convert.export", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--src", required=True,
                   help="converted checkpoint dir (params/ + meta.json), e.g. from "
                        "sfd_jax.convert.lightning_dit or an earlier export")
@@ -273,6 +274,9 @@ def main(argv=None) -> int:
   ap.add_argument("--overwrite", action="store_true", help="replace an earlier export in --dst")
   args = ap.parse_args(argv)
   params, meta = load_params(args.src, "lightning_dit")
+  if "config" not in meta:
+    raise ExportError(f"--src {args.src}: meta.json has no 'config' entry (expected a folder "
+                      "written by sfd_jax.convert.lightning_dit or --mode=export)")
   cfg = DiTConfig(**meta["config"])
   manifest = export_params(params, cfg, args.dst, formats=args.formats, dtype=args.dtype,
                            overwrite=args.overwrite, info={"source": os.path.abspath(args.src)})
@@ -281,4 +285,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  errors.run_cli(main, "python -m sfd_jax.convert.export")

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
 import numpy as np
 from flax import nnx
 
-from sfd_jax.core import trees
+from sfd_jax.core import errors, trees
 from sfd_jax.convert.common import (ConversionError, StateDict, assign, load_params,
                                     load_state_dict, save_params)
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT, rope_tables, sincos_pos_embed
@@ -143,8 +142,9 @@ def load_converted(directory, **overrides) -> LightningDiT:
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = errors.ArgumentParser(prog="python -m sfd_jax.convert.lightning_dit",
+                             description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--src", required=True, help="reference checkpoint (.pt/.npz/.safetensors)")
   ap.add_argument("--dst", required=True, help="output directory (Orbax + meta.json)")
   ap.add_argument("--variant", default="XL", help="S, B, L, XL, XXL (=1p0B), 1p6B")
@@ -154,8 +154,12 @@ def main(argv=None) -> int:
                   help="JSON of DiTConfig fields overriding the variant (e.g. input_size)")
   ap.add_argument("--force", action="store_true", help="overwrite a non-empty --dst")
   args = ap.parse_args(argv)
-  overrides = json.loads(args.config_json) if args.config_json else {}
-  cfg = DiTConfig.variant(args.variant, **overrides)
+  try:
+    overrides = json.loads(args.config_json) if args.config_json else {}
+    cfg = DiTConfig.variant(args.variant, **overrides)
+  except (ValueError, TypeError) as e:
+    raise errors.ConfigError(f"--variant {args.variant} / --config-json "
+                             f"{args.config_json or '{}'}: {e}") from e
   sd = load_state_dict(args.src, entries=[args.entry] if args.entry else ["ema", "model"],
                        prefix=args.prefix)
   params = convert_lightning_dit(sd, cfg, name=args.src)
@@ -167,4 +171,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  errors.run_cli(main, "python -m sfd_jax.convert.lightning_dit")

@@ -17,6 +17,7 @@ import sfd_jax  # noqa: F401  (flax settings)
 from sfd_jax.convert import dinov2 as convert_dinov2
 from sfd_jax.convert import semantic_vae as convert_semantic_vae
 from sfd_jax.convert import texture_vae as convert_texture_vae
+from sfd_jax.core.errors import ConfigError, MissingFileError
 from sfd_jax.models import dinov2, semantic_vae, texture_vae
 
 NETWORK_KINDS = ("texture_vae", "dinov2", "semvae")
@@ -76,11 +77,12 @@ def load_network(kind: str, path: str, *, random_init: bool = False, preset: str
     logging.info("%s: random weights of preset %r (%s)", kind, preset, cfg)
     return random_network(model_cls, cfg, dt, seed)
   if not path:
-    raise ValueError(f"no converted {kind} checkpoint given; convert one with "
+    raise ConfigError(f"no converted {kind} checkpoint given; convert one with "
                      f"python -m sfd_jax.convert.{kind.replace('semvae', 'semantic_vae')} "
                      "(see docs/encode.md)")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{kind} checkpoint {path} not found")
+    raise MissingFileError(f"{kind} checkpoint {path} not found; convert one with "
+                           f"python -m sfd_jax.convert.{kind.replace('semvae', 'semantic_vae')}")
   if kind == "texture_vae":
     return convert_texture_vae.load_converted_texture_vae(path, dtype=dt)
   if kind == "dinov2":

@@ -104,11 +104,14 @@ def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict
     return _torch_load_trusted(path)
   try:
     return common.load_state_dict(path, entries=STATE_DICT_ENTRIES)
-  except pickle.UnpicklingError as e:  # the weights-only unpickler refused an object
+  except common.ConversionError as e:
+    if not isinstance(e.__cause__, pickle.UnpicklingError):
+      raise
+    # the weights-only unpickler refused an object: the reference's own training file
     raise common.ConversionError(
-        f"{path}: could not be read with torch.load(weights_only=True) ({e}). If you trust "
-        "the file, pass allow_pickle=True / --allow-pickle, or export its "
-        "'model_state_dict' to .safetensors (see sfd_jax/convert/semantic_vae.py)") from e
+        f"{path}: could not be read with torch.load(weights_only=True) ({e.__cause__}); "
+        "export its 'model_state_dict' to .safetensors (see sfd_jax/convert/semantic_vae.py), "
+        "or, only for the reference's own trusted file, pass --allow-pickle") from e
 
 
 def build_abstract(config: SemVAEConfig, dtype=None) -> SemanticVAE:
@@ -145,4 +148,5 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-  main()
+  from sfd_jax.core import errors  # pylint: disable=g-import-not-at-top
+  errors.run_cli(main, "python -m sfd_jax.convert.semantic_vae")

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 import sfd_jax  # noqa: F401  (flax settings)
+from sfd_jax.core import errors
 from sfd_jax.convert.common import (ConversionError, StateDict, abstract_model, assign, leaves,
                                     load_params, load_state_dict, save_params)
 from sfd_jax.models.texture_vae import PRESETS, TextureVAE, TextureVAEConfig
@@ -156,7 +157,7 @@ def load_converted_texture_vae(directory: str | os.PathLike, *, dtype=None) -> T
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-  parser = argparse.ArgumentParser(
+  parser = errors.ArgumentParser(
       prog="python -m sfd_jax.convert.texture_vae",
       description="Convert an LDM/Lightning texture-VAE checkpoint to an sfd_jax "
                   "Orbax params directory.")
@@ -184,4 +185,4 @@ __all__ = ("IGNORE_PREFIXES", "convert_texture_vae", "load_texture_vae", "save_c
            "load_converted_texture_vae", "main")
 
 if __name__ == "__main__":
-  main()
+  errors.run_cli(main, "python -m sfd_jax.convert.texture_vae")

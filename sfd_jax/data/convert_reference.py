@@ -18,10 +18,8 @@ rerun, so an interrupted conversion resumes where it stopped.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
-import sys
 import time
 from typing import Callable, Sequence
 
@@ -29,6 +27,8 @@ from array_record.python import array_record_module
 import numpy as np
 from safetensors import safe_open
 
+from sfd_jax.core import errors, files
+from sfd_jax.core.errors import MissingFileError
 from sfd_jax.data import records as records_lib
 from sfd_jax.data import schema as schema_lib
 from sfd_jax.data import stats as stats_lib
@@ -47,14 +47,16 @@ def reference_shards(src: str) -> list[str]:
   """The reference's safetensors files in ``src``, sorted by name."""
   files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
   if not files:
-    raise FileNotFoundError(f"no *.safetensors files in {src}")
+    if not os.path.isdir(src):
+      raise MissingFileError(f"--src {src}: no such directory (expected the reference's "
+                             "folder of *.safetensors latents)")
+    raise MissingFileError(f"--src {src}: no *.safetensors files in this directory (expected "
+                           "the reference's extract_features.py output)")
   return files
 
 
 def _key_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
-  with safe_open(path, framework="numpy") as f:
-    return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
-            for k in f.keys()}
+  return files.safetensors_shapes(path, what="reference latents", error=DataFormatError)
 
 
 def infer_schema(path: str, repa: bool = True) -> LatentSchema:
@@ -117,14 +119,18 @@ def convert_shard(src: str, dst: str, schema: LatentSchema,
   n = check_reference_shard(src, schema)
   specs = schema.fields()
   arrays = {}
-  with safe_open(src, framework="numpy") as f:
-    for name, spec in specs.items():
-      if name == "label":
-        continue
-      part, _, flip = name.partition("_")
-      key = REFERENCE_KEYS[part] + ("_flip" if flip else "")
-      arrays[name] = _nhwc(f.get_tensor(key), spec.dtype)
-    labels = f.get_tensor(LABEL_KEY)
+  try:
+    with safe_open(src, framework="numpy") as f:
+      for name, spec in specs.items():
+        if name == "label":
+          continue
+        part, _, flip = name.partition("_")
+        key = REFERENCE_KEYS[part] + ("_flip" if flip else "")
+        arrays[name] = _nhwc(f.get_tensor(key), spec.dtype)
+      labels = f.get_tensor(LABEL_KEY)
+  except Exception as e:  # pylint: disable=broad-except  (SafetensorError: truncated data)
+    raise DataFormatError(f"reference latents {src}: cannot read its tensors "
+                          f"({errors.reason(e)}); the file is truncated or corrupt") from e
   if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.int32).max):
     raise DataFormatError(f"{src}: labels outside [0, 2^31) (min {labels.min()}, "
                           f"max {labels.max()})")
@@ -217,7 +223,7 @@ def convert(src: str, dst: str, *, repa: bool = True,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = errors.ArgumentParser(
       prog="python -m sfd_jax.data.convert_reference", description=__doc__.split("\n\n")[0])
   parser.add_argument("--src", required=True, help="directory of reference *.safetensors")
   parser.add_argument("--dst", required=True, help="output dataset directory")
@@ -237,4 +243,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  errors.run_cli(main, "python -m sfd_jax.data.convert_reference")

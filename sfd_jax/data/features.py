@@ -20,6 +20,8 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from sfd_jax.core import files
+from sfd_jax.core.errors import MissingFileError
 from sfd_jax.data import images as images_lib
 from sfd_jax.data import records
 from sfd_jax.data.schema import DataFormatError, ShardInfo
@@ -134,7 +136,7 @@ class FeatureRecords:
     self.directory = os.fspath(directory)
     path = os.path.join(self.directory, FEATURES_FILE)
     if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} not found: {self.directory!r} is not a feature "
+      raise MissingFileError(f"{path} not found: {self.directory!r} is not a feature "
                               "dataset (write one with --mode=extract)")
     try:
       with open(path, encoding="utf-8") as f:

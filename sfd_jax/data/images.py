@@ -45,6 +45,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from sfd_jax.core.errors import ConfigError, DataError, MissingFileError, OutputExistsError
 from sfd_jax.data import preprocess
 from sfd_jax.data import records
 
@@ -55,7 +56,7 @@ JOB_FILE = "job.json"
 DONE_SUFFIX = ".done.json"
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
   """An image that cannot be decoded; ``name`` identifies it, ``reason`` says why."""
 
   def __init__(self, name: str, reason: str):
@@ -73,12 +74,12 @@ class ImageFolderSource:
   def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS):
     self.root = os.path.abspath(os.fspath(root))
     if not os.path.isdir(self.root):
-      raise FileNotFoundError(f"image folder {self.root} not found (expected one "
+      raise MissingFileError(f"image folder {self.root} not found (expected one "
                               "sub-folder per class)")
     exts = tuple(e.lower() for e in extensions)
     self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
     if not self.classes:
-      raise FileNotFoundError(f"image folder {self.root} has no class sub-folders")
+      raise MissingFileError(f"image folder {self.root} has no class sub-folders")
     self._names: list[str] = []
     self._labels: list[int] = []
     for label, cls in enumerate(self.classes):
@@ -88,7 +89,7 @@ class ImageFolderSource:
             self._names.append(os.path.relpath(os.path.join(dirpath, fname), self.root))
             self._labels.append(label)
     if not self._names:
-      raise FileNotFoundError(f"image folder {self.root}: no files with extensions {exts}")
+      raise MissingFileError(f"image folder {self.root}: no files with extensions {exts}")
 
   def __len__(self) -> int:
     return len(self._names)
@@ -134,11 +135,11 @@ class TfdsSource:
     builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
     if not builder.is_prepared():
       if not getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"TFDS dataset {name} is not prepared in {builder.data_dir} and downloads are "
             "disabled; prepare it first (tfds build --file_format=array_record)")
       if not manual_dir:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"TFDS dataset {name} is not prepared in {builder.data_dir}: set the manual "
             f"download folder (data.tfds_manual_dir). {builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
       logging.info("preparing TFDS %s from %s (once)", name, manual_dir)
@@ -188,13 +189,41 @@ def make_source(cfg: Mapping[str, Any]):
   kind = cfg.get("source", "folder")
   if kind == "folder":
     if not cfg.get("path"):
-      raise ValueError("data.path is empty: point it at a folder of class sub-folders")
+      raise ConfigError("config.data.path is empty: point it at a folder of class "
+                        "sub-folders (one per class)")
     return ImageFolderSource(cfg["path"])
   if kind == "tfds":
     return TfdsSource(cfg.get("tfds_name") or "imagenet2012", cfg.get("tfds_split") or "train",
                       data_dir=cfg.get("tfds_data_dir") or None,
                       manual_dir=cfg.get("tfds_manual_dir") or None)
-  raise ValueError(f"data.source {kind!r} not one of {SOURCE_KINDS}")
+  raise ConfigError(f"config.data.source {kind!r} not one of {SOURCE_KINDS}: use 'folder' "
+                    "(an image folder of class sub-folders) or 'tfds'")
+
+
+def validate_job_config(config, section: str) -> None:
+  """The fields of a data job (``config.<section>``: ``encode`` or ``extract``, and
+  ``config.job`` / ``config.data``), checked before any network is loaded."""
+  from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
+  e = errors
+  e.require_sections(config, (section, "job", "data"), mode=section,
+                     example="configs/encode_imagenet.py")
+  rules = [(f"{section}.per_device_batch", e.positive_int, "an integer > 0"),
+           (f"{section}.records_per_shard", e.positive_int, "an integer > 0")]
+  if section == "encode":
+    rules += [("encode.image_size", e.positive_int, "an integer > 0 (the ADM centre crop)"),
+              ("encode.dino_size", e.positive_int, "an integer > 0"),
+              ("encode.stats_samples", e.positive_int, "an integer > 0")]
+  else:
+    rules += [("extract.resize", e.positive_int, "an integer > 0"),
+              ("extract.crop", e.positive_int, "an integer > 0")]
+  rules += [("job.decode_threads", e.positive_int, "an integer > 0"),
+            ("job.prefetch_batches", e.positive_int, "an integer > 0"),
+            ("job.log_every_batches", e.positive_int, "an integer > 0"),
+            ("job.compression", e.one_of(records.COMPRESSIONS),
+             f"one of {records.COMPRESSIONS}"),
+            ("data.max_images", e.non_negative_int, "an integer >= 0 (0: all)"),
+            ("data.source", e.one_of(SOURCE_KINDS), f"one of {SOURCE_KINDS}")]
+  e.check_fields(config, rules)
 
 
 class Subset:
@@ -302,14 +331,14 @@ def check_job_manifest(directory: str, manifest: Mapping[str, Any]) -> None:
   path = os.path.join(directory, JOB_FILE)
   manifest = json.loads(json.dumps(manifest, sort_keys=True, default=str))
   if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
+    from sfd_jax.core import files  # pylint: disable=import-outside-toplevel
+    old = files.read_json(path, what="job manifest", error=DataError)
     diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
     if diff:
       detail = "; ".join(f"{k}: recorded {old.get(k)!r}, now {manifest.get(k)!r}"
                          for k in diff)
-      raise ValueError(f"{directory} holds the output of another job ({detail}). Use a new "
-                       "output directory, or delete it to start over.")
+      raise OutputExistsError(f"{directory} holds the output of another job ({detail}). Use "
+                              "a new output directory, or delete it to start over.")
     return
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w", encoding="utf-8") as f:

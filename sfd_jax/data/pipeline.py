@@ -36,7 +36,7 @@ import numpy as np
 
 from sfd_jax.data import records as records_lib
 from sfd_jax.data import stats as stats_lib
-from sfd_jax.data.schema import LatentSchema
+from sfd_jax.data.schema import DataFormatError, LatentSchema
 
 STATE_FORMAT = "sfd_jax.data.LatentIterator/1"
 _FLIP_STREAM = 0x5F11  # separates the flip RNG stream from other uses of the seed
@@ -80,13 +80,17 @@ class ExampleTransform(grain.transforms.MapWithIndex):
 
   def __init__(self, schema: LatentSchema, stats: stats_lib.LatentStats, *,
                latent_multiplier: float = 1.0, flip: bool = True, repa: bool = True,
-               seed: int = 0):
+               seed: int = 0, num_classes: int | None = None, where: str = "dataset"):
     if flip and not schema.has_flip:
-      raise ValueError("flip augmentation requested but the dataset stores no flipped "
-                       "views (schema.has_flip is False); pass flip=False")
+      raise DataFormatError(f"{where}: flip augmentation requested but the dataset stores "
+                            "no flipped views (schema.has_flip is False); pass flip=False "
+                            "(config.data.flip=False)")
     if repa and not schema.has_repa:
-      raise ValueError("REPA features requested but the dataset stores none "
-                       "(schema.has_repa is False); pass repa=False")
+      raise DataFormatError(f"{where}: REPA features requested but the dataset stores none "
+                            "(schema.has_repa is False); pass repa=False "
+                            "(config.objective.use_repa=False)")
+    self.num_classes = None if num_classes is None else int(num_classes)
+    self.where = where
     stats.check(schema, where="normalisation stats")
     self.schema = schema
     self.flip = flip
@@ -103,8 +107,13 @@ class ExampleTransform(grain.transforms.MapWithIndex):
     latent = np.concatenate([texture, semantic], axis=-1)
     if self.multiplier != 1:
       latent = latent * self.multiplier
-    out = {"latent": latent.astype(np.float32, copy=False),
-           "label": np.asarray(element["label"], np.int32)}
+    label = np.asarray(element["label"], np.int32)
+    if self.num_classes is not None and not 0 <= int(label) < self.num_classes:
+      raise DataFormatError(
+          f"{self.where}: a record (stream element {index}) has class label {int(label)}, "
+          f"outside [0, {self.num_classes}) of config.model.num_classes; fix the labels or "
+          "set config.model.num_classes to the number of classes")
+    out = {"latent": latent.astype(np.float32, copy=False), "label": label}
     if self.repa:  # stays in its stored dtype here; BatchFn casts while stacking
       out["repa"] = element["repa" + suffix].reshape(self.schema.num_tokens,
                                                      self.schema.repa_dim)
@@ -154,7 +163,8 @@ def build_pipeline(data_dir: str | os.PathLike, *, batch_size: int, seed: int = 
                    repa_dtype: str = "float32", shuffle: bool = True,
                    drop_remainder: bool = True, num_workers: int = 0,
                    worker_buffer_size: int = 2, read_threads: int = 2,
-                   prefetch_batches: int = 2) -> "LatentIterator":
+                   prefetch_batches: int = 2,
+                   num_classes: int | None = None) -> "LatentIterator":
   """Builds the training iterator over a stored latent dataset.
 
   Args:
@@ -180,6 +190,8 @@ def build_pipeline(data_dir: str | os.PathLike, *, batch_size: int, seed: int = 
     worker_buffer_size: batches each worker keeps ready.
     read_threads: threads producing batches (in each worker, or in-process).
     prefetch_batches: batches the thread pool keeps ready.
+    num_classes: when given, every label must be in ``[0, num_classes)`` (a
+      ``DataFormatError`` naming the dataset otherwise, before it reaches the model).
   """
   ensure_absl_flags_parsed()
   process_index, process_count = _check_process(process_index, process_count)
@@ -191,7 +203,8 @@ def build_pipeline(data_dir: str | os.PathLike, *, batch_size: int, seed: int = 
   if not isinstance(stats, stats_lib.LatentStats):
     stats = stats_lib.load_stats(data_dir if stats is None else stats, records.schema)
   transform = ExampleTransform(records.schema, stats, latent_multiplier=latent_multiplier,
-                               flip=flip, repa=repa, seed=seed)
+                               flip=flip, repa=repa, seed=seed, num_classes=num_classes,
+                               where=f"dataset {os.fspath(data_dir)}")
   settings = {
       "seed": int(seed), "num_records": len(records), "num_epochs": num_epochs,
       "global_batch_size": int(batch_size) * process_count, "shuffle": bool(shuffle),

@@ -19,6 +19,7 @@ from array_record.python import array_record_module
 import grain
 import numpy as np
 
+from sfd_jax.core.errors import MissingFileError
 from sfd_jax.data import schema as schema_lib
 from sfd_jax.data.schema import DataFormatError, DatasetInfo, LatentSchema, ShardInfo
 
@@ -57,6 +58,7 @@ class ShardWriter:
     self.path = os.fspath(path)
     self.schema = schema
     self.num_records = 0
+    self.label_range: tuple[int, int] | None = None   # (min, max) of the labels written
     self._tmp = f"{self.path}{_TMP_MARK}{os.getpid()}"
     self._writer = array_record_module.ArrayRecordWriter(self._tmp, writer_options(compression))
     if not self._writer.ok():
@@ -67,6 +69,9 @@ class ShardWriter:
     where = f"{os.path.basename(self.path)} record {self.num_records}"
     self._writer.write(schema_lib.encode_record(example, self.schema, where))
     self.num_records += 1
+    label = int(np.asarray(example["label"]))
+    lo, hi = self.label_range or (label, label)
+    self.label_range = (min(lo, label), max(hi, label))
 
   def close(self) -> ShardInfo:
     """Finishes the shard, renames it to its final name and describes it."""
@@ -94,12 +99,26 @@ class ShardWriter:
 
 
 def write_shard(path: str | os.PathLike, examples: Iterable[Mapping[str, Any]],
-                schema: LatentSchema, compression: str = DEFAULT_COMPRESSION) -> ShardInfo:
-  """Writes ``examples`` as one shard at ``path`` (atomically)."""
+                schema: LatentSchema, compression: str = DEFAULT_COMPRESSION,
+                label_ranges: list | None = None) -> ShardInfo:
+  """Writes ``examples`` as one shard at ``path`` (atomically). ``label_ranges``: a list
+  the shard's (min, max) label is appended to (when it has records)."""
   with ShardWriter(path, schema, compression) as w:
     for ex in examples:
       w.write(ex)
-    return w.close()
+    info = w.close()
+    if label_ranges is not None and w.label_range is not None:
+      label_ranges.append(w.label_range)
+    return info
+
+
+def label_metadata(ranges) -> dict[str, Any]:
+  """``{"labels": {"min", "max"}}`` for ``dataset.json`` from per-shard (min, max)."""
+  ranges = [r for r in ranges if r is not None]
+  if not ranges:
+    return {}
+  return {"labels": {"min": int(min(r[0] for r in ranges)),
+                     "max": int(max(r[1] for r in ranges))}}
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
@@ -121,7 +140,7 @@ def inspect_shard(path: str | os.PathLike) -> ShardInfo:
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"shard {path} not found")
+    raise MissingFileError(f"shard {path} not found")
   reader = array_record_module.ArrayRecordReader(path)
   if not reader.ok():
     raise DataFormatError(f"shard {path} ({os.path.getsize(path)} bytes) is not a "
@@ -140,10 +159,11 @@ def write_dataset(directory: str | os.PathLike,
   """Writes a whole dataset: one shard per entry of ``shards``, then ``dataset.json``."""
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
+  ranges: list = []
   infos = [write_shard(os.path.join(directory, shard_name(i, len(shards))), examples,
-                       schema, compression)
+                       schema, compression, label_ranges=ranges)
            for i, examples in enumerate(shards)]
-  info = DatasetInfo(schema, tuple(infos), dict(metadata or {}))
+  info = DatasetInfo(schema, tuple(infos), {**label_metadata(ranges), **dict(metadata or {})})
   schema_lib.write_dataset_info(directory, info)
   return info
 
@@ -197,7 +217,7 @@ class LatentRecords:
   @staticmethod
   def _check_shard(path: str, shard: ShardInfo, verify: bool) -> None:
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"shard {path} listed in {schema_lib.DATASET_FILE} not found")
+      raise MissingFileError(f"shard {path} listed in {schema_lib.DATASET_FILE} not found")
     size = os.path.getsize(path)
     if size != shard.num_bytes:
       raise DataFormatError(

@@ -34,6 +34,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from sfd_jax.core.errors import DataError, MissingFileError
+
 SCHEMA_VERSION = 1
 DATASET_FILE = "dataset.json"
 STATS_FILE = "stats.npz"
@@ -44,7 +46,7 @@ _PREFIX = struct.Struct("<4sI")  # magic, header length
 _ALIGN = 8
 
 
-class DataFormatError(ValueError):
+class DataFormatError(DataError):
   """Stored data does not match the schema (names the file/record and the field)."""
 
 
@@ -312,14 +314,15 @@ def read_dataset_info(directory: str | os.PathLike) -> DatasetInfo:
   """
   path = os.path.join(os.fspath(directory), DATASET_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{path} not found: {os.fspath(directory)!r} is not an sfd_jax latent dataset "
         "(write one with sfd_jax.data.records or sfd_jax.data.convert_reference)")
   try:
     with open(path, encoding="utf-8") as f:
       obj = json.load(f)
   except ValueError as e:
-    raise DataFormatError(f"{path}: not valid JSON: {e}") from e
+    raise DataFormatError(f"{path}: not valid JSON ({e}); restore it from a copy or rerun "
+                          "the job that wrote the dataset") from e
   if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
     raise DataFormatError(f"{path}: 'format' must be {FORMAT_NAME!r}")
   if obj.get("schema_version") != SCHEMA_VERSION:

@@ -19,6 +19,8 @@ from typing import Mapping
 
 import numpy as np
 
+from sfd_jax.core import files
+from sfd_jax.core.errors import MissingFileError
 from sfd_jax.data.schema import STATS_FILE, DataFormatError, LatentSchema
 
 _KEYS = ("texture_mean", "texture_std", "semantic_mean", "semantic_std")
@@ -56,7 +58,13 @@ class LatentStats:
           raise DataFormatError(f"{where}: '{name}' expected shape {list(want)}, "
                                 f"found {list(a.shape)}")
       if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
-        raise DataFormatError(f"{where}: '{part}' mean/std must be finite with std > 0")
+        bad = [f"{name}[{i}]={float(a[i])}" for name, a in ((f"{part}_mean", mean),
+                                                       (f"{part}_std", std))
+               for i in np.flatnonzero(~np.isfinite(a) | ((a <= 0) if "std" in name else
+                                                           np.zeros_like(a, bool)))[:3]]
+        raise DataFormatError(f"{where}: '{part}' mean/std must be finite with std > 0 "
+                              f"(found {', '.join(bad)}); recompute the statistics "
+                              "(sfd_jax.data.stats.compute_stats)")
 
   def save(self, path: str | os.PathLike) -> str:
     """Writes ``stats.npz`` (atomically); returns the path."""
@@ -82,22 +90,23 @@ def load_stats(path: str | os.PathLike, schema: LatentSchema | None = None) -> L
   if os.path.isdir(path):
     path = stats_path(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"latent statistics {path} not found: compute them with "
         "sfd_jax.data.stats.compute_stats(...).save(path), or convert the reference's "
         "latents_stats.pt / latents_sv_stats.pt with sfd_jax.data.convert_reference")
-  with np.load(path, allow_pickle=False) as z:
-    missing = [k for k in _KEYS if k not in z.files]
-    if missing:
-      raise DataFormatError(f"{path}: missing arrays {missing} (has {sorted(z.files)})")
-    arrays = {k: z[k] for k in _KEYS}
+  z = files.load_npz(path, what="latent statistics", error=DataFormatError)
+  missing = [k for k in _KEYS if k not in z]
+  if missing:
+    raise DataFormatError(f"{path}: missing arrays {missing} (has {sorted(z)}); expected "
+                          f"{list(_KEYS)} as written by LatentStats.save")
+  arrays = {k: z[k] for k in _KEYS}
   for k, a in arrays.items():
     if a.ndim != 1:
       raise DataFormatError(f"{path}: '{k}' expected a vector, found shape {list(a.shape)}")
   try:
     stats = LatentStats(**arrays)
   except DataFormatError as e:
-    raise DataFormatError(f"{path}: {e}") from e
+    raise DataFormatError(f"{path}: {str(e).removeprefix('LatentStats: ')}") from e
   stats.check(schema, where=path)
   return stats
 
@@ -160,26 +169,13 @@ def compute_stats(records, num_samples: int = 10_000, seed: int = 0,
 
 
 def _read_mean_std(path: str) -> Mapping[str, np.ndarray]:
-  if path.endswith(".pt"):
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise DataFormatError(
-          f"{path}: reading .pt files needs PyTorch; or save its 'mean'/'std' as "
-          f"{path[:-3]}.npz first") from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, Mapping):
-      raise DataFormatError(f"{path}: expected a dict with 'mean' and 'std', found "
-                            f"{type(obj).__name__}")
-    return {k: v.detach().float().numpy() if hasattr(v, "detach") else np.asarray(v)
-            for k, v in obj.items()}
-  if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    return dict(load_file(path))
-  raise DataFormatError(f"{path}: unknown stats format (expected {_REFERENCE_EXTS})")
+  if not path.endswith(_REFERENCE_EXTS):
+    raise DataFormatError(f"{path}: unknown stats format (expected {_REFERENCE_EXTS})")
+  obj = files.read_array_file(
+      path, what="reference statistics", error=DataFormatError,
+      alternative=f"or save its 'mean'/'std' as {path[:-3]}.npz first")
+  return {k: v.detach().float().numpy() if hasattr(v, "detach") else np.asarray(v)
+          for k, v in obj.items()}
 
 
 def _mean_std_vectors(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -205,7 +201,7 @@ def load_reference_stats(texture_path: str | os.PathLike, semantic_path: str | o
   for part, p in (("texture", texture_path), ("semantic", semantic_path)):
     p = os.fspath(p)
     if not os.path.exists(p):
-      raise FileNotFoundError(f"{part} stats file {p} not found")
+      raise MissingFileError(f"{part} stats file {p} not found")
     paths[part] = p
   t_mean, t_std = _mean_std_vectors(paths["texture"])
   s_mean, s_std = _mean_std_vectors(paths["semantic"])

@@ -31,12 +31,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sfd_jax import checkpoint, parallel
 from sfd_jax.core import images as images_lib
 from sfd_jax.core import progress
+from sfd_jax.core import errors
+from sfd_jax.core.errors import ConfigError
 from sfd_jax.diffusion import guidance, samplers
 from sfd_jax.parallel.multihost import gather, process_barrier
 
 
-class SamplingError(ValueError):
-  pass
+class SamplingError(ConfigError):
+  """A sampling option, or a model / guide / decoder that does not fit the others."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +119,20 @@ def load_decoder(config) -> LatentDecoder | None:
   # pylint: disable=import-outside-toplevel
   from sfd_jax.convert.texture_vae import load_converted_texture_vae
   from sfd_jax.data import stats as stats_lib
-  vae = load_converted_texture_vae(config.sample.texture_vae)
+  try:
+    vae = load_converted_texture_vae(config.sample.texture_vae)
+  except errors.UserError as e:
+    raise SamplingError(f"config.sample.texture_vae={config.sample.texture_vae!r}: {e}") from e
   path = config.sample.get("stats", "") or config.data.get("stats", "") or config.data.path
   if not path:
     raise SamplingError("decoding needs latent statistics: set config.sample.stats or "
                         "config.data.path")
-  stats = stats_lib.load_stats(path)
+  try:
+    stats = stats_lib.load_stats(path)
+  except errors.UserError as e:
+    field = ("config.sample.stats" if config.sample.get("stats", "") else
+             "config.data.stats" if config.data.get("stats", "") else "config.data.path")
+    raise SamplingError(f"{field}={path!r}: {e}") from e
   return LatentDecoder(vae, jnp.asarray(stats.texture_mean, jnp.float32),
                        jnp.asarray(stats.texture_std, jnp.float32),
                        float(config.data.get("latent_multiplier", 1.0)))
@@ -145,6 +155,51 @@ def generate(model, guide, decoder: LatentDecoder | None, indices: jax.Array,
   if decoder is None:
     return out.x, out.nfe
   return decoder.decode(out.x[..., :cfg.in_channels - cfg.semantic_chans]), out.nfe
+
+
+def check_decoder(main, decoder: LatentDecoder | None, field: str = "config.sample") -> None:
+  """The texture VAE and the statistics must fit the model's texture channels."""
+  if decoder is None:
+    return
+  tex = main.in_channels - main.semantic_chans
+  vae_ch = getattr(getattr(decoder.vae, "config", None), "embed_dim", None)
+  if vae_ch is not None and vae_ch != tex:
+    raise SamplingError(
+        f"{field}.texture_vae: the texture VAE decodes {vae_ch}-channel latents, but the "
+        f"model has {tex} texture channels (in_channels {main.in_channels} - semantic_chans "
+        f"{main.semantic_chans}); use the texture VAE the latents were encoded with")
+  if int(decoder.mean.shape[-1]) != tex:
+    raise SamplingError(
+        f"{field}.stats: the latent statistics have {int(decoder.mean.shape[-1])} texture "
+        f"channels, the model {tex}; use the stats.npz of the model's training data")
+
+
+def validate_config(config, section: str = "sample") -> SamplingOptions:
+  """The sampling fields of ``config.<section>`` (ranges, choices), checked before any
+  model is loaded; returns the options."""
+  e = errors
+  e.require_sections(config, (section, "data"), mode="sample", example="configs/sfd_xl.py")
+  from sfd_jax.diffusion.guidance import GUIDANCE_MODES  # pylint: disable=import-outside-toplevel
+  rules = [
+      ("num_images", e.positive_int, "an integer > 0"),
+      ("batch_size", e.positive_int, "an integer > 0 (global)"),
+      ("method", e.one_of(samplers.METHODS), f"one of {samplers.METHODS}"),
+      ("guidance", e.one_of(GUIDANCE_MODES), f"one of {GUIDANCE_MODES}"),
+      ("scale", e.non_negative_number, "a number >= 0 (1: no guidance)"),
+      ("num_steps", lambda v: e.positive_int(v) and v >= 2, "an integer >= 2"),
+      ("atol", e.positive_number, "a number > 0"),
+      ("rtol", e.positive_number, "a number > 0"),
+      ("timestep_shift", e.non_negative_number, "a number >= 0"),
+      ("seed", e.non_negative_int, "an integer >= 0"),
+  ]
+  e.check_fields(config[section], rules, prefix=f"config.{section}")
+  opts = SamplingOptions.from_config(config[section])
+  if section == "sample" and opts.guidance == "autoguidance" and opts.scale > 1 and not (
+      config.sample.get("guide_checkpoint", "")):
+    raise SamplingError("config.sample.guidance='autoguidance' with scale > 1 needs "
+                        "config.sample.guide_checkpoint (the guide model); set it, or use "
+                        "guidance 'cfg' / 'none'")
+  return opts
 
 
 def check_guide(main, guide) -> None:
@@ -275,25 +330,42 @@ def with_compute_dtype(model, dtype: str):
 
 
 def prepare(config):
-  """(model, guide or None, decoder or None, options) named by ``config.sample``."""
+  """(model, guide or None, decoder or None, options) named by ``config.sample``.
+
+  What fits together is checked before any weights are read: the guide against the main
+  model, the texture VAE and the statistics against the model's texture channels.
+  """
   s = config.sample
-  opts = SamplingOptions.from_config(s)
+  opts = validate_config(config)
   dtype = s.get("dtype", "float32") or "float32"
+  autoguidance = opts.guidance == "autoguidance" and opts.scale > 1
   try:
+    main_cfg = checkpoint.dit_config(s.checkpoint, "config.sample.checkpoint")
+    if autoguidance:
+      check_guide(main_cfg, checkpoint.dit_config(s.guide_checkpoint,
+                                                  "config.sample.guide_checkpoint"))
+    decoder = load_decoder(config)
+    check_decoder(main_cfg, decoder)
     model = checkpoint.load_dit(s.checkpoint, "config.sample.checkpoint")
     guide = None
-    if opts.guidance == "autoguidance" and opts.scale > 1:
+    if autoguidance:
       guide = checkpoint.load_dit(s.guide_checkpoint, "config.sample.guide_checkpoint")
       check_guide(model.cfg, guide.cfg)
     model, guide = with_compute_dtype(model, dtype), with_compute_dtype(guide, dtype)
   except checkpoint.CheckpointError as e:
     raise SamplingError(str(e)) from e
-  return model, guide, load_decoder(config), opts
+  return model, guide, decoder, opts
 
 
 def sample_from_config(config, workdir: str, devices=None) -> dict[str, Any]:
   """``config.sample`` end to end: load, sample into ``<workdir>/samples`` (resumable),
   write ``<workdir>/sample_info.json``."""
+  validate_config(config)
+  n_dev = len(devices) if devices is not None else jax.device_count()
+  if int(config.sample.batch_size) % n_dev:
+    raise SamplingError(f"config.sample.batch_size={int(config.sample.batch_size)} is not "
+                        f"divisible by the {n_dev} devices; use a multiple of {n_dev}")
+  errors.check_writable(os.path.join(workdir, "samples"), "the samples directory")
   model, guide, decoder, opts = prepare(config)
   result = sample_to_directory(
       model, guide, decoder, opts, os.path.join(workdir, "samples"),

@@ -36,6 +36,7 @@ import optax
 from flax import nnx
 
 from sfd_jax.convert import feature_net as feat_io
+from sfd_jax.core import errors, files
 from sfd_jax.core import images as images_lib
 from sfd_jax.diffusion import generation
 from sfd_jax.metrics import adm
@@ -71,8 +72,8 @@ def _stage(workdir: str, stage: str, fn: Callable[[str], dict[str, Any]],
   """Runs ``fn(stage_dir)`` unless its done.json exists; returns the recorded info."""
   marker = _done_path(workdir, stage)
   if os.path.exists(marker):
-    with open(marker) as f:
-      info = json.load(f)
+    info = files.read_json(marker, what="demo stage marker (delete it to redo the stage)",
+                           error=errors.DataError)
     log(f"{stage}: done earlier (delete {os.path.dirname(marker)} to redo)")
     return info
   d = os.path.join(workdir, stage)
@@ -441,9 +442,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the whole demo; returns the content of ``metrics.json``."""
   t_start = time.time()
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  errors.require_sections(config, ("demo", "model", "data", "sample", "train_eval"),
+                          mode="demo", example="configs/demo.py")
+  if config.demo.get("dataset", "digits") != "digits":
+    raise errors.ConfigError(f"config.demo.dataset must be 'digits' (scikit-learn's "
+                             f"load_digits, the only one built in), got "
+                             f"{config.demo.dataset!r}")
+  errors.check_writable(workdir, "the demo workdir")
   if jax.process_count() > 1:
-    raise ValueError("the demo runs in one process (it is meant for one CPU machine)")
+    raise errors.ConfigError("the demo runs in one process (it is meant for one CPU "
+                             "machine): run it without the multi-process environment")
   log(f"workdir {workdir}; {jax.device_count()} {jax.devices()[0].platform} device(s)")
   timings: dict[str, float] = {}
   results: dict[str, Any] = {}

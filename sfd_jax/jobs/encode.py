@@ -53,6 +53,8 @@ from sfd_jax.data import schema as schema_lib
 from sfd_jax.data import stats as stats_lib
 from sfd_jax.data.schema import LatentSchema
 from sfd_jax.convert.networks import load_network
+from sfd_jax.core import errors
+from sfd_jax.core.errors import ConfigError
 from sfd_jax.core.jit import compiler_options, jitted
 from sfd_jax.parallel.multihost import check_batch_size, local_mesh, place_networks
 from sfd_jax.models.semantic_vae import token_grid
@@ -81,19 +83,22 @@ def latent_schema(config: ml_collections.ConfigDict, tvae, dino, semvae) -> Late
   e = config.encode
   f = tvae.config.downsample_factor
   if e.image_size % f:
-    raise ValueError(f"config.encode.image_size {e.image_size} is not divisible by the "
+    raise ConfigError(f"config.encode.image_size {e.image_size} is not divisible by the "
                      f"texture VAE's downsampling factor {f}")
   grid = e.image_size // f
   dino_grid = dino.patch_grid(e.dino_size, e.dino_size)
   if dino_grid != (grid, grid):
-    raise ValueError(
+    raise ConfigError(
         f"texture latent grid {grid}×{grid} (image_size {e.image_size} / {f}) differs from "
         f"the DINOv2 patch grid {dino_grid[0]}×{dino_grid[1]} (dino_size {e.dino_size} / "
         f"patch {dino.config.patch_size}): the stored latents need one grid")
   if semvae.config.input_dim != dino.config.embed_dim:
-    raise ValueError(f"SemVAE input width {semvae.config.input_dim} differs from the DINOv2 "
+    raise ConfigError(f"SemVAE input width {semvae.config.input_dim} differs from the DINOv2 "
                      f"width {dino.config.embed_dim}")
-  token_grid(grid * grid)
+  try:
+    token_grid(grid * grid)
+  except ValueError as err:
+    raise ConfigError(f"config.encode: {err}") from err
   return LatentSchema(grid=grid, texture_channels=tvae.config.embed_dim,
                       semantic_channels=semvae.config.bottleneck_dim,
                       repa_dim=dino.config.embed_dim, has_repa=bool(e.store_repa),
@@ -163,7 +168,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns ``{"complete", "num_records", "skipped", "stats"}`` (totals and stats only on
   process 0 once every shard is finished).
   """
+  images_lib.validate_job_config(config, "encode")
   e = config.encode
+  errors.check_writable(workdir, "the output dataset directory")
   source = images_lib.Subset(images_lib.make_source(config.data),
                              int(config.data.get("max_images", 0)))
   networks = build_networks(config)
@@ -206,6 +213,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   def write_index(shards, metadata):
     metadata = dict(metadata, job=manifest)
+    classes = int(source.describe().get("num_classes", 0) or 0)
+    if classes:   # labels come from the source's classes: the trainer checks num_classes
+      metadata["labels"] = {"min": 0, "max": classes - 1}
     schema_lib.write_dataset_info(workdir, schema_lib.DatasetInfo(schema, shards, metadata))
     recs = records.LatentRecords(workdir)
     n = min(int(e.stats_samples), len(recs))

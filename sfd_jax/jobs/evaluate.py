@@ -24,15 +24,17 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sfd_jax.core import images as images_lib
-from sfd_jax.core import writers as writers_lib
+from sfd_jax.core.errors import ConfigError
 from sfd_jax.diffusion import generation
 
 
-class EvalError(ValueError):
-  pass
+class EvalError(ConfigError):
+  """config.eval is incomplete or names files that cannot be used."""
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
+  errors.require_sections(config, ("eval", "sample"), mode="eval", example="configs/sfd_xl.py")
   e = config.eval
   if not e.inception:
     raise EvalError("config.eval.inception is empty: convert the FID Inception weights once "
@@ -43,6 +45,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     "reference batch, e.g. VIRTUAL_imagenet256_labeled.npz)")
   if not config.sample.get("texture_vae", ""):
     raise EvalError("evaluation needs decoded images: set config.sample.texture_vae")
+  # Everything the metrics need is checked before the (long) sampling run.
+  from sfd_jax.convert.common import check_converted_dir  # pylint: disable=import-outside-toplevel
+  from sfd_jax.metrics import adm  # pylint: disable=import-outside-toplevel
+  from sfd_jax.models.inception import PREPROCESS_MODES  # pylint: disable=import-outside-toplevel
+  errors.check_fields(e, [
+      ("batch_size", errors.positive_int, "an integer > 0"),
+      ("grid_images", errors.non_negative_int, "an integer >= 0"),
+      ("preprocess", errors.one_of(PREPROCESS_MODES), f"one of {PREPROCESS_MODES}")],
+      prefix="config.eval")
+  check_converted_dir(e.inception, "inception_v3_fid", "config.eval.inception")
+  adm.check_batch_file(e.reference_npz, "config.eval.reference_npz")
+  generation.validate_config(config)
   result = generation.sample_from_config(config, workdir)
   eval_dir = os.path.join(workdir, "eval")
   os.makedirs(eval_dir, exist_ok=True)
@@ -65,6 +79,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     json.dump(info, f, indent=2, default=str)
   files = [f for f in images_lib.numbered_pngs(result["out_dir"], int(e.grid_images))
            if os.path.exists(f)]
+  from sfd_jax.core import writers as writers_lib  # pylint: disable=import-outside-toplevel
   writer = writers_lib.create_writer(eval_dir)
   step = int(e.get("step", 0))
   writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items() if np.isfinite(v)})

@@ -29,6 +29,7 @@ from flax import nnx
 import sfd_jax  # noqa: F401  (flax settings)
 from sfd_jax import parallel
 from sfd_jax.convert.networks import load_network
+from sfd_jax.core import errors
 from sfd_jax.core.jit import compiler_options, jitted
 from sfd_jax.data import images as images_lib
 from sfd_jax.data import preprocess
@@ -56,7 +57,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns ``{"complete": bool, "num_records": int, "skipped": [...]}`` (the totals only
   on process 0 once every shard is finished).
   """
+  images_lib.validate_job_config(config, "extract")
   e = config.extract
+  errors.check_writable(workdir, "the output feature dataset directory")
   source = images_lib.Subset(images_lib.make_source(config.data),
                              int(config.data.get("max_images", 0)))
   options = compiler_options(config.job)

@@ -43,6 +43,8 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from sfd_jax.core import progress
+from sfd_jax.core import files
+from sfd_jax.core.errors import DataError, MissingFileError, MissingKeyError
 from sfd_jax.metrics import fid as fidlib
 
 STATS_SUFFIX = ".sfd_stats.npz"
@@ -60,19 +62,48 @@ FeatureFn = Callable[[np.ndarray], Mapping[str, Any]]
 
 @contextlib.contextmanager
 def _open_npy_member(path: str, key: str):
-  with open(path, "rb") as f, zipfile.ZipFile(f, "r") as zf:
+  if not os.path.exists(path):
+    raise MissingFileError(f"batch file {path} not found")
+  try:
+    f = open(path, "rb")  # pylint: disable=consider-using-with
+    zf = zipfile.ZipFile(f, "r")
+  except (zipfile.BadZipFile, OSError, EOFError) as e:
+    raise DataError(f"batch file {path}: truncated or not an .npz archive "
+                    f"({type(e).__name__}: {e}); expected an ADM batch (.npz)") from e
+  with f, zf:
     name = f"{key}.npy"
     if name not in zf.namelist():
       have = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
-      raise KeyError(f"{path}: no array '{key}' in the archive (has {have})")
+      raise MissingKeyError(f"{path}: no array '{key}' in the archive (has {have})")
     with zf.open(name, "r") as member:
       yield member
 
 
 def npz_keys(path: str | os.PathLike) -> list[str]:
   """Names of the arrays of an ``.npz`` file (without reading them)."""
-  with zipfile.ZipFile(os.fspath(path), "r") as zf:
-    return sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
+  return files.npz_names(path, what="batch file")
+
+
+def check_batch_file(path: str | os.PathLike, what: str = "batch file") -> None:
+  """Checks, from the headers only, that ``path`` is an ADM batch: uint8 images
+  ``arr_0`` [N, H, W, 3] and/or the statistics ``mu, sigma, mu_s, sigma_s``.
+
+  Raises ``MissingFileError`` / ``DataError`` naming the file.
+  """
+  path = os.fspath(path)
+  keys = set(files.npz_names(path, what=what))
+  if "arr_0" in keys:
+    try:
+      _check_images(path, "arr_0")
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+      if isinstance(e, DataError):
+        raise
+      raise DataError(f"{what} {path}: 'arr_0' unreadable ({e})") from e
+  present = [k for k in STAT_KEYS if k in keys]
+  if "arr_0" not in keys and len(present) != len(STAT_KEYS):
+    raise DataError(f"{what} {path}: neither images 'arr_0' nor all of the statistics "
+                    f"{list(STAT_KEYS)} (has {sorted(keys)}); expected an ADM reference "
+                    "batch such as VIRTUAL_imagenet256_labeled.npz")
 
 
 def _read_header(member) -> tuple[tuple[int, ...], bool, np.dtype] | None:
@@ -90,9 +121,8 @@ def npz_array_info(path: str | os.PathLike, key: str = "arr_0") -> tuple[tuple[i
   with _open_npy_member(path, key) as member:
     header = _read_header(member)
   if header is None:
-    with np.load(path) as z:
-      arr = z[key]
-      return arr.shape, arr.dtype
+    arr = files.load_npz(path, what="batch file", keys=[key])[key]
+    return arr.shape, arr.dtype
   shape, _, dtype = header
   return tuple(shape), dtype
 
@@ -120,8 +150,7 @@ def iter_npz_batches(path: str | os.PathLike, key: str = "arr_0",
                            f"got {start + len(data) // max(row_bytes, 1)}")
         yield np.frombuffer(data, dtype=dtype).reshape((count,) + tuple(shape[1:]))
       return
-  with np.load(path) as z:
-    arr = z[key]
+  arr = files.load_npz(path, what="batch file", keys=[key])[key]
   for start in range(0, arr.shape[0], batch_size):
     yield arr[start:start + batch_size]
 
@@ -129,8 +158,8 @@ def iter_npz_batches(path: str | os.PathLike, key: str = "arr_0",
 def _check_images(path: str, key: str) -> tuple[int, ...]:
   shape, dtype = npz_array_info(path, key)
   if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
-    raise ValueError(f"{path}: '{key}' must be uint8 [N, H, W, 3] images, got "
-                     f"{dtype} {tuple(shape)}")
+    raise DataError(f"{path}: '{key}' must be uint8 [N, H, W, 3] images, got "
+                    f"{dtype} {tuple(shape)}")
   return shape
 
 
@@ -295,9 +324,8 @@ def _precomputed(path: str) -> dict[str, np.ndarray] | None:
   if not present:
     return None
   if len(present) != len(STAT_KEYS):
-    raise ValueError(f"{path}: has {present} but not all of {list(STAT_KEYS)}")
-  with np.load(path) as z:
-    return {k: z[k] for k in STAT_KEYS}
+    raise DataError(f"{path}: has {present} but not all of {list(STAT_KEYS)}")
+  return files.load_npz(path, what="batch file", keys=STAT_KEYS)
 
 
 def _stats_from(arrays: Mapping[str, np.ndarray]) -> tuple[fidlib.FIDStatistics, ...]:
@@ -324,11 +352,11 @@ def batch_statistics(path: str | os.PathLike, extractor: FeatureExtractor, *,
   """
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"batch file not found: {path}")
+    raise MissingFileError(f"batch file not found: {path}")
   precomputed = _precomputed(path)
   has_images = "arr_0" in npz_keys(path)
   if not has_images and precomputed is None:
-    raise ValueError(f"{path}: neither images 'arr_0' nor statistics {list(STAT_KEYS)}")
+    raise DataError(f"{path}: neither images 'arr_0' nor statistics {list(STAT_KEYS)}")
   if not has_images:
     fid_s, sfid_s = _stats_from(precomputed)
     return BatchStatistics(fid=fid_s, sfid=sfid_s, pool=None)

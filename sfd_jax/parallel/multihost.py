@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sfd_jax.core.errors import ConfigError
 from sfd_jax.parallel.sharding import make_mesh
 
 
@@ -48,5 +49,5 @@ def place_networks(modules: Sequence[nnx.Module], mesh: Mesh) -> tuple[tuple, tu
 
 def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
   if batch_size <= 0 or batch_size % mesh.size:
-    raise ValueError(f"{field}: batch {batch_size} must be a positive multiple of the "
-                     f"{mesh.size} local devices")
+    raise ConfigError(f"{field}: batch {batch_size} must be a positive multiple of the "
+                      f"{mesh.size} local devices")

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from sfd_jax.core.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -44,7 +46,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class ShardingError(ValueError):
+class ShardingError(ConfigError):
   """A batch or weight does not fit the mesh."""
 
 
@@ -164,11 +166,11 @@ def check_batch(global_batch: int, mesh: Mesh, process_count: int | None = None)
   if global_batch % size:
     raise ShardingError(f"config.batch_size={global_batch} is not divisible by the batch "
                         f"mesh axes data×fsdp = {mesh.shape['data']}×{mesh.shape['fsdp']} "
-                        f"= {size}")
+                        f"= {size}; use a multiple of {size} (or change config.mesh)")
   pc = jax.process_count() if process_count is None else process_count
   if global_batch % pc:
     raise ShardingError(f"config.batch_size={global_batch} is not divisible by the number "
-                        f"of processes ({pc})")
+                        f"of processes ({pc}); use a multiple of {pc}")
 
 
 def sharding_table(tree: Any, min_size: int = 0) -> list[tuple[str, tuple, str, int]]:

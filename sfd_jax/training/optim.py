@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
+from sfd_jax.core.errors import ConfigError
+
 SCHEDULES = ("constant", "warmup_constant_cosine")
 
 # The SFD recipe's optimizer (configs/common.py ``adamw()`` builds the same section; a test
@@ -50,8 +52,8 @@ def make_schedule(opt) -> optax.Schedule:
     final = float(opt.get("final_factor", 0.1))
     init = float(opt.get("warmup_init_factor", 0.01))
     if warmup + decay > total:
-      raise ValueError(f"optimizer: warmup_steps {warmup} + decay_steps {decay} exceed "
-                       f"total_steps {total}")
+      raise ConfigError(f"config.optimizer: warmup_steps {warmup} + decay_steps {decay} "
+                        f"exceed total_steps {total}; lower them or raise total_steps")
 
     def schedule(step):
       step = jnp.asarray(step, jnp.float32)
@@ -62,7 +64,7 @@ def make_schedule(opt) -> optax.Schedule:
       return jnp.where(step < warmup, warm, jnp.where(step < start, lr, cos))
 
     return schedule
-  raise ValueError(f"optimizer.schedule {name!r} not in {SCHEDULES}")
+  raise ConfigError(f"config.optimizer.schedule must be one of {SCHEDULES}, got {name!r}")
 
 
 def make_optimizer(opt) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -70,7 +72,8 @@ def make_optimizer(opt) -> tuple[optax.GradientTransformation, optax.Schedule]:
   with the same fields)."""
   opt = _section(opt)
   if opt.get("name", "adamw") != "adamw":
-    raise ValueError(f"optimizer.name {opt.name!r}: only 'adamw' is implemented")
+    raise ConfigError(f"config.optimizer.name must be 'adamw' (the only optimizer "
+                      f"implemented), got {opt.name!r}")
   schedule = make_schedule(opt)
   tx = optax.adamw(schedule, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps),
                    weight_decay=float(opt.weight_decay))

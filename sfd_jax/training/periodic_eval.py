@@ -33,6 +33,7 @@ from absl import logging
 
 from sfd_jax import parallel
 from sfd_jax.core import images as images_lib
+from sfd_jax.core.errors import ConfigError
 from sfd_jax.diffusion import generation
 from sfd_jax.metrics import adm
 from sfd_jax.metrics import features as features_lib
@@ -43,8 +44,8 @@ if TYPE_CHECKING:
   import ml_collections
 
 
-class TrainEvalError(ValueError):
-  pass
+class TrainEvalError(ConfigError):
+  """config.train_eval asks for something the run cannot do."""
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
@@ -102,6 +103,8 @@ class PeriodicEvaluator:
     if self.decoder is None:
       raise TrainEvalError("config.train_eval.every_steps > 0 needs decoded images: set "
                            "config.sample.texture_vae (a converted texture VAE directory)")
+    if setup.model_cfg is not None:
+      generation.check_decoder(setup.model_cfg, self.decoder)
     if te.features and not te.reference:
       raise TrainEvalError(f"config.train_eval.features={te.features!r} needs "
                            "config.train_eval.reference (an ADM-format .npz)")

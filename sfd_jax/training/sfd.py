@@ -8,6 +8,7 @@ in-training evaluation (``config.train_eval``) — and hands it to
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Callable
 
 import jax
@@ -17,7 +18,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sfd_jax import parallel
+from sfd_jax.core import errors
+from sfd_jax.data import schema as schema_lib
+from sfd_jax.data import stats as stats_lib
 from sfd_jax.diffusion import objective as obj_lib
+from sfd_jax.diffusion import samplers
 from sfd_jax.diffusion.objective import ObjectiveConfig
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT
 from sfd_jax.training import loop, optim, periodic_eval
@@ -29,8 +34,119 @@ from sfd_jax.training.state import Part, TrainSetup, create_train_state  # noqa:
 if TYPE_CHECKING:
   import ml_collections
 
-__all__ = ["NonFiniteLossError", "build", "build_setup", "create_train_state",
-           "loss_and_metrics", "make_data_iterator", "make_train_step", "train_and_evaluate"]
+__all__ = ["NonFiniteLossError", "build", "build_setup", "check_data", "create_train_state",
+           "loss_and_metrics", "make_data_iterator", "make_train_step", "model_configs",
+           "train_and_evaluate", "validate_config"]
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Ranges and types of the SFD training fields, before anything is built or compiled
+  (``ConfigError`` naming the field, what it must be and what it is)."""
+  errors.require_sections(config, ("model", "objective", "optimizer", "data", "mesh"),
+                          mode="train", example="configs/sfd_xl.py")
+  loop.validate_config(config)
+  e = errors
+  e.check_fields(config, [
+      ("ema_decay", e.in_range(0, 1), "a number in [0, 1] (0.9999 in the recipe)"),
+      ("objective.delta_t", e.in_range(0, 1), "in [0, 1]",
+       "the semantic clock lead (0.3 in SFD, 0 = synchronous)"),
+      ("objective.semantic_weight", e.non_negative_number, "a number >= 0"),
+      ("objective.repa_weight", e.non_negative_number, "a number >= 0"),
+      ("objective.logit_std", e.positive_number, "a number > 0"),
+      ("objective.time_sampler", e.one_of(obj_lib.TIME_SAMPLERS),
+       f"one of {obj_lib.TIME_SAMPLERS}"),
+      ("objective.repa_mode", e.one_of(obj_lib.REPA_MODES), f"one of {obj_lib.REPA_MODES}"),
+      ("model.num_classes", e.positive_int, "an integer > 0"),
+      ("model.class_dropout_prob", lambda v: e.in_range(0, 1)(v) and v < 1,
+       "a number in [0, 1)"),
+      ("data.latent_multiplier", e.positive_number, "a number > 0 (1.0 for SFD)"),
+      ("data.num_workers", e.non_negative_int, "an integer >= 0 (0: read in-process)"),
+      ("data.read_threads", e.positive_int, "an integer > 0"),
+      ("data.prefetch_batches", e.non_negative_int, "an integer >= 0"),
+      ("data.repa_dtype", e.one_of(("float16", "bfloat16", "float32")),
+       "float16 (stored dtype, default), bfloat16 or float32"),
+  ])
+  if periodic_eval.enabled(config):
+    e.check_fields(config, [
+        ("train_eval.every_steps", e.non_negative_int, "an integer >= 0 (0: off)"),
+        ("train_eval.num_images", e.positive_int, "an integer > 0"),
+        ("train_eval.batch_size", e.positive_int, "an integer > 0"),
+        ("train_eval.num_steps", e.positive_int, "an integer > 0"),
+        ("train_eval.scale", e.non_negative_number, "a number >= 0 (1: no guidance)"),
+        ("train_eval.method", e.one_of(samplers.METHODS), f"one of {samplers.METHODS}"),
+        ("train_eval.guidance", e.one_of(("none", "cfg")), "'none' or 'cfg'",
+         "autoguidance needs a second model; use --mode=sample for it"),
+    ])
+  model_configs(config)
+
+
+def model_configs(config: ml_collections.ConfigDict) -> tuple[DiTConfig, ObjectiveConfig]:
+  """(DiTConfig, ObjectiveConfig) of a run config; a field that does not describe a
+  LightningDiT / the objective is a ``ConfigError`` naming the section."""
+  try:
+    model_cfg = DiTConfig.from_config(config)
+  except (ValueError, TypeError, KeyError) as e:
+    raise errors.ConfigError(f"config.model does not describe a LightningDiT: {e}") from e
+  try:
+    obj_cfg = ObjectiveConfig.from_config(config)
+  except (ValueError, TypeError, KeyError) as e:
+    text = str(e)
+    if "delta_t must be in" in text:
+      text = f"config.objective.{text}"
+    raise errors.ConfigError(f"config.objective: {text}") from e
+  return model_cfg, obj_cfg
+
+
+def check_data(config: ml_collections.ConfigDict, model_cfg: DiTConfig) -> None:
+  """The dataset of ``config.data`` against the model, before anything is compiled:
+  latent grid, channels, REPA features and width, label range (when ``dataset.json``
+  records it), and the normalisation statistics (present, finite, std > 0, one per
+  channel). ``DataError`` / ``ConfigError`` name the file and the config field."""
+  d = config.data
+  if not d.path:
+    raise errors.ConfigError("config.data.path is empty: point it at a dataset directory "
+                             "(see docs/data.md)")
+  info = schema_lib.read_dataset_info(d.path)
+  sch = info.schema
+  where = os.path.join(d.path, schema_lib.DATASET_FILE)
+  if sch.grid != model_cfg.input_size:
+    raise errors.DataError(
+        f"{where}: latents on a {sch.grid}×{sch.grid} grid, but config.model.input_size is "
+        f"{model_cfg.input_size}; set --config.model.input_size={sch.grid} or use a dataset "
+        "encoded for this model")
+  if sch.latent_channels != model_cfg.in_channels:
+    raise errors.DataError(
+        f"{where}: latents of {sch.texture_channels} texture + {sch.semantic_channels} "
+        f"semantic = {sch.latent_channels} channels, but config.model.in_channels is "
+        f"{model_cfg.in_channels}; set --config.model.in_channels={sch.latent_channels} "
+        "(and model.semantic_chans) or use a dataset encoded for this model")
+  if sch.semantic_channels != model_cfg.semantic_chans:
+    raise errors.DataError(
+        f"{where}: {sch.semantic_channels} semantic channels, but config.model."
+        f"semantic_chans is {model_cfg.semantic_chans}; set --config.model.semantic_chans="
+        f"{sch.semantic_channels}")
+  repa = bool(config.objective.use_repa and config.model.use_repa)
+  if repa and not sch.has_repa:
+    raise errors.DataError(
+        f"{where}: the dataset stores no REPA features, but config.objective.use_repa and "
+        "config.model.use_repa are on; set --config.objective.use_repa=False or encode the "
+        "data with encode.store_repa=True")
+  if repa and sch.repa_dim != model_cfg.repa_dim:
+    raise errors.DataError(
+        f"{where}: REPA features of width {sch.repa_dim}, but config.model.repa_dim is "
+        f"{model_cfg.repa_dim}; set --config.model.repa_dim={sch.repa_dim}")
+  if d.flip and not sch.has_flip:
+    raise errors.DataError(f"{where}: the dataset stores no flipped views, but "
+                           "config.data.flip is True; set --config.data.flip=False")
+  labels = info.metadata.get("labels") if isinstance(info.metadata, dict) else None
+  if isinstance(labels, dict) and "max" in labels:
+    lo, hi = int(labels.get("min", 0)), int(labels["max"])
+    if lo < 0 or hi >= model_cfg.num_classes:
+      raise errors.DataError(
+          f"{where}: class labels {lo}..{hi}, but config.model.num_classes is "
+          f"{model_cfg.num_classes} (labels must be in [0, {model_cfg.num_classes})); set "
+          f"--config.model.num_classes={hi + 1} or fix the dataset's labels")
+  stats_lib.load_stats(d.stats or d.path, sch)
 
 
 def build_setup(model_cfg: DiTConfig, obj_cfg: ObjectiveConfig, mesh: Mesh,
@@ -50,8 +166,8 @@ def build(config: ml_collections.ConfigDict, devices=None) -> TrainSetup:
   mesh = parallel.make_mesh(config.mesh.to_dict(), devices)
   parallel.check_batch(config.batch_size, mesh)
   tx, schedule = optim.make_optimizer(config.optimizer)
-  setup = build_setup(DiTConfig.from_config(config), ObjectiveConfig.from_config(config),
-                      mesh, tx, schedule,
+  model_cfg, obj_cfg = model_configs(config)
+  setup = build_setup(model_cfg, obj_cfg, mesh, tx, schedule,
                       rules=config.get("sharding_rules") or parallel.DEFAULT_RULES,
                       ema_decay=config.ema_decay, seed=config.seed,
                       strict_sharding=config.get("strict_sharding", False))
@@ -91,12 +207,13 @@ def make_train_step(setup: TrainSetup, donate: bool = True, *, norms_every: int 
 def make_data_iterator(config: ml_collections.ConfigDict, seed: int):
   d = config.data
   if not d.path:
-    raise ValueError("config.data.path is empty: point it at a dataset directory "
-                     "(see docs/data.md)")
+    raise errors.ConfigError("config.data.path is empty: point it at a dataset directory "
+                             "(see docs/data.md)")
   from sfd_jax.data import pipeline  # pylint: disable=import-outside-toplevel  (Grain)
   per_process = config.batch_size // jax.process_count()
   return pipeline.build_pipeline(
       d.path, batch_size=per_process, seed=seed, stats=d.stats or None,
+      num_classes=int(config.model.num_classes),
       latent_multiplier=d.latent_multiplier, flip=d.flip,
       repa=bool(config.objective.use_repa and config.model.use_repa),
       repa_dtype=d.repa_dtype, num_workers=d.num_workers, read_threads=d.read_threads,
@@ -116,7 +233,13 @@ def _init_from(config) -> Callable[[], Any] | None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        writer=None) -> dict[str, Any]:
-  """Runs (or resumes) SFD training; returns ``{"step", "metrics", "state"}``."""
+  """Runs (or resumes) SFD training; returns ``{"step", "metrics", "state"}``.
+
+  Everything that can be checked without compiling is checked first: the config
+  (``validate_config``), the dataset against the model (``check_data``), the workdir.
+  """
+  validate_config(config)
+  check_data(config, model_configs(config)[0])
   setup = build(config)
   hooks = []
   if periodic_eval.enabled(config):

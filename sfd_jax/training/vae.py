@@ -64,7 +64,7 @@ import sfd_jax  # noqa: F401  (flax settings)
 from sfd_jax import checkpoint, parallel
 from sfd_jax.convert import common
 from sfd_jax.convert import texture_vae as tvae_convert
-from sfd_jax.core import trees
+from sfd_jax.core import errors, trees
 from sfd_jax.data import global_batch
 from sfd_jax.data import images as images_lib
 from sfd_jax.data import pipeline
@@ -107,8 +107,9 @@ def _extra_terms(loss_cfg) -> dict[str, vae_losses.GeneratorLossTerm]:
            if n.strip()]
   unknown = [n for n in names if n not in GENERATOR_TERMS]
   if unknown:
-    raise ValueError(f"config.loss.extra_terms: unknown term(s) {unknown}; registered: "
-                     f"{sorted(GENERATOR_TERMS)} (see vae_train.register_generator_term)")
+    raise errors.ConfigError(f"config.loss.extra_terms: unknown term(s) {unknown}; "
+                             f"registered: {sorted(GENERATOR_TERMS)} (see "
+                             "sfd_jax.training.vae.register_generator_term)")
   return {n: GENERATOR_TERMS[n](loss_cfg) for n in names}
 
 
@@ -125,12 +126,44 @@ def model_config(config: ml_collections.ConfigDict, kind: str):
     if kind == "texture_vae":
       cfg = texture_vae.TextureVAEConfig.from_dict(fields)
       if cfg.dropout > 0:
-        raise ValueError("dropout > 0 is not supported by the VAE trainer (0 in every "
-                         "released model)")
+        raise errors.ConfigError("config.model.dropout > 0 is not supported by the VAE "
+                                 "trainer (0 in every released model); set it to 0")
       return cfg
-  except TypeError as e:
-    raise ValueError(f"config.model does not describe a {kind}: {e}") from e
+  except errors.UserError:
+    raise
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError(f"config.model does not describe a {kind}: {e}") from e
   raise ValueError(f"model kind {kind!r} not one of {KINDS}")
+
+
+def validate_config(config: ml_collections.ConfigDict, kind: str) -> None:
+  """Ranges and types of a VAE training config, before anything is built or compiled."""
+  if kind not in KINDS:
+    raise ValueError(f"model kind {kind!r} not one of {KINDS}")
+  errors.require_sections(
+      config, ("model", "loss", "optimizer", "data", "mesh"), mode=f"train_{kind}",
+      example="configs/semvae_ch16.py" if kind == "semvae" else "configs/texture_vae_f16d32.py")
+  loop.validate_config(config)
+  e = errors
+  rules = [
+      ("data.num_workers", e.non_negative_int, "an integer >= 0 (0: read in-process)"),
+      ("data.read_threads", e.positive_int, "an integer > 0"),
+      ("data.prefetch_batches", e.positive_int, "an integer > 0"),
+      ("eval.every_steps", e.non_negative_int, "an integer >= 0 (0: off)"),
+      ("eval.max_examples", e.non_negative_int, "an integer >= 0 (0: all)"),
+      ("loss.kl_weight", e.non_negative_number, "a number >= 0"),
+  ]
+  if kind == "semvae":
+    rules += [(f"loss.{k}", e.non_negative_number, "a number >= 0")
+              for k in ("mse_weight", "l1_weight", "cos_weight")]
+    rules += [("loss.cos_axis", e.one_of(("token", "channel")), "'token' or 'channel'")]
+  else:
+    rules += [("data.image_size", e.positive_int, "an integer > 0 (the ADM centre crop)"),
+              ("loss.pixel_reduction", e.one_of(("sum", "mean")), "'sum' or 'mean'")]
+  e.check_fields(config, rules)
+  model_config(config, kind)
+  if kind == "texture_vae":
+    _extra_terms(config.loss)
 
 
 def _build_model(kind: str, cfg, model_section, seed: int) -> nnx.Module:
@@ -277,13 +310,17 @@ def _source_and_transform(kind: str, config, path_key: str = "path"):
   data_cfg = config.data
   if kind == "semvae":
     if not data_cfg.get(path_key):
-      raise ValueError(f"config.data.{path_key} is empty: point it at a feature dataset "
-                       "written by --mode=extract")
+      raise errors.ConfigError(f"config.data.{path_key} is empty: point it at a feature "
+                               "dataset written by --mode=extract")
     recs = FeatureRecords(data_cfg[path_key])
     if recs.spec.dim != config.model.input_dim:
-      raise ValueError(f"{recs.directory}: features of width {recs.spec.dim}, but "
-                       f"config.model.input_dim is {config.model.input_dim}")
-    semantic_vae.token_grid(recs.spec.num_tokens)  # the posterior needs a square grid
+      raise errors.DataError(f"{recs.directory}: features of width {recs.spec.dim}, but "
+                             f"config.model.input_dim is {config.model.input_dim}; set "
+                             f"--config.model.input_dim={recs.spec.dim}")
+    try:
+      semantic_vae.token_grid(recs.spec.num_tokens)  # the posterior needs a square grid
+    except ValueError as e:
+      raise errors.DataError(f"{recs.directory}: {e}") from e
     return recs, None
   section = dict(data_cfg.to_dict(), path=data_cfg.get(path_key))
   if path_key == "eval_path":  # evaluation images always come from a folder
@@ -336,7 +373,8 @@ def _eval_batches(config, kind: str) -> Iterator[tuple[dict, np.ndarray]]:
     total = min(total, int(config.eval.max_examples))
   template = next((e for e in map(load, range(total)) if e is not None), None)
   if template is None:
-    raise ValueError(f"config.data.eval_path {config.data.eval_path}: no readable example")
+    raise errors.DataError(f"config.data.eval_path {config.data.eval_path}: no readable "
+                           "example")
   with concurrent.futures.ThreadPoolExecutor(max(1, int(config.data.read_threads))) as pool:
     for start in range(0, total, local * pc):
       ids = range(start + pi * local, start + (pi + 1) * local)
@@ -378,6 +416,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str, model_kind: str
   Returns:
     ``{"step", "metrics" (last logged), "state"}``.
   """
+  validate_config(config, model_kind)
   setup = build_setup(config, model_kind, devices)
   hooks = []
   if config.data.get("eval_path") and int(config.eval.get("every_steps", 0)):
@@ -411,6 +450,7 @@ def export_converted(config: ml_collections.ConfigDict, workdir: str, model_kind
   reference weights (``config.encode.semvae`` / ``.texture_vae``). ``devices``: those of
   the training mesh when it did not use all devices.
   """
+  validate_config(config, model_kind)
   setup = build_setup(config, model_kind, devices)
   state, step, _ = checkpoint.restore_state_only(os.path.join(workdir, "checkpoints"),
                                                setup.abstract_state, step)
@@ -444,4 +484,5 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", -1, "checkpoint step (-1: latest)")
   flags.DEFINE_bool("force", False, "overwrite a non-empty --dst")
   flags.mark_flags_as_required(["config", "workdir", "dst"])
-  app.run(main)
+  from sfd_jax.core import errors  # pylint: disable=g-import-not-at-top
+  errors.run_main(main)   # user errors: one line, exit 2
