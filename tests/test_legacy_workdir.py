@@ -149,12 +149,22 @@ def test_resume_legacy_workdir_is_exact(tmp_path):
   assert step_r == step_s == STEPS_TOTAL
   assert data_r == data_s, (data_r, data_s)
   assert data_r.get("position") == STEPS_TOTAL, data_r
+  # Bit-exact when this JAX is the one that wrote the fixture. With another JAX release
+  # the straight run's first 4 steps are compiled by another XLA (float32 rounding may
+  # differ by an ulp) while the resumed run starts from the fixture's step-4 state, so
+  # the two can only agree to rounding.
+  same_jax = jax.__version__ == PROVENANCE["jax"]
   for part in ("params", "ema", "opt_state", "step"):
     fr, fs = _flat(state_r[part]), _flat(state_s[part])
     assert fr.keys() == fs.keys(), (part, sorted(set(fr) ^ set(fs)))
     assert fr, part
     for k in fr:
-      np.testing.assert_array_equal(fr[k], fs[k], err_msg=f"{part}{k}: resumed != straight")
+      if same_jax:
+        np.testing.assert_array_equal(fr[k], fs[k], err_msg=f"{part}{k}: resumed != straight")
+      else:
+        np.testing.assert_allclose(fr[k], fs[k], rtol=1e-5, atol=1e-7,
+                                   err_msg=f"{part}{k}: resumed != straight (jax "
+                                           f"{jax.__version__} vs fixture's {PROVENANCE['jax']})")
   assert set(state_r) == set(state_s)
   for k in state_r:
     if k not in ("params", "ema", "opt_state", "step"):
