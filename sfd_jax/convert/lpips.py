@@ -116,6 +116,29 @@ def model_from_params(params: Mapping[str, Any], *, dtype=None,
   return model
 
 
+def random_lpips(seed: int = 0, dtype=None, width: float = 1.0) -> lpips_lib.LPIPS:
+  """An LPIPS with host-drawn random weights (tests, smoke runs; no compilation).
+
+  VGG kernels He-normal (fan-in), biases N(0, 0.01²); heads |N(0, 1)|/C, non-negative
+  like the trained ones, so distances stay ≥ 0. ``width`` < 1 narrows every VGG layer
+  (CPU tests). Meaningless as a perceptual metric.
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  model = abstract_model(lambda _, **kw: lpips_lib.LPIPS(width=width, **kw), None, dtype)
+  rng = np.random.default_rng(seed)
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    shape = var.get_value().shape
+    if str(path[0]) == "lins":
+      value = np.abs(rng.normal(size=shape)) / shape[2]
+    elif str(path[-1]) == "kernel":
+      value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
+    else:
+      value = 0.01 * rng.normal(size=shape)
+    var.set_value(jnp.asarray(value, jnp.float32))
+  return model
+
+
 def save_converted(dst: str | os.PathLike, params: Mapping[str, Any], *, source: str = "",
                    force: bool = False) -> str:
   meta = {"kind": KIND, "net": "vgg", "version": "0.1", "source": source}
@@ -165,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   return out
 
 
-__all__ = ("KIND", "convert_vgg_and_heads", "convert_state_dict", "load_lpips",
+__all__ = ("KIND", "convert_vgg_and_heads", "convert_state_dict", "load_lpips", "random_lpips",
            "save_converted", "model_from_params", "main")
 
 if __name__ == "__main__":

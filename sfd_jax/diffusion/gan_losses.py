@@ -217,7 +217,7 @@ def generator_loss(forward: Forward, params: Any, images: jax.Array, *,
                    discriminate: Discriminate | None = None,
                    aux_feature: jax.Array | None = None,
                    logvar: float | jax.Array | None = None,
-                   return_grads: bool = False
+                   return_grads: bool = False, param_grads: bool = False
                    ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
   """The generator call (``optimizer_idx`` 0) of ``LPIPSWithDiscriminator``.
 
@@ -236,6 +236,9 @@ def generator_loss(forward: Forward, params: Any, images: jax.Array, *,
     aux_feature: NHWC foundation-model features (required with ``cfg.use_vf``).
     logvar: the output log-variance (default ``cfg.logvar_init``).
     return_grads: also return the four gradients behind the adaptive weights.
+    param_grads: also return ∂loss/∂params as ``extras["param_grads"]``: one more
+      pullback of the same forward pass, with the adaptive weights as constants (what
+      differentiating the returned loss gives, without a second forward).
 
   Returns:
     ``(loss, logs, extras)``: logs are the reference's ``train/*`` entries (total_loss,
@@ -313,6 +316,15 @@ def generator_loss(forward: Forward, params: Any, images: jax.Array, *,
     loss = loss + vf_weight * vals["vf"]
     logs.update(vf_loss=vals["vf"], vf_weight=vf_weight)
   logs["total_loss"] = loss
+  if param_grads:
+    weights = {"nll": 1.0, "kl": cfg.kl_weight}
+    if cfg.use_gan:
+      weights["g"] = d_weight * disc_factor
+    if cfg.use_vf:
+      weights["vf"] = vf_weight
+    ct = {k: jax.lax.stop_gradient(jnp.asarray(weights[k], v.dtype)) * jnp.ones_like(v)
+          for k, v in vals.items()}
+    extras["param_grads"] = pullback(ct)[0]
   if return_grads:
     extras["grads"] = jax.tree.map(jax.lax.stop_gradient, grads)
   return loss, logs, extras

@@ -90,9 +90,9 @@ class BatchNorm(nnx.Module):
                                                           param_dtype),
                            out_sharding=("norm",))
     self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype), out_sharding=("norm",))
-    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
-    self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32), out_sharding=("norm",))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32), out_sharding=("norm",))
+    self.count = nnx.BatchStat(jnp.zeros((), jnp.int32), out_sharding=())
 
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
     running = self.use_running_average if use_running_average is None else use_running_average

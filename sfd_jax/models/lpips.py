@@ -77,14 +77,19 @@ class LPIPS(nnx.Module):
     d = lp(images, reconstructions)       # [B] float32
   """
 
-  def __init__(self, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+  def __init__(self, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+               width: float = 1.0):
+    """``width`` < 1 scales every VGG width (a cheap stand-in for CPU tests only; the
+    converted LPIPS is always width 1)."""
     self.dtype = dtype
+    self.width = float(width)
+    scaled = lambda c: c if c == 3 else max(1, int(round(c * self.width)))  # noqa: E731
     self.convs = nnx.List([
-        layers.Conv(cin, cout, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs,
+        layers.Conv(scaled(cin), scaled(cout), (3, 3), padding=((1, 1), (1, 1)), rngs=rngs,
                     kernel_init=_kaiming_fan_out, dtype=dtype, param_dtype=param_dtype)
         for cin, cout in VGG16_CONV_CHANNELS])
     self.lins = nnx.List([
-        layers.Conv(c, 1, (1, 1), padding="VALID", use_bias=False, rngs=rngs,
+        layers.Conv(scaled(c), 1, (1, 1), padding="VALID", use_bias=False, rngs=rngs,
                     kernel_init=_abs_normal, dtype=dtype, param_dtype=param_dtype)
         for c in CHANNELS])
 
