@@ -5,7 +5,8 @@
 
 Modes (one job module each, ``sfd_jax/jobs/``): train (default), sample, eval, export,
 encode (images → latent dataset), extract (SemVAE training features), train_semvae,
-train_texture_vae, demo. Launched as several processes (TPU pod, SLURM, or
+train_texture_vae, eval_tokenizer (rFID / PSNR / SSIM / LPIPS of a texture VAE), demo.
+Launched as several processes (TPU pod, SLURM, or
 JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID set), it initialises
 ``jax.distributed`` first; on one process it runs as is.
 """
@@ -24,6 +25,7 @@ JOBS = {
     "extract": ("extract", "run"),
     "train_semvae": ("train_vae", "run_semvae"),
     "train_texture_vae": ("train_vae", "run_texture_vae"),
+    "eval_tokenizer": ("eval_tokenizer", "run"),
     "demo": ("demo", "run"),
 }
 

@@ -332,7 +332,33 @@ def texture_vae_config(arg=None, recipe: str = "l1_kl") -> ml_collections.Config
     if opts["vf_features"]:
       c.loss.vf_source = "features"
   c.eval.every_steps = 5000
+  c.eval_tokenizer = tokenizer_eval_fields(opts["eval"], lpips=opts.get("lpips", ""))
   return c
+
+
+def tokenizer_eval_fields(images: str = "", *, lpips: str = "") -> ml_collections.ConfigDict:
+  """``config.eval_tokenizer``: ``--mode=eval_tokenizer`` (rFID, PSNR, SSIM, LPIPS)."""
+  e = ml_collections.ConfigDict()
+  e.checkpoint = ""               # converted texture VAE folder or a training workdir
+  e.weights = "params"            # run: params | ema
+  e.step = -1                     # run: checkpoint step (-1 = latest)
+  e.images = images               # held-out image folder ("" = data.eval_path)
+  e.image_size = 256              # ADM centre crop
+  e.max_images = 0                # 0 = all (the reference: the 50k ImageNet val images)
+  e.batch_size = 64               # images per call, split over process 0's local devices
+  e.sample_posterior = True       # the reference encodes with posterior.sample()
+  e.seed = 0                      # image i's posterior noise: fold_in(key(seed), i)
+  e.features = "inception"        # rFID features: inception | demo | "" (no rFID)
+  e.inception = ""                # python -m sfd_jax.convert.inception
+  e.features_path = ""            # features=demo: the demo's feature net folder
+  e.preprocess = "pytorch_fid"    # the reference runs pytorch-fid on PNG folders
+  e.lpips = lpips                 # python -m sfd_jax.convert.lpips
+  e.grid_images = 8               # originals over reconstructions in reconstructions.png
+  e.read_threads = 8
+  e.random_init = False           # tests: random texture VAE (preset) and LPIPS
+  e.texture_vae_preset = "tiny"
+  e.lpips_random_width = 1.0
+  return e
 
 
 def texture_gan_loss(loss: ml_collections.ConfigDict, recipe: str, *, lpips: str = "",
@@ -417,6 +443,9 @@ def encode_config(arg=None) -> ml_collections.ConfigDict:
   c.extract.dtype = "float32"
   c.extract.resize = 256          # torchvision Resize(256, bicubic) on the short side
   c.extract.crop = 224            # CenterCrop(224)
+  c.extract.recipe = "semvae"     # semvae | vf (VA-VAE VF targets: ADM crop, bilinear, ViT-L/14)
+  c.extract.image_size = 256      # vf: the texture-VAE trainer's ADM centre crop
+  c.extract.vf_size = 224         # vf: bilinear resize before DINOv2 (16×16 patches)
   c.extract.per_device_batch = 64
   c.extract.records_per_shard = 5000
 

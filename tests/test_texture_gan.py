@@ -23,6 +23,7 @@ from flax import nnx
 
 import sfd_jax  # noqa: F401  (package set-up)
 from configs import texture_vae_f16d32_ldm, texture_vae_f16d32_vavae, tiny_vae
+from sfd_jax.checkpoint import runs
 from sfd_jax.convert import common, networks
 from sfd_jax.convert import dinov2 as dino_convert
 from sfd_jax.data import features as features_lib
@@ -143,6 +144,11 @@ def test_gan_trains_and_resume_is_exact(dirs):
                                    devices=jax.devices()[:DEVICES])
   loaded = networks.load_network("texture_vae", dst)
   assert not hasattr(loaded, "linear_proj")
+  # --mode=eval_tokenizer reads the run directly (the autoencoder part of "params")
+  from_run, _ = runs.load_texture_vae(kill, weights="params")
+  want = {k: v for k, v in jax.device_get(state["params"]).items() if k != "linear_proj"}
+  _same_state(nnx.to_pure_dict(nnx.state(from_run, nnx.Param)), want)
+  _same_state(nnx.to_pure_dict(nnx.state(loaded, nnx.Param)), want)
   with pytest.raises(ValueError, match="no 'ema'"):
     vae_train.export_converted(_config(dirs), kill, "texture_vae",
                                os.path.join(dirs["root"], "export_ema"), weights="ema",
@@ -235,3 +241,31 @@ def test_recipe_configs():
           va.loss.cos_margin, va.loss.vf_dim, va.loss.vf_image_size, va.loss.vf_dinov2) == (
               True, 0.1, True, 0.25, 0.5, 1024, 224, "/w/vitl14")
   assert texture_vae_f16d32_vavae.get_config("vf_features=/f").loss.vf_source == "features"
+
+
+def test_extract_vf_features(dirs, tmp_path):
+  """--mode=extract with extract.recipe=vf: the trainer's crop, bilinear, DINOv2 tokens."""
+  from sfd_jax.data import images as images_lib  # pylint: disable=import-outside-toplevel
+  from sfd_jax.jobs import extract  # pylint: disable=import-outside-toplevel
+  c = tiny_vae.get_config(f"job=encode,data={dirs['data']}")
+  c.extract.update(recipe="vf", image_size=24, vf_size=112, dinov2_preset="tiny_noreg")
+  out = str(tmp_path / "vf")
+  result = extract.run(c, out)
+  assert result["complete"] and len(result["skipped"]) == 1      # the unreadable file
+  feats = features_lib.FeatureRecords(out)
+  assert len(feats) == NUM_SOURCE_IMAGES - 1
+  assert feats.spec == features_lib.FeatureSpec(64, 64, "float16")
+  src = images_lib.ImageFolderSource(dirs["data"])
+  crop = preprocess.adm_center_crop(images_lib.open_image(src[3]), 24)
+  dino = networks.load_network("dinov2", "", random_init=True, preset="tiny_noreg",
+                               seed=c.seed)
+  graph, weights = nnx.split(dino)
+  x = preprocess.vf_foundation_input(preprocess.uint8_to_m11(crop[None]), 112)
+  ref = jax.jit(lambda w, x: nnx.merge(graph, w).patch_features(x))(weights, x)[0]
+  np.testing.assert_allclose(np.asarray(feats[3]["features"], np.float32), np.asarray(ref),
+                             rtol=2e-3, atol=2e-3)
+  # a skipped image would shift every later record: the trainer refuses the pairing
+  bad = _config(dirs)
+  bad.data.vf_features = out
+  with pytest.raises(ValueError, match="24 records for 25 images"):
+    vae_train.make_train_iterator(bad, "texture_vae", process_index=0, process_count=1)
