@@ -493,7 +493,7 @@ def main(argv) -> None:
   del argv
   f = flags.FLAGS
   out = export_converted(f.config, f.workdir, f.kind, f.dst, f.step if f.step >= 0 else None,
-                         f.force)
+                         f.force, weights=f.weights)
   print(f"wrote {out}")
 
 
@@ -506,5 +506,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("dst", None, "output folder")
   flags.DEFINE_integer("step", -1, "checkpoint step (-1: latest)")
   flags.DEFINE_bool("force", False, "overwrite a non-empty --dst")
+  flags.DEFINE_enum("weights", "params", ["params", "ema"], "weight set to export")
   flags.mark_flags_as_required(["config", "workdir", "dst"])
   app.run(main)
