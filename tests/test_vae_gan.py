@@ -300,3 +300,29 @@ def test_zz_report():
   """Prints max err / max|ref| per output (run with -s to see it)."""
   for k in sorted(ERRORS):
     print(f"  {k:45s} {ERRORS[k]:.2e}")
+
+
+def test_lpips_converter_cli_from_torchvision_and_lpips_files(parity, tmp_path):
+  """--vgg (torchvision ``features.*``) + --lin (lpips ``lin*``) = the whole-module layout."""
+  parity("vae_gan_losses")
+  from tests.conftest import parity_dir  # pylint: disable=import-outside-toplevel
+  f = str(parity_dir() / "vae_gan_losses.npz")
+  sd = common.load_state_dict(f, prefix="perceptual_loss.")
+  vgg = {f"features.{k.split('.')[2]}.{k.split('.')[3]}": v for k, v in sd.items()
+         if k.startswith("net.")}
+  vgg["classifier.0.weight"] = np.zeros((2, 2), np.float32)      # ignored
+  lin = {k: v for k, v in sd.items() if k.startswith("lin")}
+  np.savez(tmp_path / "vgg16.npz", **vgg)
+  np.savez(tmp_path / "vgg_lin.npz", **lin)
+  out = lpips_convert.main(["--vgg", str(tmp_path / "vgg16.npz"), "--lin",
+                            str(tmp_path / "vgg_lin.npz"), "--dst", str(tmp_path / "lp")])
+  flat = lambda t: {tuple(str(getattr(k, "key", k)) for k in path): np.asarray(v)  # noqa: E731
+                    for path, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+  got = flat(nnx.to_pure_dict(nnx.state(lpips_convert.load_lpips(out), nnx.Param)))
+  want = flat(lpips_convert.convert_state_dict(sd))
+  assert got.keys() == want.keys()
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k], v)
+  bad = dict(sd, **{"scaling_layer.shift": np.zeros((1, 3, 1, 1), np.float32)})
+  with pytest.raises(common.ConversionError, match="scaling_layer.shift"):
+    lpips_convert.convert_state_dict(bad)
