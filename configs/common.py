@@ -6,9 +6,10 @@ list of ``key=value`` options (e.g. ``configs/sfd_xl.py:recipe=80ep,variant=B``)
 can also be overridden on the command line: ``--config.optimizer.lr=2e-4``.
 
 Configs that other configs build on keep their bodies here: ``base_config`` / ``sfd_config``
-(SFD training), ``semvae_config``, ``texture_vae_config`` and ``encode_config``; the blocks
-they repeat are ``adamw`` (optimizer), ``loop_fields`` (run length, logging, checkpoints),
-``mesh_config`` and ``vae_run_fields``.
+(SFD training), ``semvae_config``, ``texture_vae_config`` (with its GAN recipes) and
+``encode_config``; the blocks they repeat are ``adamw`` (optimizer), ``loop_fields`` (run
+length, logging, checkpoints), ``mesh_config``, ``vae_run_fields`` and
+``texture_gan_loss``.
 """
 import ml_collections
 
@@ -82,14 +83,16 @@ def mesh_config(data: int, fsdp: int, tensor: int = 1) -> ml_collections.ConfigD
 
 
 def vae_run_fields(arg, *, data: str, batch_size: int, num_train_steps: int,
-                   checkpoint_every_steps: int, keep_period: int):
-  """``(opts, config)`` of a VAE training config: its options ``data`` (default ``data``)
-  and ``eval``, and a config holding the loop, checkpoint, mesh and evaluation fields."""
-  opts = parse_arg(arg, data=data, eval="")
+                   checkpoint_every_steps: int, keep_period: int, extra_options=None):
+  """``(opts, config)`` of a VAE training config: its options ``data`` (default ``data``),
+  ``eval`` and ``extra_options`` (name → default), and a config holding the loop,
+  checkpoint, mesh and evaluation fields."""
+  opts = parse_arg(arg, data=data, eval="", **(extra_options or {}))
   c = ml_collections.ConfigDict()
   c.seed = 0                      # init, noise stream fold_in(key(seed), step), data order
   loop_fields(c, batch_size=batch_size, num_train_steps=num_train_steps,
               checkpoint_every_steps=checkpoint_every_steps, keep_period=keep_period)
+  c.debug_kill_at_step = -1       # testing: SIGKILL ourselves after this step (saves done)
   c.mesh = mesh_config(data=-1, fsdp=1)  # small models: data parallel over all devices
   c.strict_sharding = False
   c.compiler_options = ml_collections.ConfigDict()  # XLA options of init / step / eval
@@ -274,11 +277,32 @@ def semvae_config(arg=None) -> ml_collections.ConfigDict:
   return c
 
 
-def texture_vae_config(arg=None) -> ml_collections.ConfigDict:
-  """``configs/texture_vae_f16d32.py``: the LDM f16d32 recipe (options ``data``, ``eval``)."""
+TEXTURE_VAE_RECIPES = ("l1_kl", "ldm", "vavae")
+
+
+def texture_vae_config(arg=None, recipe: str = "l1_kl") -> ml_collections.ConfigDict:
+  """The f16d32 texture-VAE recipes (options ``data``, ``eval``; GAN recipes also
+  ``lpips``; ``vavae`` also ``dinov2`` and ``vf_features``):
+
+  l1_kl  ``configs/texture_vae_f16d32.py``: L1 + KL only (LDM scale, no LPIPS / GAN);
+  ldm    ``configs/texture_vae_f16d32_ldm.py``: ``vavae/configs/f16d32_ldm.yaml``, the
+         LDM ``LPIPSWithDiscriminator`` recipe (L1 + LPIPS, KL 1e-6, PatchGAN hinge
+         loss with the adaptive weight × 0.5 from step 5001);
+  vavae  ``configs/texture_vae_f16d32_vavae.py``: ``vavae/configs/f16d32_vfdinov2.yaml``,
+         the ldm recipe + VF loss to DINOv2 ViT-L/14 (weight 0.1, adaptive, margins
+         0.25 / 0.5).
+  """
+  if recipe not in TEXTURE_VAE_RECIPES:
+    raise ValueError(f"unknown texture VAE recipe {recipe!r}; known: {TEXTURE_VAE_RECIPES}")
+  extra = {}
+  if recipe != "l1_kl":
+    extra["lpips"] = "weights/lpips_vgg"
+  if recipe == "vavae":
+    extra.update(dinov2="weights/dinov2_vitl14", vf_features="")
   opts, c = vae_run_fields(arg, data="data/imagenet/train", batch_size=256,
                            num_train_steps=250_000, checkpoint_every_steps=5_000,
-                           keep_period=50_000)
+                           keep_period=50_000, extra_options=extra)
+  c.ema_decay = 0.0               # > 0: EMA of the autoencoder (state key "ema")
 
   # --- model (sfd_jax.models.texture_vae.TextureVAEConfig fields) ---------------------
   c.model = ml_collections.ConfigDict(dict(
@@ -290,11 +314,15 @@ def texture_vae_config(arg=None) -> ml_collections.ConfigDict:
 
   # --- loss (sfd_jax.diffusion.vae_losses.texture_vae_loss) --------------------------
   c.loss = ml_collections.ConfigDict()
+  c.loss.name = "l1_kl"           # l1_kl | ldm (LPIPSWithDiscriminator, see texture_gan_loss)
   c.loss.kl_weight = 1e-6
-  c.loss.pixel_reduction = "sum"  # per-image pixel sum: the scale the LDM KL weight refers to
-  c.loss.extra_terms = ""         # comma-separated names registered in training.vae
+  c.loss.pixel_reduction = "sum"  # l1_kl: per-image pixel sum (the LDM KL weight's scale)
+  c.loss.extra_terms = ""         # l1_kl: comma-separated names registered in training.vae
 
   c.optimizer = adamw(b1=0.5, b2=0.9)  # Adam = AdamW without weight decay
+  if recipe != "l1_kl":
+    texture_gan_loss(c.loss, recipe, lpips=opts["lpips"], dinov2=opts.get("dinov2", ""))
+    c.disc_optimizer = adamw(b1=0.5, b2=0.9)  # the reference: same Adam, same lr
 
   # --- data: images (sfd_jax.data.images.make_source) ----------------------------------
   c.data = ml_collections.ConfigDict()
@@ -310,8 +338,73 @@ def texture_vae_config(arg=None) -> ml_collections.ConfigDict:
   c.data.num_workers = 16         # JPEG decoding needs workers
   c.data.read_threads = 2
   c.data.prefetch_batches = 2
+  if recipe == "vavae":
+    c.data.vf_features = opts["vf_features"]  # pre-extracted VF features (loss.vf_source)
+    if opts["vf_features"]:
+      c.loss.vf_source = "features"
   c.eval.every_steps = 5000
+  c.eval_tokenizer = tokenizer_eval_fields(opts["eval"], lpips=opts.get("lpips", ""))
   return c
+
+
+def tokenizer_eval_fields(images: str = "", *, lpips: str = "") -> ml_collections.ConfigDict:
+  """``config.eval_tokenizer``: ``--mode=eval_tokenizer`` (rFID, PSNR, SSIM, LPIPS)."""
+  e = ml_collections.ConfigDict()
+  e.checkpoint = ""               # converted texture VAE folder or a training workdir
+  e.weights = "params"            # run: params | ema
+  e.step = -1                     # run: checkpoint step (-1 = latest)
+  e.images = images               # held-out image folder ("" = data.eval_path)
+  e.image_size = 256              # ADM centre crop
+  e.max_images = 0                # 0 = all (the reference: the 50k ImageNet val images)
+  e.batch_size = 64               # images per call, split over process 0's local devices
+  e.sample_posterior = True       # the reference encodes with posterior.sample()
+  e.seed = 0                      # image i's posterior noise: fold_in(key(seed), i)
+  e.features = "inception"        # rFID features: inception | demo | "" (no rFID)
+  e.inception = ""                # python -m sfd_jax.convert.inception
+  e.features_path = ""            # features=demo: the demo's feature net folder
+  e.preprocess = "pytorch_fid"    # the reference runs pytorch-fid on PNG folders
+  e.lpips = lpips                 # python -m sfd_jax.convert.lpips
+  e.grid_images = 8               # originals over reconstructions in reconstructions.png
+  e.read_threads = 8
+  e.random_init = False           # tests: random texture VAE (preset) and LPIPS
+  e.texture_vae_preset = "tiny"
+  e.lpips_random_width = 1.0
+  return e
+
+
+def texture_gan_loss(loss: ml_collections.ConfigDict, recipe: str, *, lpips: str = "",
+                     dinov2: str = "") -> ml_collections.ConfigDict:
+  """Adds the ``LPIPSWithDiscriminator`` fields of ``recipe`` ("ldm" | "vavae") to
+  ``config.loss`` (``sfd_jax.diffusion.gan_losses.GANLossConfig`` + the frozen networks)."""
+  loss.name = "ldm"               # l1_kl | ldm (sfd_jax.training.texture_gan)
+  loss.kl_weight = 1e-6
+  loss.logvar_init = 0.0          # the reference's logvar: never trained, stays here
+  loss.perceptual_weight = 1.0    # LPIPS inside the rec term (0 = off)
+  loss.lpips = lpips              # python -m sfd_jax.convert.lpips --vgg ... --lin ...
+  loss.lpips_random_init = False  # tests only
+  loss.lpips_random_width = 1.0   # tests only: VGG widths × this (random init)
+  loss.use_gan = True
+  loss.disc_start = 5001          # reference steps (see step_counter)
+  loss.disc_weight = 0.5          # × the adaptive weight ‖∇nll‖/(‖∇g‖ + 1e-4), ≤ 1e4
+  loss.disc_factor = 1.0
+  loss.disc_loss = "hinge"        # hinge | vanilla
+  loss.disc_num_layers = 3
+  loss.disc_ndf = 64
+  loss.step_counter = "reference"  # batch b = step 2b (generator) / 2b + 1 (discriminator)
+  loss.use_vf = recipe == "vavae"
+  loss.vf_weight = 0.1
+  loss.adaptive_vf = True
+  loss.distmat_margin = 0.25 if recipe == "vavae" else 0.0
+  loss.cos_margin = 0.5 if recipe == "vavae" else 0.0
+  loss.distmat_weight = 1.0
+  loss.cos_weight = 1.0
+  loss.vf_source = "dinov2"       # dinov2 (in the step) | features (data.vf_features)
+  loss.vf_dinov2 = dinov2         # python -m sfd_jax.convert.dinov2 --preset vitl14
+  loss.vf_dinov2_preset = "vitl14"
+  loss.vf_random_init = False     # tests only
+  loss.vf_dim = 1024
+  loss.vf_image_size = 224        # DINOv2 input (16×16 patches = the f16 latent grid)
+  return loss
 
 
 def encode_config(arg=None) -> ml_collections.ConfigDict:
@@ -361,6 +454,9 @@ def encode_config(arg=None) -> ml_collections.ConfigDict:
   c.extract.dtype = "float32"
   c.extract.resize = 256          # torchvision Resize(256, bicubic) on the short side
   c.extract.crop = 224            # CenterCrop(224)
+  c.extract.recipe = "semvae"     # semvae | vf (VA-VAE VF targets: ADM crop, bilinear, ViT-L/14)
+  c.extract.image_size = 256      # vf: the texture-VAE trainer's ADM centre crop
+  c.extract.vf_size = 224         # vf: bilinear resize before DINOv2 (16×16 patches)
   c.extract.per_device_batch = 64
   c.extract.records_per_shard = 5000
 

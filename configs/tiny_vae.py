@@ -2,6 +2,8 @@
 
   --config=configs/tiny_vae.py:job=semvae,data=DIR        SemVAE training on features DIR
   --config=configs/tiny_vae.py:job=texture_vae,data=DIR   texture VAE on an image folder
+  --config=configs/tiny_vae.py:job=texture_gan,data=DIR   the VA-VAE GAN recipe, tiny
+      (random LPIPS and DINOv2; vf=none|features|dinov2, vf_features=DIR)
   --config=configs/tiny_vae.py:job=encode,data=DIR        encode / extract an image folder
 
 Sizes of the tiny encode job (all grids 8×8, so the three networks fit together):
@@ -16,7 +18,8 @@ import ml_collections
 
 from configs import common
 
-JOBS = ("semvae", "texture_vae", "encode")
+JOBS = ("semvae", "texture_vae", "texture_gan", "encode")
+VF_SOURCES = ("dinov2", "features", "none")
 
 
 def _tiny_run(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
@@ -34,7 +37,8 @@ def _tiny_run(c: ml_collections.ConfigDict, steps: int) -> ml_collections.Config
 
 
 def get_config(arg=None):
-  opts = common.parse_arg(arg, job="semvae", data="", steps="8")
+  opts = common.parse_arg(arg, job="semvae", data="", steps="8", vf="none",
+                          vf_features="")
   job = opts["job"]
   if job not in JOBS:
     raise ValueError(f"tiny_vae: job {job!r} not one of {JOBS}")
@@ -54,6 +58,26 @@ def get_config(arg=None):
     c.loss.pixel_reduction = "mean"
     c.optimizer.lr = 1e-3
     c.data.image_size = 16
+    return _tiny_run(c, int(opts["steps"]))
+  if job == "texture_gan":
+    if opts["vf"] not in VF_SOURCES:
+      raise ValueError(f"tiny_vae: vf {opts['vf']!r} not one of {VF_SOURCES}")
+    c = common.texture_vae_config(f"data={opts['data']},vf_features={opts['vf_features']}",
+                                  recipe="vavae")
+    # 24 px, one level (f1): the smallest images the 3-layer PatchGAN takes (1×1 logits);
+    # LPIPS with VGG widths / 8; VF to 16-wide features of the 24×24 latent grid
+    # (vf=features: pre-extracted; vf=dinov2: a tiny register-free DINOv2 at 336 px)
+    c.model.update(ch=8, ch_mult=(1,), num_res_blocks_enc=1, num_res_blocks_dec=1,
+                   attn_resolutions=(), z_channels=4, embed_dim=4, resolution=24,
+                   num_groups=4)
+    c.loss.update(lpips="", lpips_random_init=True, lpips_random_width=0.125, disc_start=3,
+                  disc_ndf=8, vf_dinov2="", vf_random_init=True,
+                  vf_dinov2_preset="tiny_noreg", vf_dim=16 if opts["vf"] == "features" else 64,
+                  vf_image_size=0, use_vf=opts["vf"] != "none",
+                  vf_source="features" if opts["vf"] == "features" else "dinov2")
+    c.optimizer.lr = 1e-3
+    c.disc_optimizer.lr = 1e-3
+    c.data.image_size = 24
     return _tiny_run(c, int(opts["steps"]))
   c = common.encode_config()
   c.data.path = opts["data"]

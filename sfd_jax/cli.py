@@ -34,6 +34,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "extract": ("extract", "run"),
     "train_semvae": ("train_vae", "run_semvae"),
     "train_texture_vae": ("train_vae", "run_texture_vae"),
+    "eval_tokenizer": ("eval_tokenizer", "run"),
     "demo": ("demo", "run"),
 }
 

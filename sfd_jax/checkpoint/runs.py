@@ -215,3 +215,52 @@ def load_dit(path: str, field: str = "config.sample.checkpoint"):
   assign(model, params, name=f"{checkpoint_dir(path)}/{step} ema")
   logging.info("loaded EMA weights of %s/%d", checkpoint_dir(path), step)
   return model
+
+
+# ------------------------------------------------------------------ the texture VAE
+
+
+def _str_keys(tree):
+  if isinstance(tree, Mapping):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def load_texture_vae(path: str, *, weights: str = "params", step: int | None = None,
+                     field: str = "checkpoint"):
+  """A ``TextureVAE`` from a converted folder (``meta.json``) or a texture-VAE training run.
+
+  For a run, the architecture comes from its saved config (``config.model``) and
+  ``weights`` ("params" or "ema") is read; a VA-VAE run's ``linear_proj`` and a GAN run's
+  discriminator are not. Returns ``(model, description)``.
+  """
+  from sfd_jax.convert import texture_vae as tvae_conv  # pylint: disable=import-outside-toplevel
+  from sfd_jax.convert.common import assign  # pylint: disable=import-outside-toplevel
+  from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig  # pylint: disable=import-outside-toplevel
+  if not path:
+    raise CheckpointError(f"{field} is empty: give a converted texture VAE folder or a "
+                          "texture-VAE training workdir")
+  path = os.path.abspath(path)
+  if os.path.exists(os.path.join(path, "meta.json")):
+    return tvae_conv.load_converted_texture_vae(path), path
+  if not is_run(path):
+    raise CheckpointError(f"{field}={path}: neither a converted checkpoint (meta.json) nor "
+                          "a training run (checkpoints/<step>/)")
+  ckdir = checkpoint_dir(path)
+  mngr = _manager(ckdir)
+  try:
+    step = _pick_step(mngr, ckdir, step)
+    run_config = _read_config(mngr, ckdir, step)
+  finally:
+    mngr.close()
+  fields = {k: v for k, v in dict(run_config.get("model") or {}).items()
+            if k not in ("dtype", "param_dtype")}
+  if not fields:
+    raise CheckpointError(f"{ckdir}/{step} has no saved model config")
+  cfg = TextureVAEConfig.from_dict(fields)
+  model = nnx.eval_shape(lambda: TextureVAE(cfg, rngs=nnx.Rngs(0)))
+  # Orbax stores list indices (encoder.down[0]) as string keys
+  abstract = _str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  params, step = restore_weights(ckdir, abstract, weights=weights, step=step)
+  assign(model, params, name=f"{ckdir}/{step} {weights}")
+  return model, f"{ckdir} step {step} ({weights})"

@@ -1,5 +1,9 @@
 """DINOv2 hub checkpoint (``dinov2_vitb14_reg4_pretrain.pth``) → ``sfd_jax.models.dinov2``.
 
+Also ViT-L/14 without registers (``--preset vitl14``): the VA-VAE's VF model, from
+``dinov2_vitl14_pretrain.pth`` or timm's ``vit_large_patch14_dinov2.lvd142m`` state dict
+(same key names; timm has no ``mask_token``, and no ``register_tokens`` key exists).
+
 Reference keys (parity README §5.6): ``cls_token`` (1,1,C), ``register_tokens`` (1,R,C),
 ``mask_token`` (1,C) (used only with masks: accepted and ignored), ``pos_embed``
 (1, 1+37², C), ``patch_embed.proj.{weight,bias}``, ``blocks.{i}.{norm1,norm2}.*``,
@@ -53,13 +57,14 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: DinoV2Config,
   params = {
       "patch_embed": sd.conv("patch_embed.proj", c.in_chans, d, c.patch_size, c.patch_size),
       "cls_token": sd.get("cls_token", (1, 1, d))[0],
-      "register_tokens": sd.get("register_tokens", (1, c.num_register_tokens, d))[0],
       "pos_embed": sd.get("pos_embed", (1, 1 + c.grid_size ** 2, d))[0],
       "blocks": {str(i): _vit_block(sd, f"blocks.{i}", d, c.mlp_hidden,
                                     c.layerscale_init is not None)
                  for i in range(c.depth)},
       "norm": sd.norm("norm", d),
   }
+  if c.num_register_tokens:
+    params["register_tokens"] = sd.get("register_tokens", (1, c.num_register_tokens, d))[0]
   sd.check_all_used()
   return params
 
@@ -88,7 +93,8 @@ def main(argv: list[str] | None = None) -> str:
       argv, kind=MODEL_KIND, prog="python -m sfd_jax.convert.dinov2",
       description="Convert a DINOv2 (with registers) hub checkpoint to an sfd_jax checkpoint.",
       src_help="hub state dict (.pth/.pt/.npz/.safetensors)",
-      presets=["vitb14_reg", "tiny"], default_preset="vitb14_reg", config_cls=DinoV2Config,
+      presets=["vitb14_reg", "vitl14", "tiny", "tiny_noreg"], default_preset="vitb14_reg",
+      config_cls=DinoV2Config,
       convert=convert_state_dict, extra_meta={"ignored_keys": list(IGNORED_KEYS)})
 
 

@@ -147,6 +147,55 @@ def torch_bicubic_resize(x_nhwc: jax.Array | np.ndarray, out_h: int, out_w: int)
                     precision=jax.lax.Precision.HIGHEST)
 
 
+@functools.lru_cache(maxsize=64)
+def torch_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] float64 matrix of PyTorch's ``F.interpolate(mode="bilinear")``.
+
+  Non-antialiased, ``align_corners=False``, output size given: output i samples the
+  input at s = max((i + 0.5)·in/out − 0.5, 0) (float32, as PyTorch computes it) with
+  the taps floor(s) and min(floor(s) + 1, in − 1), weights 1 − frac and frac.
+  """
+  if in_size < 1 or out_size < 1:
+    raise ValueError(f"torch_bilinear_matrix: sizes must be positive, got {in_size}→{out_size}")
+  ft = np.float32
+  scale = ft(in_size) / ft(out_size)
+  src = np.maximum(scale * (np.arange(out_size).astype(ft) + ft(0.5)) - ft(0.5), ft(0))
+  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  frac = (src - i0.astype(ft)).astype(np.float64)
+  mat = np.zeros((out_size, in_size), np.float64)
+  np.add.at(mat, (np.arange(out_size), i0), 1.0 - frac)
+  np.add.at(mat, (np.arange(out_size), i1), frac)
+  mat.setflags(write=False)
+  return mat
+
+
+def torch_bilinear_resize(x_nhwc: jax.Array | np.ndarray, out_h: int, out_w: int) -> jax.Array:
+  """PyTorch's non-antialiased bilinear resize (``align_corners=False``) of NHWC images."""
+  x = jnp.asarray(x_nhwc)
+  if x.ndim != 4:
+    raise ValueError(f"torch_bilinear_resize expects NHWC [B, H, W, C], got shape {x.shape}")
+  if (x.shape[1], x.shape[2]) == (out_h, out_w):
+    return x
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  mh = jnp.asarray(torch_bilinear_matrix(x.shape[1], out_h), dtype)
+  mw = jnp.asarray(torch_bilinear_matrix(x.shape[2], out_w), dtype)
+  return jnp.einsum("ip,jq,bpqc->bijc", mh, mw, x.astype(dtype),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def vf_foundation_input(x_m11_nhwc: jax.Array | np.ndarray, size: int = 224) -> jax.Array:
+  """The VA-VAE's input of its VF foundation model (DINOv2 ViT-L/14).
+
+  The reference (``vavae/ldm/models/foundation_models.py``) resizes the training images
+  in [-1, 1] bilinearly to ``size`` (``F.interpolate(mode="bilinear",
+  align_corners=False)``) and feeds them to timm's model *without* ImageNet
+  normalisation. NHWC in and out.
+  """
+  x = jnp.asarray(x_m11_nhwc, jnp.float32)
+  return torch_bilinear_resize(x, size, size)
+
+
 def dino_extraction_input(x_m11_nhwc: jax.Array | np.ndarray, size: int = 224) -> jax.Array:
   """DINOv2 input at latent-extraction time from ADM crops in [-1, 1] (SPEC §2.3).
 

@@ -14,13 +14,12 @@ loss = L1(images, recon) + kl_weight · mean_batch(KL(q(z|x) ‖ N(0, I)))
   recipe (with its learned log-variance at its initial value 0): there the KL weight 1e-6
   is relative to a per-image pixel *sum*, so with ``"mean"`` the same ``kl_weight`` puts
   H·W·C times (196,608× at 256² RGB) more relative weight on the KL.
-* The LDM generator loss also has LPIPS and an adaptively weighted PatchGAN term. They are
-  not implemented here; ``extra_terms`` is the extension point for them. Each term is a
-  callable ``term(images, recon, posterior) -> scalar`` returning its already-weighted
+* The LDM / VA-VAE generator loss with LPIPS, the adaptively weighted PatchGAN term and
+  the VF loss is ``sfd_jax.diffusion.gan_losses`` (``config.loss.name = "ldm"``).
+  ``extra_terms`` adds further terms to this L1 + KL loss: each is a callable
+  ``term(images, recon, posterior) -> scalar`` returning its already-weighted
   contribution; it is added to the loss and reported as ``metrics["loss_<name>"]``.
-  A term that needs parameters (a discriminator, an LPIPS network) closes over them; an
-  adaptive weight that needs gradients with respect to the decoder's last layer is best
-  computed outside and passed in through such a closure.
+  A term that needs parameters closes over them.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """DINOv2 ViT with register tokens (facebookresearch/dinov2 ``DinoVisionTransformer``).
 
 SFD uses the frozen hub model ``dinov2_vitb14_reg`` (SPEC §2.3): its final-normed patch
-tokens are both the SemVAE input and the REPA target. This module reproduces the
+tokens are both the SemVAE input and the REPA target. The VA-VAE texture-VAE recipe's
+VF loss aligns to ViT-L/14 without registers (preset ``vitl14``, 1024-d). This module reproduces the
 reference's ``forward_features`` (parity README §5.6):
 
 * patch embedding: 14×14 convolution with stride 14, no padding; tokens row-major;
@@ -87,13 +88,31 @@ class DinoV2Config:
     return cls(embed_dim=768, depth=12, num_heads=12)
 
   @classmethod
+  def vitl14(cls) -> "DinoV2Config":
+    """ViT-L/14 without registers (1024-d, 24 blocks, 16 heads): the VA-VAE's VF model.
+
+    The reference aligns to timm's ``vit_large_patch14_dinov2.lvd142m`` (the DINOv2
+    ViT-L/14 weights, ``dinov2_vitl14_pretrain.pth``); timm resamples the 37×37
+    position grid with antialiased bicubic to the target size, which is this module's
+    resampling (``interpolate_antialias`` True, ``interpolate_offset`` 0). The hub's
+    ``dinov2_vitl14`` would interpolate without antialias at a 0.1 offset instead.
+    """
+    return cls(embed_dim=1024, depth=24, num_heads=16, num_register_tokens=0)
+
+  @classmethod
+  def tiny_noreg(cls) -> "DinoV2Config":
+    """A tiny register-free ViT for tests of the VF-loss path (width 64, 2 blocks)."""
+    return cls(embed_dim=64, depth=2, num_heads=4, num_register_tokens=0)
+
+  @classmethod
   def tiny(cls) -> "DinoV2Config":
     """The configuration of the parity fixture ``dinov2.npz``."""
     return cls(embed_dim=64, depth=2, num_heads=4)
 
   @classmethod
   def preset(cls, name: str) -> "DinoV2Config":
-    presets = {"vitb14_reg": cls.vitb14_reg, "tiny": cls.tiny}
+    presets = {"vitb14_reg": cls.vitb14_reg, "vitl14": cls.vitl14, "tiny": cls.tiny,
+               "tiny_noreg": cls.tiny_noreg}
     if name not in presets:
       raise ValueError(f"unknown DINOv2 preset '{name}' (expected one of {sorted(presets)})")
     return presets[name]()
@@ -198,7 +217,7 @@ class DinoV2(nnx.Module):
         out_sharding=(None, "embed"))
     self.register_tokens = nnx.Param(
         1e-6 * jax.random.normal(rngs.params(), (c.num_register_tokens, d), param_dtype),
-        out_sharding=(None, "embed"))
+        out_sharding=(None, "embed")) if c.num_register_tokens else None
     self.pos_embed = nnx.Param(
         0.02 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0,
                                            (1 + c.grid_size ** 2, d), param_dtype),
@@ -261,6 +280,8 @@ class DinoV2(nnx.Module):
     x = self.embed_patches(images)
     cls = jnp.broadcast_to(self.cls_token[...].astype(dt)[None], (b, 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.interpolate_pos_encoding(h, w).astype(dt)
+    if self.register_tokens is None:
+      return x
     regs = self.register_tokens[...].astype(dt)
     regs = jnp.broadcast_to(regs[None], (b,) + regs.shape)
     return jnp.concatenate([x[:, :1], regs, x[:, 1:]], axis=1)

@@ -387,6 +387,25 @@ class TextureVAE(nnx.Module):
     return self.decode(z), posterior
 
 
+class ProjectedTextureVAE(TextureVAE):
+  """The VA-VAE's training-time autoencoder: a ``TextureVAE`` plus ``linear_proj``.
+
+  ``linear_proj`` is the reference's ``reverse_proj`` 1×1 convolution without bias from
+  the latent (embed_dim) to the vision-foundation width (1024 for DINOv2 ViT-L/14),
+  trained with the autoencoder (``proj_fix`` False) and used only by the VF loss on the
+  *sampled* latent. The other parameters are exactly those of ``TextureVAE``, so
+  dropping ``linear_proj`` gives a plain texture VAE (what export writes).
+  """
+
+  def __init__(self, cfg: TextureVAEConfig, vf_dim: int, *, rngs: nnx.Rngs, dtype=None,
+               param_dtype=jnp.float32):
+    super().__init__(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    init, _ = layers.torch_linear_init(cfg.embed_dim)
+    self.linear_proj = layers.Conv(cfg.embed_dim, int(vf_dim), (1, 1), padding="VALID",
+                                   use_bias=False, kernel_init=init, rngs=rngs, dtype=dtype,
+                                   param_dtype=param_dtype)
+
+
 def parameter_counts(cfg: TextureVAEConfig) -> dict[str, int]:
   """Parameter counts of an abstract (never allocated) model, by part."""
   model = nnx.eval_shape(lambda: TextureVAE(cfg, rngs=nnx.Rngs(0)))
@@ -398,5 +417,5 @@ def parameter_counts(cfg: TextureVAEConfig) -> dict[str, int]:
 
 __all__: Sequence[str] = (
     "TextureVAEConfig", "DiagonalGaussian", "ResnetBlock", "AttnBlock", "Downsample",
-    "Upsample", "Level", "Mid", "Encoder", "Decoder", "TextureVAE", "parameter_counts",
+    "Upsample", "ProjectedTextureVAE", "Level", "Mid", "Encoder", "Decoder", "TextureVAE", "parameter_counts",
     "LOGVAR_MIN", "LOGVAR_MAX", "PRESETS")

@@ -16,6 +16,17 @@ holds a whole model. Optimizer moments follow the parameter they track
 (``optax.tree_map_params``); every other optimizer leaf is replicated.
 ``nonfinite`` counts steps whose loss or gradient norm was NaN/Inf (the loop checks it
 before every save).
+
+A part whose module keeps non-trainable state (BatchNorm running statistics,
+``nnx.BatchStat``: the GAN discriminator) names a ``stats_key``; that entry holds the
+pure dict of those variables, replicated or sharded like parameters, and is
+checkpointed with the rest. Parts without one are split on ``nnx.Param`` alone, as
+always, so the layouts above are unchanged.
+
+Frozen networks of a run (LPIPS, a foundation model) are not state: ``freeze`` places
+their weights on the mesh by the same logical rules, and the step builder passes them to
+the jitted step as an argument (not as constants baked into the program, and never
+checkpointed).
 """
 from __future__ import annotations
 
@@ -25,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
@@ -41,6 +53,9 @@ class Part:
   params_key: str = "params"
   opt_key: str = "opt_state"
   ema_key: str | None = None               # e.g. "ema": an EMA copy of the params
+  stats_key: str | None = None             # e.g. "disc_stats": the module's nnx.BatchStat
+  metrics_prefix: str | None = None        # metric-name prefix with several parts
+                                           # (default: params_key)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -49,12 +64,20 @@ class PartSetup:
   part: Part
   graphdef: Any
   abstract_params: Any       # nnx.State of ShapeDtypeStructs (with logical metadata)
+  abstract_stats: Any = None  # nnx.State of the BatchStat variables (stats_key parts)
 
-  def model(self, params) -> nnx.Module:
-    """Merges pure-dict params into a module (inside or outside jit)."""
+  def model(self, params, stats=None) -> nnx.Module:
+    """Merges pure-dict params (and statistics) into a module (inside or outside jit)."""
     state = jax.tree.map(lambda x: x, self.abstract_params)
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state)
+    if self.abstract_stats is None:
+      return nnx.merge(self.graphdef, state)
+    if stats is None:
+      raise ValueError(f"part {self.part.params_key!r} keeps statistics "
+                       f"({self.part.stats_key!r}): pass them to model()")
+    st = jax.tree.map(lambda x: x, self.abstract_stats)
+    nnx.replace_by_pure_dict(st, stats)
+    return nnx.merge(self.graphdef, state, st)
 
 
 @dataclasses.dataclass(eq=False)
@@ -119,7 +142,14 @@ def build_setup(parts: Sequence[Part], mesh: Mesh, *, rules=parallel.DEFAULT_RUL
   logical: dict[str, Any] = {"step": P(), "nonfinite": P()}
   setups = []
   for part in parts:
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(part.build), nnx.Param)
+    abstract_stats = None
+    if part.stats_key:
+      graphdef, abstract_params, abstract_stats = nnx.split(
+          nnx.eval_shape(part.build), nnx.Param, nnx.BatchStat)
+      abstract[part.stats_key] = nnx.to_pure_dict(abstract_stats)
+      logical[part.stats_key] = nnx.to_pure_dict(nnx.get_partition_spec(abstract_stats))
+    else:
+      graphdef, abstract_params = nnx.split(nnx.eval_shape(part.build), nnx.Param)
     shapes = nnx.to_pure_dict(abstract_params)
     specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
     opt_shape = jax.eval_shape(part.tx.init, shapes)
@@ -129,7 +159,7 @@ def build_setup(parts: Sequence[Part], mesh: Mesh, *, rules=parallel.DEFAULT_RUL
     abstract[part.opt_key], logical[part.opt_key] = opt_shape, opt_specs
     if part.ema_key:
       abstract[part.ema_key], logical[part.ema_key] = shapes, specs
-    setups.append(PartSetup(part, graphdef, abstract_params))
+    setups.append(PartSetup(part, graphdef, abstract_params, abstract_stats))
   notes: list[str] = []
   shardings = parallel.tree_shardings(abstract, logical, [tuple(r) for r in rules], mesh,
                                       strict=strict_sharding, notes=notes)
@@ -151,8 +181,13 @@ def _jitted_init(setup: TrainSetup, given: bool):
       if i == 0 and given_params is not None:
         params = jax.tree.map(lambda a, s: jnp.asarray(a, s.dtype), given_params,
                               setup.abstract_state[p.params_key])
+        module = None
       else:
-        params = nnx.to_pure_dict(nnx.state(p.build(), nnx.Param))
+        module = p.build()
+        params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+      if p.stats_key:
+        module = module if module is not None else p.build()
+        state[p.stats_key] = nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
       state[p.params_key] = params
       state[p.opt_key] = p.tx.init(params)
       if p.ema_key:
@@ -176,3 +211,43 @@ def create_train_state(setup: TrainSetup, init_params: Any | None = None):
       return _jitted_init(setup, False)()
     sh = setup.state_shardings[setup.main.part.params_key]
     return _jitted_init(setup, True)(jax.device_put(init_params, sh))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FrozenNet:
+  """A frozen network of a run: its graph and its weights placed on the mesh.
+
+  ``weights`` (pure dict of every variable) is what the step receives as an argument;
+  ``module(weights)`` rebuilds the network inside the step.
+  """
+  graphdef: Any
+  abstract: Any              # nnx.State of the network's variables (structure only)
+  weights: Any               # pure dict of jax.Arrays, sharded by ``shardings``
+  shardings: Any
+
+  def module(self, weights) -> nnx.Module:
+    state = jax.tree.map(lambda x: x, self.abstract)
+    nnx.replace_by_pure_dict(state, weights)
+    return nnx.merge(self.graphdef, state)
+
+
+def freeze(setup: TrainSetup, nets: Mapping[str, nnx.Module]) -> dict[str, FrozenNet]:
+  """Places frozen networks on ``setup.mesh`` by the run's logical rules.
+
+  Each weight is sharded as a parameter of the same logical axes would be (replicated
+  where a rule maps to no mesh axis); built from host copies with
+  ``jax.make_array_from_callback``, so it works on several processes.
+  """
+  out = {}
+  for name, net in nets.items():
+    graphdef, state = nnx.split(net)
+    host = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    shardings = parallel.tree_shardings(host, specs, [tuple(r) for r in setup.rules],
+                                        setup.mesh)
+    weights = jax.tree.map(
+        lambda a, sh: jax.make_array_from_callback(a.shape, sh, lambda idx, a=a: a[idx]),
+        host, shardings)
+    abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state)
+    out[name] = FrozenNet(graphdef, abstract, weights, shardings)
+  return out

@@ -8,14 +8,36 @@ generator, then discriminator, on the same batch as the reference alternates the
 1. ``key = fold_in(key(seed), step)`` — the randomness of the whole *global* batch, so
    every example on every device draws its own noise and a resumed run replays exactly;
 2. ``(loss, metrics), grads = value_and_grad(loss_fn)(params)`` where
-   ``loss_fn(model, batch, key, state)`` gets the part's module merged from the params
-   (``state`` holds the other parts, already updated earlier in this step);
+   ``loss_fn(model, batch, key, ctx)`` gets the part's module merged from the params
+   (and, for a part with a ``stats_key``, its statistics). ``ctx`` is the state as it
+   stands (the parts updated earlier in this step already updated) plus ``ctx["carry"]``
+   (values handed on by earlier parts of this step) and ``ctx["frozen"]`` (the frozen
+   networks as modules, when the step has any);
 3. optimizer update, optional EMA (``setup.ema_decay``), global norms (grad, param,
    update; param/update only on logging steps with ``norms_every``) and the learning
    rate as metrics; a NaN/Inf loss or gradient norm increments
    ``state["nonfinite"]``.
 
-With more than one part, metric names are prefixed with the part's params key.
+A loss function returns ``(loss, metrics)`` or ``(loss, metrics, out)`` with ``out`` a
+mapping of optional entries:
+
+* ``"state"``: ``{stats_key: new statistics}`` for non-trainable entries of *other*
+  parts (the generator's call of the discriminator in training mode updates the
+  discriminator's BatchNorm statistics, as in the reference);
+* ``"carry"``: ``{name: value}`` handed to the loss functions of later parts of the same
+  step (the generator's reconstructions for the discriminator), never stored.
+
+A part's own statistics are read back from its module after the loss function ran (a
+BatchNorm in training mode updates them in place), unless ``out["state"]`` sets them.
+
+A loss function marked with ``@returns_grads`` computes its own gradients and returns
+them as ``out["grads"]`` (same structure as the part's params); the step then calls it
+once without differentiating it. The GAN generator does: its adaptive weights already
+need the loss terms' pullbacks, and the total gradient is one more pullback of the same
+forward pass.
+
+With more than one part, metric names are prefixed with the part's ``metrics_prefix``
+(default: its params key).
 """
 from __future__ import annotations
 
@@ -24,13 +46,15 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sfd_jax import parallel
-from sfd_jax.training.state import TrainSetup
+from sfd_jax.training.state import FrozenNet, TrainSetup
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, Mapping[str, Any]],
-                  tuple[jax.Array, dict[str, jax.Array]]]
+                  tuple]
+RESERVED = ("carry", "frozen")
 
 
 def global_norm(tree) -> jax.Array:
@@ -38,9 +62,34 @@ def global_norm(tree) -> jax.Array:
   return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
+def returns_grads(loss_fn: LossFn) -> LossFn:
+  """Marks a loss function that returns its gradients as ``out["grads"]``."""
+  loss_fn.returns_grads = True
+  return loss_fn
+
+
+def _split_result(result, name: str, with_grads: bool = False):
+  if not isinstance(result, tuple) or len(result) not in (2, 3):
+    raise TypeError(f"loss function of part {name!r} must return (loss, metrics) or "
+                    "(loss, metrics, out)")
+  loss, metrics = result[0], result[1]
+  out = dict(result[2]) if len(result) == 3 and result[2] is not None else {}
+  allowed = {"state", "carry"} | ({"grads"} if with_grads else set())
+  unknown = set(out) - allowed
+  if unknown:
+    raise ValueError(f"loss function of part {name!r}: unknown output entries "
+                     f"{sorted(unknown)} (expected {sorted(allowed)})")
+  if with_grads and "grads" not in out:
+    raise ValueError(f"loss function of part {name!r} is marked returns_grads but returned "
+                     "no out['grads']")
+  return loss, metrics, dict(out.get("state") or {}), dict(out.get("carry") or {}), \
+      out.get("grads")
+
+
 def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
                     donate: bool = True, norms_every: int = 1,
-                    total_steps: int | None = None) -> Callable:
+                    total_steps: int | None = None,
+                    frozen: Mapping[str, FrozenNet] | None = None) -> Callable:
   """``step(state, batch) -> (state, metrics)`` for the parts of ``setup``.
 
   ``losses``: one loss function (for a single-part setup) or ``{params_key: loss_fn}``.
@@ -48,6 +97,9 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
   computed only on steps whose count after the update is a multiple of it, or equals
   ``total_steps`` — the steps the loop logs — and are 0 otherwise (``lax.cond``). The
   gradient norm is computed every step (the NaN guard needs it). 1: every step.
+  ``frozen``: networks from ``state.freeze`` (their weights become an argument of the
+  jitted function; ``step`` binds them). Without ``frozen`` the jitted function itself
+  is returned, as always.
   """
   if norms_every < 1:
     raise ValueError(f"norms_every must be >= 1, got {norms_every}")
@@ -56,9 +108,14 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
   unknown = set(losses) - {ps.part.params_key for ps in setup.parts}
   if unknown:
     raise ValueError(f"loss functions for unknown parts {sorted(unknown)}")
+  for ps in setup.parts:
+    if ps.part.params_key in RESERVED or ps.part.stats_key in RESERVED:
+      raise ValueError(f"state keys {RESERVED} are reserved")
+  stats_keys = {ps.part.stats_key for ps in setup.parts if ps.part.stats_key}
   base_key = jax.random.key(setup.seed)
   decay = setup.ema_decay
   prefix = len(setup.parts) > 1
+  frozen = dict(frozen or {})
 
   def _norms(params, updates, step):
     def compute(pu):
@@ -72,9 +129,11 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
     zeros = lambda pu: {"param_norm": jnp.float32(0), "update_norm": jnp.float32(0)}
     return jax.lax.cond(due, compute, zeros, (params, updates))
 
-  def step_fn(state, batch):
+  def step_fn(state, batch, frozen_weights=None):
     key = jax.random.fold_in(base_key, state["step"])
     state = dict(state)
+    modules = {name: net.module(frozen_weights[name]) for name, net in frozen.items()}
+    carry: dict[str, Any] = {}
     all_metrics: dict[str, jax.Array] = {}
     finite = jnp.bool_(True)
     for i, ps in enumerate(setup.parts):
@@ -83,9 +142,31 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
         continue
       loss_fn = losses[p.params_key]
       part_key = key if i == 0 else jax.random.fold_in(key, i)
-      grad_fn = jax.value_and_grad(
-          lambda params: loss_fn(ps.model(params), batch, part_key, state), has_aux=True)
-      (loss, metrics), grads = grad_fn(state[p.params_key])
+      ctx = dict(state, carry=dict(carry), frozen=modules)
+      stats = state[p.stats_key] if p.stats_key else None
+
+      own_grads = bool(getattr(loss_fn, "returns_grads", False))
+
+      def objective(params, loss_fn=loss_fn, ps=ps, part_key=part_key, ctx=ctx,
+                    stats=stats, own_grads=own_grads):
+        model = ps.model(params, stats)
+        loss, metrics, new_state, new_carry, grads = _split_result(
+            loss_fn(model, batch, part_key, ctx), ps.part.params_key, own_grads)
+        if ps.part.stats_key and ps.part.stats_key not in new_state:
+          new_state[ps.part.stats_key] = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+        return loss, (metrics, new_state, new_carry, grads)
+
+      if own_grads:
+        loss, (metrics, new_state, new_carry, grads) = objective(state[p.params_key])
+        grads = jax.tree.map(lambda g, q: jnp.asarray(g, q.dtype), grads, state[p.params_key])
+      else:
+        (loss, (metrics, new_state, new_carry, _)), grads = jax.value_and_grad(
+            objective, has_aux=True)(state[p.params_key])
+      bad = set(new_state) - stats_keys
+      if bad:
+        raise ValueError(f"loss function of part {p.params_key!r} set state entries "
+                         f"{sorted(bad)}; only statistics entries {sorted(stats_keys)} "
+                         "may be set")
       metrics = dict(metrics)
       updates, opt_state = p.tx.update(grads, state[p.opt_key], state[p.params_key])
       params = optax.apply_updates(state[p.params_key], updates)
@@ -99,14 +180,31 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
       if p.schedule is not None:
         metrics["lr"] = jnp.asarray(p.schedule(state["step"]), jnp.float32)
       state[p.params_key], state[p.opt_key] = params, opt_state
-      all_metrics.update({(f"{p.params_key}/{k}" if prefix else k): v
-                          for k, v in metrics.items()})
+      for k, v in new_state.items():
+        state[k] = jax.tree.map(lambda n, o: jnp.asarray(n, o.dtype), v, state[k])
+      carry.update(new_carry)
+      tag = p.metrics_prefix or p.params_key
+      all_metrics.update({(f"{tag}/{k}" if prefix else k): v for k, v in metrics.items()})
     state["step"] = state["step"] + 1
     state["nonfinite"] = state["nonfinite"] + (~finite).astype(jnp.int32)
     return state, all_metrics
 
   rep = NamedSharding(setup.mesh, P())
   batch_sh = parallel.batch_sharding(setup.mesh)
-  return setup.jit(step_fn, in_shardings=(setup.state_shardings, batch_sh),
-                   out_shardings=(setup.state_shardings, rep),
-                   donate_argnums=(0,) if donate else ())
+  if not frozen:
+    return setup.jit(lambda state, batch: step_fn(state, batch),
+                     in_shardings=(setup.state_shardings, batch_sh),
+                     out_shardings=(setup.state_shardings, rep),
+                     donate_argnums=(0,) if donate else ())
+  weights = {name: net.weights for name, net in frozen.items()}
+  jitted = setup.jit(step_fn,
+                     in_shardings=(setup.state_shardings, batch_sh,
+                                   {name: net.shardings for name, net in frozen.items()}),
+                     out_shardings=(setup.state_shardings, rep),
+                     donate_argnums=(0,) if donate else ())
+
+  def step(state, batch):
+    return jitted(state, batch, weights)
+  step.jitted = jitted          # for .lower(state, batch, weights) in benchmarks
+  step.frozen_weights = weights
+  return step

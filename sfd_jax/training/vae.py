@@ -8,7 +8,8 @@ the state builder (``training.state``), the step builder (``training.step``) and
 loop (``training.loop``: resume from the workdir, else ``init_from``, else a random
 init; global batch → jitted step → logging, evaluation, checkpoint, preemption check).
 
-* State ``{"step", "params", "opt_state", "nonfinite"}``; ``params`` is the pure dict of
+* State ``{"step", "params", "opt_state", "nonfinite"}`` (a GAN run adds
+  ``disc_params``, ``disc_opt_state``, ``disc_stats``); ``params`` is the pure dict of
   the model's ``nnx.Param`` values, sharded by ``config.sharding_rules`` (default:
   ``parallel.DEFAULT_RULES``) over ``config.mesh``; every optimizer moment gets the
   sharding of the parameter it tracks (``optax.tree_map_params``).
@@ -29,13 +30,18 @@ Models and data (``model_kind``):
   weight decay 0.01, warm-up 500 steps from 0.01×, constant, cosine to 0.1× over the
   last 199.5k of 1M steps, batch 64 (SPEC §3.4).
 * ``"texture_vae"`` — ``TextureVAE`` on images (``data.images``: folder or TFDS) with
-  the ADM centre crop, loss ``diffusion.vae_losses.texture_vae_loss`` (L1 + KL), Adam
-  lr 1e-4, β = (0.5, 0.9) (SPEC §4.3). The LPIPS and PatchGAN terms of the LDM recipe
-  are not implemented; ``register_generator_term`` is the extension point for extra
-  generator-loss terms with frozen parameters (``config.loss.extra_terms`` lists them
-  by name). A discriminator is a second trainable part of the core's state builder
-  (``training.state.Part`` with its own optimizer and state keys) with its own loss in
-  the core's step builder; the loop stays the same.
+  the ADM centre crop. Two objectives (``config.loss.name``):
+
+  - ``"l1_kl"`` (default): ``diffusion.vae_losses.texture_vae_loss`` (L1 + KL), Adam
+    lr 1e-4, β = (0.5, 0.9) (SPEC §4.3); ``register_generator_term`` is the extension
+    point for extra generator-loss terms with frozen parameters
+    (``config.loss.extra_terms`` lists them by name);
+  - ``"ldm"``: the LDM / VA-VAE recipe (``LPIPSWithDiscriminator``: L1 + LPIPS, KL,
+    PatchGAN with the adaptive weight from ``disc_start``, optional VF alignment to
+    DINOv2 ViT-L/14), a second trainable part for the discriminator with its own
+    optimizer and BatchNorm statistics, on the same core: ``training.texture_gan``.
+
+  ``config.ema_decay`` > 0 keeps an EMA of the autoencoder (state key ``ema``).
 
 Evaluation (``config.eval.path`` non-empty): every ``eval.every_steps`` one pass over
 the evaluation set with the posterior mean — SemVAE: MSE, per-token cosine over
@@ -75,6 +81,7 @@ from sfd_jax.data.features import FeatureRecords
 from sfd_jax.models import semantic_vae, texture_vae
 from sfd_jax.training import loop, optim
 from sfd_jax.training import state as state_lib
+from sfd_jax.training import texture_gan
 from sfd_jax.training import step as step_lib
 from sfd_jax.training.loop import NonFiniteLossError  # noqa: F401  (re-exported)
 from sfd_jax.training.state import Part, TrainSetup, create_train_state
@@ -230,17 +237,23 @@ class VAESetup:
 def _make_setup(kind: str, cfg: ml_collections.ConfigDict, mesh: Mesh) -> VAESetup:
   model_cfg = model_config(cfg, kind)
   seed = int(cfg.seed)
-  tx, schedule = optim.make_optimizer(cfg.optimizer)
   options = cfg.get("compiler_options")
-  core = state_lib.build_setup(
-      [Part(build=lambda: _build_model(kind, model_cfg, cfg.model, seed), tx=tx,
-            schedule=schedule)], mesh,
-      rules=cfg.get("sharding_rules") or parallel.DEFAULT_RULES, seed=seed,
-      strict_sharding=bool(cfg.get("strict_sharding", False)), model_cfg=model_cfg,
-      compiler_options=options.to_dict() if options else None)
-  loss_cfg = cfg.loss
-  step = step_lib.make_train_step(
-      core, lambda model, batch, key, _: _train_loss(kind, loss_cfg, model, batch, key))
+  options = options.to_dict() if options else None
+  if kind == "texture_vae" and texture_gan.uses_gan_objective(cfg.loss):
+    gan = texture_gan.build(cfg, mesh, model_cfg, compiler_options=options)
+    core, step = gan.core, gan.step
+  else:
+    tx, schedule = optim.make_optimizer(cfg.optimizer)
+    ema = float(cfg.get("ema_decay", 0.0) or 0.0)
+    core = state_lib.build_setup(
+        [Part(build=lambda: _build_model(kind, model_cfg, cfg.model, seed), tx=tx,
+              schedule=schedule, ema_key="ema" if ema > 0 else None)], mesh,
+        rules=cfg.get("sharding_rules") or parallel.DEFAULT_RULES, seed=seed,
+        strict_sharding=bool(cfg.get("strict_sharding", False)), model_cfg=model_cfg,
+        ema_decay=ema if ema > 0 else None, compiler_options=options)
+    loss_cfg = cfg.loss
+    step = step_lib.make_train_step(
+        core, lambda model, batch, key, _: _train_loss(kind, loss_cfg, model, batch, key))
 
   def eval_fn(params, batch, mask):
     per_example = _eval_metrics(kind, core.model(params), batch)
@@ -271,6 +284,11 @@ def build_setup(config: ml_collections.ConfigDict, kind: str, devices=None) -> V
   fingerprint = json.dumps({
       "model": config.model.to_dict(), "loss": config.loss.to_dict(),
       "optimizer": config.optimizer.to_dict(), "seed": int(config.seed),
+      "disc_optimizer": (config.disc_optimizer.to_dict()
+                         if config.get("disc_optimizer") else None),
+      "ema_decay": float(config.get("ema_decay", 0.0) or 0.0),
+      "data": {"image_size": int(config.data.get("image_size", 0) or 0),
+               "random_flip": bool(config.data.get("random_flip", False))},
       "sharding_rules": [list(r) for r in (config.get("sharding_rules") or ())],
       "strict_sharding": bool(config.get("strict_sharding", False)),
       "compiler_options": (config.compiler_options.to_dict()
@@ -305,6 +323,35 @@ class _RandomFlip(grain.transforms.MapWithIndex):
     return dict(element, image=np.ascontiguousarray(element["image"][:, ::-1]))
 
 
+class _WithFeatures:
+  """An image source whose element i also carries record i of a feature dataset."""
+
+  def __init__(self, source, features: FeatureRecords):
+    if len(features) != len(source):
+      raise ValueError(f"data.vf_features {features.directory}: {len(features)} records for "
+                       f"{len(source)} images; the features must be extracted from the same "
+                       "image source, one record per image in source order (an image the "
+                       "extraction skipped shifts every later record)")
+    self.source, self.features = source, features
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int):
+    return dict(self.source[index], vf_features=self.features[index]["features"])
+
+
+class _CropWithFeatures:
+  """``CenterCropTransform`` that keeps the element's ``vf_features``."""
+
+  def __init__(self, image_size: int):
+    self.crop = images_lib.CenterCropTransform(image_size)
+
+  def __call__(self, element):
+    out = self.crop(element)
+    return None if out is None else dict(out, vf_features=element["vf_features"])
+
+
 def _source_and_transform(kind: str, config, path_key: str = "path"):
   """(random-access source, per-element transform or None) for ``config.data``."""
   data_cfg = config.data
@@ -325,8 +372,16 @@ def _source_and_transform(kind: str, config, path_key: str = "path"):
   section = dict(data_cfg.to_dict(), path=data_cfg.get(path_key))
   if path_key == "eval_path":  # evaluation images always come from a folder
     section["source"] = "folder"
-  return (images_lib.make_source(section),
-          images_lib.CenterCropTransform(int(data_cfg.image_size)))
+  source = images_lib.make_source(section)
+  loss = config.get("loss") or {}
+  if (path_key == "path" and texture_gan.uses_gan_objective(loss) and loss.get("use_vf")
+      and loss.get("vf_source") == "features"):
+    if not data_cfg.get("vf_features"):
+      raise ValueError("config.loss.vf_source='features' needs config.data.vf_features (a "
+                       "feature dataset of --mode=extract with extract.recipe=vf)")
+    return (_WithFeatures(source, FeatureRecords(data_cfg.vf_features)),
+            _CropWithFeatures(int(data_cfg.image_size)))
+  return source, images_lib.CenterCropTransform(int(data_cfg.image_size))
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, kind: str,
@@ -442,19 +497,27 @@ def train_model(config: ml_collections.ConfigDict, workdir: str, model_kind: str
 
 def export_converted(config: ml_collections.ConfigDict, workdir: str, model_kind: str,
                      dst: str, step: int | None = None, force: bool = False,
-                     devices=None) -> str:
+                     devices=None, weights: str = "params") -> str:
   """Writes the parameters of a training checkpoint as a converted-weights folder.
 
   The folder has the layout of the converters' output (``common.save_params`` +
   ``meta.json`` with the model config), so ``--mode=encode`` reads it like converted
   reference weights (``config.encode.semvae`` / ``.texture_vae``). ``devices``: those of
-  the training mesh when it did not use all devices.
+  the training mesh when it did not use all devices. ``weights``: "params" or "ema"
+  (runs with ``ema_decay`` > 0). Only the autoencoder is exported: a GAN run's
+  discriminator and the VF projection are training-only.
   """
   validate_config(config, model_kind)
+  if weights not in ("params", "ema"):
+    raise ValueError(f"export weights {weights!r}: expected 'params' or 'ema'")
   setup = build_setup(config, model_kind, devices)
+  if weights not in setup.abstract_state:
+    raise ValueError(f"{workdir}: the run keeps no {weights!r} weights (ema_decay is 0)")
   state, step, _ = checkpoint.restore_state_only(os.path.join(workdir, "checkpoints"),
                                                setup.abstract_state, step)
-  params = trees.to_numpy(jax.device_get(state["params"]))
+  params = trees.to_numpy(jax.device_get(state[weights]))
+  if model_kind == "texture_vae":
+    params = texture_gan.autoencoder_params(params)
   source = f"{os.path.abspath(workdir)} step {step}"
   if model_kind == "texture_vae":
     return tvae_convert.save_converted(dst, params, setup.model_cfg, source=source,
@@ -470,7 +533,7 @@ def main(argv) -> None:
   del argv
   f = flags.FLAGS
   out = export_converted(f.config, f.workdir, f.kind, f.dst, f.step if f.step >= 0 else None,
-                         f.force)
+                         f.force, weights=f.weights)
   print(f"wrote {out}")
 
 
@@ -483,6 +546,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("dst", None, "output folder")
   flags.DEFINE_integer("step", -1, "checkpoint step (-1: latest)")
   flags.DEFINE_bool("force", False, "overwrite a non-empty --dst")
+  flags.DEFINE_enum("weights", "params", ["params", "ema"], "weight set to export")
   flags.mark_flags_as_required(["config", "workdir", "dst"])
   from sfd_jax.core import errors  # pylint: disable=g-import-not-at-top
   errors.run_main(main)   # user errors: one line, exit 2
