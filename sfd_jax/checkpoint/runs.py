@@ -77,13 +77,19 @@ def _read_config(mngr: ocp.CheckpointManager, directory: str, step: int) -> dict
   return dict(out["config"] or {})
 
 
-def read_config(directory: str, step: int | None = None) -> dict:
-  """The ``config`` item of a training checkpoint (empty dict if it has none)."""
+def _step_and_config(directory: str, step: int | None) -> tuple[int, dict]:
+  """(the chosen step, its saved config — empty when it has none)."""
   mngr = _manager(directory)
   try:
-    return _read_config(mngr, directory, _pick_step(mngr, directory, step))
+    step = _pick_step(mngr, directory, step)
+    return step, _read_config(mngr, directory, step)
   finally:
     mngr.close()
+
+
+def read_config(directory: str, step: int | None = None) -> dict:
+  """The ``config`` item of a training checkpoint (empty dict if it has none)."""
+  return _step_and_config(directory, step)[1]
 
 
 def restore_state_only(directory: str, abstract_state: Any, step: int | None = None):
@@ -140,12 +146,7 @@ def restore_dit(path: str, *, weights: str = "ema", step: int | None = None, con
   ckdir = checkpoint_dir(path)
   if not os.path.isdir(ckdir):
     raise CheckpointError(f"no checkpoint directory {ckdir}")
-  mngr = _manager(ckdir)
-  try:
-    step = _pick_step(mngr, ckdir, step)
-    run_config = _read_config(mngr, ckdir, step)
-  finally:
-    mngr.close()
+  step, run_config = _step_and_config(ckdir, step)
   if run_config:
     try:
       model_cfg = DiTConfig.from_config(ml_collections.ConfigDict(run_config))
@@ -247,12 +248,7 @@ def load_texture_vae(path: str, *, weights: str = "params", step: int | None = N
     raise CheckpointError(f"{field}={path}: neither a converted checkpoint (meta.json) nor "
                           "a training run (checkpoints/<step>/)")
   ckdir = checkpoint_dir(path)
-  mngr = _manager(ckdir)
-  try:
-    step = _pick_step(mngr, ckdir, step)
-    run_config = _read_config(mngr, ckdir, step)
-  finally:
-    mngr.close()
+  step, run_config = _step_and_config(ckdir, step)
   fields = {k: v for k, v in dict(run_config.get("model") or {}).items()
             if k not in ("dtype", "param_dtype")}
   if not fields:

@@ -29,6 +29,8 @@ process next to TensorBoard; ``wandb`` is imported only then.
 """
 from __future__ import annotations
 
+import abc
+
 import importlib.util
 import os
 from typing import Any, Iterable, Mapping
@@ -39,22 +41,26 @@ import numpy as np
 KINDS = ("auto", "clu", "tensorboardx", "log")
 
 
-class Writer:
-  """The metric-writer interface (clu's ``MetricWriter`` subset the project uses)."""
+class Writer(abc.ABC):
+  """The metric-writer interface (clu's ``MetricWriter`` subset the project uses);
+  every back end implements the three ``write_*`` methods."""
 
   #: one line naming the back end(s), for the start-up log
   description = "writer"
   #: what create_writer resolved: "clu" | "tensorboardx" | "log"
   kind = "custom"
 
+  @abc.abstractmethod
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    raise NotImplementedError
+    """Implemented by every back end."""
 
+  @abc.abstractmethod
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
-    raise NotImplementedError
+    """Implemented by every back end."""
 
+  @abc.abstractmethod
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    raise NotImplementedError
+    """Implemented by every back end."""
 
   def flush(self) -> None:
     pass
