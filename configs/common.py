@@ -8,6 +8,7 @@ can also be overridden on the command line: ``--config.optimizer.lr=2e-4``.
 Configs that other configs build on keep their bodies here: ``base_config`` / ``sfd_config``
 (SFD training), ``semvae_config``, ``texture_vae_config`` and ``encode_config``; the blocks
 they repeat are ``adamw`` (optimizer), ``loop_fields`` (run length, logging, checkpoints),
+``sampling_fields`` (guidance, labels and solver options of sampling sections),
 ``mesh_config`` and ``vae_run_fields``.
 """
 import ml_collections
@@ -63,6 +64,28 @@ def loop_fields(c: ml_collections.ConfigDict, *, batch_size: int, num_train_step
   c.init_from = ""                # converted weights folder (sfd_jax.convert.*) to start from
   c.debug_preempt_at_step = -1    # testing: send ourselves SIGTERM after this step
   return c
+
+
+def sampling_fields(s: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The guidance / label / solver fields that ``config.sample`` and ``config.train_eval``
+  share beyond method, steps, tolerances and scale (``sfd_jax.diffusion.generation.
+  SamplingOptions``); the defaults change nothing (the paper's protocol)."""
+  s.cfg_scale_tex = -1.0          # per-part guidance scales; -1 = scale (reference default)
+  s.cfg_scale_sem = -1.0
+  s.cfg_interval_start = 0.0      # guide a part only while start <= t <= end (t: 0 noise,
+  s.cfg_interval_end = 1.0        #   1 data); 0 / 1 = always (released configs)
+  s.cfg_interval_mode = "both"    # parts the interval gates: both | tex | sem
+  s.labels = "balanced"           # balanced (i·K//N) | random | fixed | unconditional
+  s.label_class = 0               # labels=fixed: the class
+  s.label_seed = -1               # labels=random: hash seed (-1 = seed)
+  s.jump_ts = False               # dopri5: tell the controller about τ = Δt and τ = 1
+  s.max_steps = 4096              # dopri5: step limit
+  s.diffusion_form = "SBDM"       # sde: SBDM | sigma | linear | constant | decreasing |
+  s.diffusion_norm = 1.0          #   increasing-decreasing, and its norm
+  s.last_step = "mean"            # sde: mean | euler | none
+  s.last_step_size = 0.04         # sde: size of the noise-free last step
+  s.sde_t_min = 0.04              # sde: no noise while a part's clock is below this
+  return s
 
 
 def mesh_config(data: int, fsdp: int, tensor: int = 1) -> ml_collections.ConfigDict:
@@ -168,6 +191,8 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.sample = ml_collections.ConfigDict()
   c.sample.checkpoint = ""        # workdir, training checkpoint dir or converted dir
   c.sample.guide_checkpoint = ""
+  c.sample.checkpoint_step = -1   # training workdir: step to load (-1 = latest)
+  c.sample.guide_step = -1        # guide's training workdir: step (-1 = latest; e.g. 70000)
   c.sample.method = "dopri5"      # euler | heun | dopri5 | sde
   c.sample.num_steps = 250
   c.sample.atol = 1e-6
@@ -180,6 +205,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.sample.stats = ""             # latent stats for decoding (default: data.stats / data.path)
   c.sample.seed = 0
   c.sample.texture_vae = ""       # converted texture VAE dir (decode); "" = write latents
+  sampling_fields(c.sample)
 
   # --- evaluation (sfd_jax.jobs.evaluate) --------------------------------------------
   c.eval = ml_collections.ConfigDict()
@@ -208,6 +234,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.train_eval.preprocess = "adm" # inception resize mode (see c.eval.preprocess)
   c.train_eval.feature_batch_size = 200
   c.train_eval.reference = ""     # ADM-format .npz: images arr_0 and/or mu/sigma
+  sampling_fields(c.train_eval)
 
   # --- export (sfd_jax.jobs.export; --mode=export) ----------------------------------
   c.export = ml_collections.ConfigDict()

@@ -486,9 +486,25 @@ def euler_maruyama(velocity_fn: VelocityFn, z: jax.Array, y, key: jax.Array, *,
 # ----------------------------------------------------------------------------------
 
 
+def model_clocks(velocity_fn, delta_t: float | None = None,
+                 semantic_chans: int | None = None) -> tuple[float, int]:
+  """(Δt, semantic channels) for ``velocity_fn``: explicit values win, else the model
+  config it carries (a ``LightningDiT`` or a ``make_guided_velocity`` function: ``.cfg``;
+  a synchronous model has no semantic part), else SFD's 0.3 / 16."""
+  cfg = getattr(velocity_fn, "cfg", None)
+  if delta_t is None:
+    delta_t = float(getattr(cfg, "delta_t", 0.3)) if cfg is not None else 0.3
+  if semantic_chans is None:
+    if cfg is not None and hasattr(cfg, "semantic_chans"):
+      semantic_chans = int(cfg.semantic_chans) if getattr(cfg, "semantic_first", True) else 0
+    else:
+      semantic_chans = SEMANTIC_CHANS
+  return delta_t, semantic_chans
+
+
 def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
-           num_steps: int = 250, delta_t: float = 0.3,
-           semantic_chans: int = SEMANTIC_CHANS, atol: float = 1e-6, rtol: float = 1e-3,
+           num_steps: int = 250, delta_t: float | None = None,
+           semantic_chans: int | None = None, atol: float = 1e-6, rtol: float = 1e-3,
            shift: float = 0.0, key: jax.Array | None = None, jump_ts: bool = False,
            max_steps: int = 4096, return_trajectory: bool = False, throw: bool = False,
            diffusion_form: str = "SBDM", diffusion_norm: float = 1.0,
@@ -504,8 +520,10 @@ def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
       (Euler–Maruyama, needs ``key``).
     num_steps: grid points of ``linspace(0, 1 + Δt, num_steps)``: Euler/Heun take
       num_steps − 1 steps; for dopri5 it only defines the returned trajectory.
-    delta_t: semantic lead Δt (0: synchronous model, plain [0, 1] flow).
-    semantic_chans: trailing semantic channels (masking; irrelevant when Δt = 0).
+    delta_t: semantic lead Δt (0: synchronous model, plain [0, 1] flow); default: the
+      model's (``velocity_fn.cfg``, see :func:`model_clocks`), else 0.3.
+    semantic_chans: trailing semantic channels (masking; irrelevant when Δt = 0);
+      default: the model's, else 16.
     atol, rtol, jump_ts, max_steps, throw: dopri5 options (see :func:`dopri5`).
     shift: timestep shift s of the fixed grid (0 = off; not defined for the SDE).
     key: PRNG key of the SDE noise.
@@ -515,6 +533,7 @@ def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
   """
   if method not in METHODS:
     raise ValueError(f"sampling method {method!r} not in {METHODS}")
+  delta_t, semantic_chans = model_clocks(velocity_fn, delta_t, semantic_chans)
   if not 0.0 <= delta_t <= 1.0:
     raise ValueError(f"delta_t must be in [0, 1], got {delta_t}")
   if z.ndim != 4:
