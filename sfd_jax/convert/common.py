@@ -1,8 +1,9 @@
 """Torch-free helpers shared by every converter.
 
 Reference checkpoints are flat ``{name: array}`` state dicts in PyTorch layouts.
-``load_state_dict`` reads them from ``.npz``, ``.safetensors`` or (with the optional
-PyTorch install, weights-only) ``.pt/.pth/.ckpt`` files. ``StateDict`` hands out
+``load_state_dict`` reads them from ``.npz``, ``.safetensors`` or ``.pt/.pth/.ckpt``
+files (torch-free, with the restricted unpickler of ``safe_pickle``: no code from the
+file runs). ``StateDict`` hands out
 arrays by key while checking shapes, so every converter fails with one message that
 names the key and both shapes, and can report keys it never used.
 ``assign`` copies a nested dict of arrays into an NNX module, checking paths and shapes.
@@ -26,24 +27,26 @@ class ConversionError(ValueError):
 
 
 def _torch_load(path: str, entries: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+  """A torch file's state dict via the torch-free restricted reader (``safe_pickle``):
+  non-tensor objects (an OmegaConf config, argparse Namespace, ...) become inert
+  stand-ins and a file that refers to code-running globals is refused."""
+  from sfd_jax.convert import safe_pickle  # pylint: disable=import-outside-toplevel
   try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:  # pragma: no cover - depends on the optional install
-    raise ConversionError(
-        f"{path}: reading .pt/.pth/.ckpt files needs PyTorch "
-        "(pip install torch==2.13.0); or convert it to .npz/.safetensors first") from e
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = safe_pickle.load(path)
+  except safe_pickle.UnsafePickleError as e:
+    raise ConversionError(str(e)) from e
   if isinstance(obj, Mapping):
     for entry in (entries or ()):
       if entry in obj and isinstance(obj[entry], Mapping):
         obj = obj[entry]
         break
   if not isinstance(obj, Mapping):
-    raise ConversionError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    raise ConversionError(f"{path}: expected a state dict, found {obj!r}")
   out = {}
   for k, v in obj.items():
-    if hasattr(v, "detach"):
-      out[k] = v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
+    if isinstance(v, np.ndarray):
+      floating = np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16"
+      out[k] = v.astype(np.float32) if floating else v
   return out
 
 
@@ -53,8 +56,9 @@ def load_state_dict(path: str | os.PathLike, entries: Iterable[str] | None = Non
 
   Args:
     path: ``.npz`` (named arrays; a ``config`` entry and ``in/``/``out/`` entries are
-      ignored), ``.safetensors``, or ``.pt/.pth/.ckpt`` (needs torch; loaded with
-      ``weights_only=True`` so a file can never run code).
+      ignored), ``.safetensors``, or ``.pt/.pth/.ckpt`` (torch's zip format, read without
+      torch by ``safe_pickle.load``: other objects in the file — a training config, an
+      optimizer state — become inert stand-ins, and the file can never run code).
     entries: for torch files holding several dicts (``{"model":…, "ema":…}``), the
       entry names to try in order (first one present wins).
     prefix: keep only keys starting with this prefix, with the prefix removed. Without

@@ -8,14 +8,10 @@ has the same pattern under ``decoder.``. The released training checkpoint keeps 
 under ``model_state_dict`` (next to optimizer/scheduler state), which is picked
 automatically; a flat state dict (``.npz``/``.safetensors``) works as well.
 
-Reading a ``.pt`` needs PyTorch and is done with ``weights_only=True``. If the
-training checkpoint's extra entries make that fail, either pass ``allow_pickle=True``
-(``--allow-pickle``: a full unpickle, only for files you trust) or export the weights
-once with PyTorch (then convert the ``.safetensors``)::
-
-  import torch, safetensors.torch as st
-  ckpt = torch.load("semantic_ae_final.pt", weights_only=False)
-  st.save_file(ckpt["model_state_dict"], "semvae.safetensors")
+A ``.pt`` is read without PyTorch by the restricted unpickler (``safe_pickle``): the
+optimizer / scheduler state and config next to the weights are read as inert data and no
+code from the file runs. ``allow_pickle=True`` (``--allow-pickle``) keeps the old full
+``torch.load`` (needs PyTorch; only for trusted files, e.g. the legacy non-zip format).
 
 CLI::
 
@@ -104,11 +100,11 @@ def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict
     return _torch_load_trusted(path)
   try:
     return common.load_state_dict(path, entries=STATE_DICT_ENTRIES)
-  except pickle.UnpicklingError as e:  # the weights-only unpickler refused an object
+  except pickle.UnpicklingError as e:  # not a torch archive the safe reader understands
     raise common.ConversionError(
-        f"{path}: could not be read with torch.load(weights_only=True) ({e}). If you trust "
-        "the file, pass allow_pickle=True / --allow-pickle, or export its "
-        "'model_state_dict' to .safetensors (see sfd_jax/convert/semantic_vae.py)") from e
+        f"{path}: could not be read by the restricted unpickler ({e}). If you trust the "
+        "file, pass allow_pickle=True / --allow-pickle (needs PyTorch), or export its "
+        "'model_state_dict' to .safetensors") from e
 
 
 def build_abstract(config: SemVAEConfig, dtype=None) -> SemanticVAE:
