@@ -143,6 +143,13 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.model.use_repa = True
   c.model.repa_depth = 2          # REPA tap after this block (from 1)
   c.model.repa_dim = 768          # DINOv2-B feature width
+  # Architecture switches of the reference (all on in SFD; off = LightningDiT's other
+  # choices: LayerNorm, no QK-norm, GELU MLP, no RoPE; wo_shift: adaLN without shifts).
+  c.model.use_qknorm = True
+  c.model.use_swiglu = True
+  c.model.use_rope = True
+  c.model.use_rmsnorm = True
+  c.model.wo_shift = False
   c.model.dtype = "bfloat16"      # matmul compute dtype; params stay float32
   c.model.param_dtype = "float32"
   c.model.scan_blocks = True      # lax.scan over blocks (same params as unrolled)
