@@ -170,18 +170,34 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.objective.repa_requires_cosine = False    # True = reference trap (REPA dropped w/o cos)
 
   c.optimizer = adamw()           # sfd_jax.training.optim
+  c.optimizer.accumulate_steps = 1      # gradient accumulation over k micro-batches
+  c.optimizer.skip_nonfinite = False    # NaN/Inf loss or gradient: skip the update
+  c.optimizer.skip_grad_norm_above = 0.0  # > 0: skip updates with a larger grad norm
   c.ema_decay = 0.9999            # EMA from a copy of the init, every step
 
   # --- schedule of the run (4M steps = 800 epochs of ImageNet at batch 256) ---------
   loop_fields(c, batch_size=256, num_train_steps=4_000_000, checkpoint_every_steps=10_000,
               keep_period=80_000, profile_steps=5)
   c.debug_kill_at_step = -1       # testing: SIGKILL ourselves after this step (saves done)
+  c.init_from_mode = "exact"      # exact | shape_check (the reference's weight_init)
+  c.init_from_patch_channels = -1  # shape_check: input channels copied (-1 = all; ref: 16)
+
+  # --- validation loss on held-out latents (sfd_jax.training.validation) -----------
+  c.validation = ml_collections.ConfigDict()
+  c.validation.path = ""          # held-out latent dataset (training format)
+  c.validation.every_steps = 0    # 0 = off; also runs at the last step when on
+  c.validation.num_examples = 0   # first N records (0 = all)
+  c.validation.batch_size = 64    # global; a multiple of the batch-axis devices
+  c.validation.times = (0.1, 0.3, 0.5, 0.7, 0.9)  # training times t (0 noise, 1 data)
+  c.validation.seed = 0           # noise of example i: fold_in(key(seed), i)
+  c.validation.weights = "params"  # params (as the reference) | ema
 
   # --- data (sfd_jax.data.pipeline.build_pipeline) ---------------------------------
   c.data = ml_collections.ConfigDict()
   c.data.path = "data/imagenet256_sfd"    # dataset dir: dataset.json, shards, stats.npz
   c.data.stats = ""               # stats file (default <path>/stats.npz)
   c.data.latent_multiplier = 1.0  # SFD: 1.0 (never the 0.18215 script default)
+  c.data.normalize = True         # per-channel mean/std; False: stored latents × multiplier
   c.data.flip = True
   c.data.num_workers = 8          # Grain worker processes per host
   c.data.read_threads = 4

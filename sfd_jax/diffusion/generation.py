@@ -270,22 +270,26 @@ def to_uint8(images: jax.Array) -> jax.Array:
 
 def load_decoder(config) -> LatentDecoder | None:
   """The ``LatentDecoder`` of ``config.sample.texture_vae`` with the latent statistics
-  (``config.sample.stats``, else ``config.data.stats`` / ``config.data.path``); None when
-  the field is empty (then latents are written instead of images)."""
+  (``config.sample.stats``, else ``config.data.stats`` / ``config.data.path``; none with
+  ``config.data.normalize=False``: texture = latent / multiplier); None when the field
+  is empty (then latents are written instead of images)."""
   if not config.sample.get("texture_vae", ""):
     return None
   # pylint: disable=import-outside-toplevel
   from sfd_jax.convert.texture_vae import load_converted_texture_vae
   from sfd_jax.data import stats as stats_lib
   vae = load_converted_texture_vae(config.sample.texture_vae)
+  multiplier = float(config.data.get("latent_multiplier", 1.0))
+  if not config.data.get("normalize", True):     # latents = stored · multiplier
+    return LatentDecoder(vae, jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32),
+                         multiplier)
   path = config.sample.get("stats", "") or config.data.get("stats", "") or config.data.path
   if not path:
     raise SamplingError("decoding needs latent statistics: set config.sample.stats or "
-                        "config.data.path")
+                        "config.data.path (or config.data.normalize=False)")
   stats = stats_lib.load_stats(path)
   return LatentDecoder(vae, jnp.asarray(stats.texture_mean, jnp.float32),
-                       jnp.asarray(stats.texture_std, jnp.float32),
-                       float(config.data.get("latent_multiplier", 1.0)))
+                       jnp.asarray(stats.texture_std, jnp.float32), multiplier)
 
 
 def guided_velocity(model, guide, opts: SamplingOptions) -> guidance.VelocityFn:
