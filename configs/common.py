@@ -237,6 +237,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.eval.preprocess = "adm"       # adm (TF-graph resize, as the ADM evaluator) | pytorch_fid
   c.eval.batch_size = 200         # images per Inception call (split over local devices)
   c.eval.grid_images = 64         # samples in the grid PNG (class order)
+  c.eval.samples_npz = ""         # eval only: score this ADM-format .npz (no sampling)
 
   # --- periodic evaluation during training (sfd_jax.training.periodic_eval) --------
   c.train_eval = ml_collections.ConfigDict()
