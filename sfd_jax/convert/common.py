@@ -283,27 +283,67 @@ def load_model(path: str | os.PathLike, config, *, kind: str, config_cls,
   return model
 
 
+def read_json_arg(text_or_path: str) -> dict:
+  """A JSON object given inline or as a file (``.yaml``/``.yml`` needs PyYAML)."""
+  import json  # pylint: disable=import-outside-toplevel
+  if os.path.isfile(text_or_path):
+    with open(text_or_path) as f:
+      text = f.read()
+    if text_or_path.endswith((".yaml", ".yml")):
+      import yaml  # pylint: disable=import-outside-toplevel
+      return dict(yaml.safe_load(text))
+    return dict(json.loads(text))
+  return dict(json.loads(text_or_path))
+
+
+def config_from_json(fields: Mapping[str, Any], config_cls,
+                     from_reference: Callable[[dict], Any] | None = None):
+  """``config_cls(**fields)`` when every key is a field of ``config_cls``; otherwise the
+  reference constructor's arguments through ``from_reference``."""
+  names = {f.name for f in dataclasses.fields(config_cls)}
+  if set(fields) <= names:
+    return config_cls(**{k: (tuple(v) if isinstance(v, list) else v)
+                         for k, v in fields.items()})
+  if from_reference is None:
+    raise ConversionError(f"--config-json: unknown fields {sorted(set(fields) - names)} "
+                          f"(fields of {config_cls.__name__}: {sorted(names)})")
+  return from_reference(dict(fields))
+
+
 def converter_main(argv: Sequence[str] | None, *, kind: str, prog: str, description: str,
                    src_help: str, presets: Sequence[str], default_preset: str, config_cls,
                    convert: Callable[..., dict],
                    read: Callable[[argparse.Namespace], Mapping[str, Any]] | None = None,
                    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-                   extra_meta: Mapping[str, Any] | None = None) -> str:
-  """The converter command line: ``--src --dst [--preset] [--force]`` (+ ``add_arguments``).
+                   extra_meta: Mapping[str, Any] | None = None,
+                   from_reference: Callable[[dict], Any] | None = None,
+                   reference_help: str = "") -> str:
+  """The converter command line: ``--src --dst [--preset | --config-json] [--force]``
+  (+ ``add_arguments``).
 
   Converts ``read(args)`` (default: ``load_state_dict(args.src)``) for
-  ``config_cls.preset(args.preset)`` and writes it with ``save_params``; ``meta.json``
+  ``config_cls.preset(args.preset)`` — or, with ``--config-json`` (inline JSON or a
+  file), for ``config_cls(**fields)`` / ``from_reference(fields)`` (the reference
+  constructor's argument names) — and writes it with ``save_params``; ``meta.json``
   holds the kind, preset, config, source path and ``extra_meta``. Returns the directory.
   """
   parser = argparse.ArgumentParser(prog=prog, description=description)
   parser.add_argument("--src", required=True, help=src_help)
   parser.add_argument("--dst", required=True, help="output directory")
   parser.add_argument("--preset", default=default_preset, choices=list(presets))
+  parser.add_argument("--config-json", default=None,
+                      help=f"architecture beyond the presets: JSON (inline or a file) of "
+                           f"{config_cls.__name__} fields or of the reference constructor's "
+                           f"arguments{reference_help}; replaces --preset")
   parser.add_argument("--force", action="store_true", help="overwrite a non-empty --dst")
   if add_arguments is not None:
     add_arguments(parser)
   args = parser.parse_args(argv)
-  config = config_cls.preset(args.preset)
+  if args.config_json:
+    config = config_from_json(read_json_arg(args.config_json), config_cls, from_reference)
+    args.preset = "custom"
+  else:
+    config = config_cls.preset(args.preset)
   state_dict = read(args) if read is not None else load_state_dict(args.src)
   params = convert(state_dict, config, name=args.src)
   meta = {"model": kind, "preset": args.preset, "config": dataclasses.asdict(config),

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
 import numpy as np
@@ -31,7 +30,7 @@ from flax import nnx
 
 from sfd_jax.core import trees
 from sfd_jax.convert.common import (ConversionError, StateDict, assign, load_params,
-                                    load_state_dict, save_params)
+                                    load_state_dict, read_json_arg, save_params)
 from sfd_jax.models.lightning_dit import (VARIANT_ALIASES, VARIANTS, DiTConfig, LightningDiT,
                                           rope_tables, sincos_pos_embed)
 
@@ -172,16 +171,8 @@ REFERENCE_ONLY_FIELDS = frozenset({
 
 
 def read_config_json(text_or_path: str) -> dict:
-  """A JSON object given inline or as a file path (``.json``; ``.yaml``/``.yml`` with
-  PyYAML installed)."""
-  if os.path.isfile(text_or_path):
-    with open(text_or_path) as f:
-      text = f.read()
-    if text_or_path.endswith((".yaml", ".yml")):
-      import yaml  # pylint: disable=import-outside-toplevel
-      return dict(yaml.safe_load(text))
-    return dict(json.loads(text))
-  return dict(json.loads(text_or_path))
+  """A JSON object given inline or as a file (``common.read_json_arg``)."""
+  return read_json_arg(text_or_path)
 
 
 def config_from_fields(fields: dict, variant: str = "XL", fmt: str = "auto") -> DiTConfig:

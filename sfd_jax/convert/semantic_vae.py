@@ -16,7 +16,9 @@ code from the file runs. ``allow_pickle=True`` (``--allow-pickle``) keeps the ol
 CLI::
 
   python -m sfd_jax.convert.semantic_vae --src semantic_ae_final.pt --dst DIR \
-      [--preset ch16] [--force] [--allow-pickle]
+      [--preset ch16 | --config-json '{"input_dim": 1024, "bottleneck_dim": 16,
+       "hidden_dim": 768, "arch": "transformer", "transformer_heads": 8,
+       "transformer_blocks": 4}'] [--force] [--allow-pickle]
 """
 from __future__ import annotations
 
@@ -137,7 +139,11 @@ def main(argv: list[str] | None = None) -> str:
       src_help="checkpoint (.pt with model_state_dict, .npz or .safetensors)",
       presets=["ch16", "tiny"], default_preset="ch16", config_cls=SemVAEConfig,
       convert=convert_state_dict, add_arguments=add_arguments,
-      read=lambda args: read_state_dict(args.src, args.allow_pickle))
+      read=lambda args: read_state_dict(args.src, args.allow_pickle),
+      from_reference=SemVAEConfig.from_reference_kwargs,
+      reference_help=(" (SemanticVariationalAutoEncoder: input_dim, bottleneck_dim, "
+                      "hidden_dim, arch, transformer_heads, transformer_blocks; or a "
+                      "training YAML's model section)"))
 
 
 if __name__ == "__main__":
