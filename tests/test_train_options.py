@@ -234,3 +234,25 @@ def test_latents_without_normalisation(tmp_path):
   assert it.get_state()["settings"]["normalize"] is False
   with pytest.raises(FileNotFoundError):
     pipeline.build_pipeline(d, batch_size=4)         # normalising needs the stats
+
+
+def test_decoder_without_normalisation(tmp_path):
+  """data.normalize=False: sampling decodes texture = latent / multiplier (no stats)."""
+  from sfd_jax.convert import texture_vae as tvae_conv
+  from sfd_jax.diffusion import generation
+  from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
+  cfg = TextureVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks_enc=1, num_res_blocks_dec=1,
+                         attn_resolutions=(), z_channels=32, embed_dim=32, resolution=8)
+  vae = TextureVAE(cfg, rngs=nnx.Rngs(0))
+  tvae_conv.save_converted(tmp_path / "vae", jax.device_get(
+      nnx.to_pure_dict(nnx.state(vae, nnx.Param))), cfg)
+  c = tiny_config.get_config()
+  c.sample.texture_vae = str(tmp_path / "vae")
+  c.data.path = str(tmp_path / "no_data_here")
+  c.data.normalize = False
+  c.data.latent_multiplier = 0.25
+  dec = generation.load_decoder(c)
+  assert float(dec.mean) == 0.0 and float(dec.std) == 1.0 and dec.multiplier == 0.25
+  z = jax.random.normal(jax.random.key(0), (1, 2, 2, 32))
+  np.testing.assert_array_equal(np.asarray(dec.decode(z)),
+                                np.asarray(generation.to_uint8(dec.vae.decode(z / 0.25))))
