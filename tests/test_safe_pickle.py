@@ -189,3 +189,9 @@ def test_top_level_non_state_dict_is_an_error(tmp_path):
   with pytest.raises(ConversionError, match="expected a state dict, found <stand-in for "
                      "somewhere.Thing>"):
     load_state_dict(path)
+
+
+def test_extension_registry_opcodes_are_refused():
+  data = b"\x80\x02\x82\x01)R."        # PROTO 2, EXT1 1, EMPTY_TUPLE, REDUCE, STOP
+  with pytest.raises(safe_pickle.UnsafePickleError, match="extension registry"):
+    safe_pickle.loads(data)

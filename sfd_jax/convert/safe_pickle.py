@@ -33,6 +33,7 @@ import collections
 import io
 import os
 import pickle
+import pickletools
 import zipfile
 from typing import Any
 
@@ -326,8 +327,19 @@ def is_torch_zip(path: str | os.PathLike) -> bool:
   return zipfile.is_zipfile(os.fspath(path))
 
 
+def _check_opcodes(data: bytes, source: str) -> None:
+  """Refuses the extension-registry opcodes: CPython resolves a cached extension code
+  without calling ``find_class``, so they could bypass the allow-list."""
+  for op, _, _ in pickletools.genops(data):
+    if op.name in ("EXT1", "EXT2", "EXT4"):
+      raise UnsafePickleError(f"{source}: refused: the pickle uses the copyreg extension "
+                              f"registry ({op.name}), which no checkpoint needs. Nothing from "
+                              "the file was executed.")
+
+
 def loads(data: bytes, source: str = "pickle") -> Any:
   """Restricted unpickling of plain pickle bytes (no storages)."""
+  _check_opcodes(data, source)
   return _RestrictedUnpickler(io.BytesIO(data), None, source).load()
 
 
@@ -343,7 +355,9 @@ def load(path: str | os.PathLike) -> Any:
   with zipfile.ZipFile(path) as zf:
     reader = _ArchiveReader(zf, path)
     with zf.open(reader.pkl) as f:
-      return _RestrictedUnpickler(io.BytesIO(f.read()), reader, path).load()
+      data = f.read()
+    _check_opcodes(data, path)
+    return _RestrictedUnpickler(io.BytesIO(data), reader, path).load()
 
 
 def _load_legacy(path: str) -> Any:
