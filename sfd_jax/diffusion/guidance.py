@@ -15,12 +15,15 @@ channels of each part (SFD fixed LightningDiT's legacy rule that guided only 3 c
 * Autoguidance: ``v_c`` is the main model and ``v_ref`` a weaker guide model, both with
   the same (conditional) labels.
 
-Optional interval gating (``interval_start``): the guided value is replaced by ``v_c`` for
-the texture part when ``t_tex < interval_start`` (modes ``both``/``tex``) and for the
-semantic part when ``t_sem < interval_start`` (modes ``both``/``sem``). As in the
-reference only the first row's time is looked at (the samplers give every row the same
-time). ``interval_start=0`` never triggers (times are ≥ 0), which is what the released
-configs use.
+Optional interval gating (``interval_start``, ``interval_end``): the guided value is
+replaced by ``v_c`` for the texture part when ``t_tex < interval_start`` or
+``t_tex > interval_end`` (modes ``both``/``tex``) and for the semantic part when its
+``t_sem`` is outside the interval (modes ``both``/``sem``). As in the reference only the
+first row's time is looked at (the samplers give every row the same time).
+``interval_start=0`` never triggers (times are ≥ 0), which is what the released configs
+use; the reference has no upper bound (``interval_end=None``). The upper bound is
+REPA's guidance window in this time convention (REPA's t runs from 1 = noise to 0 =
+data, so its ``[guidance_low, guidance_high]`` is ``[1 − high, 1 − low]`` here).
 
 ``forward_with_cfg`` / ``forward_with_autoguidance`` mirror the reference methods and their
 batch layouts (used by the parity tests); ``make_guided_velocity`` builds the velocity
@@ -72,7 +75,8 @@ def semantic_channel_mask(channels: int, semantic_chans: int) -> jax.Array:
 def combine(v_cond: jax.Array, v_ref: jax.Array, t_tex, t_sem, *, scale_tex: float,
             scale_sem: float, interval_start: float | None = None,
             interval_mode: str = "both",
-            semantic_chans: int = SEMANTIC_CHANS) -> jax.Array:
+            semantic_chans: int = SEMANTIC_CHANS,
+            interval_end: float | None = None) -> jax.Array:
   """Per-part guidance ``v_ref + s·(v_cond − v_ref)`` with optional interval gating.
 
   Args:
@@ -81,6 +85,8 @@ def combine(v_cond: jax.Array, v_ref: jax.Array, t_tex, t_sem, *, scale_tex: flo
     scale_tex, scale_sem: guidance scale of the texture / semantic channels.
     interval_start: None disables gating; otherwise a part whose clock is below it uses
       ``v_cond`` (for the parts selected by ``interval_mode``).
+    interval_end: None: no upper bound; otherwise a part whose clock is above it uses
+      ``v_cond`` (same parts).
     semantic_chans: number of trailing semantic channels (0: one part, texture rules).
   """
   _check_interval_mode(interval_mode)
@@ -90,13 +96,21 @@ def combine(v_cond: jax.Array, v_ref: jax.Array, t_tex, t_sem, *, scale_tex: flo
   scale = jnp.where(sem, jnp.asarray(scale_sem, jnp.float32),
                     jnp.asarray(scale_tex, jnp.float32))
   guided = v_ref + scale * (v_cond - v_ref)
-  if interval_start is None:
+  if interval_start is None and interval_end is None:
     return guided
-  start = jnp.asarray(interval_start, jnp.float32)
   t_tex0 = jnp.ravel(jnp.asarray(t_tex, jnp.float32))[0]
   t_sem0 = jnp.ravel(jnp.asarray(t_sem, jnp.float32))[0]
-  gate_tex = (t_tex0 < start) & (interval_mode in ("both", "tex"))
-  gate_sem = (t_sem0 < start) & (interval_mode in ("both", "sem"))
+
+  def outside(t):
+    out = jnp.bool_(False)
+    if interval_start is not None:
+      out = out | (t < jnp.asarray(interval_start, jnp.float32))
+    if interval_end is not None:
+      out = out | (t > jnp.asarray(interval_end, jnp.float32))
+    return out
+
+  gate_tex = outside(t_tex0) & (interval_mode in ("both", "tex"))
+  gate_sem = outside(t_sem0) & (interval_mode in ("both", "sem"))
   use_cond = jnp.where(sem, gate_sem, gate_tex)
   return jnp.where(use_cond, v_cond, guided)
 
@@ -110,7 +124,7 @@ def cfg_velocity(fn: VelocityFn, x: jax.Array, t_tex, t_sem, y: jax.Array, *, sc
                  scale_tex: float | None = None, scale_sem: float | None = None,
                  interval_start: float | None = None, interval_mode: str = "both",
                  null_label: int = NULL_LABEL, semantic_chans: int = SEMANTIC_CHANS,
-                 return_model_out: bool = False):
+                 return_model_out: bool = False, interval_end: float | None = None):
   """Classifier-free guided velocity of N rows from one call on the doubled batch.
 
   ``fn`` is called once on ``[x; x]`` with labels ``[y; null_label]`` and the times
@@ -128,7 +142,7 @@ def cfg_velocity(fn: VelocityFn, x: jax.Array, t_tex, t_sem, y: jax.Array, *, sc
               scale_tex=scale if scale_tex is None else scale_tex,
               scale_sem=scale if scale_sem is None else scale_sem,
               interval_start=interval_start, interval_mode=interval_mode,
-              semantic_chans=semantic_chans)
+              semantic_chans=semantic_chans, interval_end=interval_end)
   return (v, out) if return_model_out else v
 
 
@@ -165,7 +179,8 @@ def autoguidance_velocity(main_fn: VelocityFn, guide_fn: VelocityFn, x: jax.Arra
                           t_sem, y: jax.Array, *, scale: float,
                           scale_tex: float | None = None, scale_sem: float | None = None,
                           interval_start: float | None = None, interval_mode: str = "both",
-                          semantic_chans: int = SEMANTIC_CHANS, return_parts: bool = False):
+                          semantic_chans: int = SEMANTIC_CHANS, return_parts: bool = False,
+                          interval_end: float | None = None):
   """Autoguidance: ``v = v_guide + s·(v_main − v_guide)`` per part.
 
   Main and guide see the same (x, t, conditional y). ``scale_tex``/``scale_sem`` default
@@ -180,7 +195,7 @@ def autoguidance_velocity(main_fn: VelocityFn, guide_fn: VelocityFn, x: jax.Arra
               scale_tex=scale if scale_tex is None else scale_tex,
               scale_sem=scale if scale_sem is None else scale_sem,
               interval_start=interval_start, interval_mode=interval_mode,
-              semantic_chans=semantic_chans)
+              semantic_chans=semantic_chans, interval_end=interval_end)
   return (v, (v_main, v_guide)) if return_parts else v
 
 
@@ -218,7 +233,8 @@ def make_guided_velocity(model: VelocityFn, guide: VelocityFn | None = None, *,
                          scale_tex: float | None = None, scale_sem: float | None = None,
                          interval_start: float | None = None, interval_mode: str = "both",
                          null_label: int | None = None,
-                         semantic_chans: int | None = None) -> VelocityFn:
+                         semantic_chans: int | None = None,
+                         interval_end: float | None = None) -> VelocityFn:
   """Returns ``fn(x, t_tex, t_sem, y) -> v`` (N rows in, N rows out) for the samplers.
 
   Guidance only switches on for ``scale > 1`` (the reference's ``using_cfg``; ``scale``
@@ -227,7 +243,9 @@ def make_guided_velocity(model: VelocityFn, guide: VelocityFn | None = None, *,
   needs ``guide``. ``null_label`` defaults to ``model.cfg.num_classes`` and
   ``semantic_chans`` to the model's (0 for a synchronous model), else 1000 / 16.
 
-  The returned function closes over ``model``; to keep weights out of the compiled
+  The returned function carries the model's config as ``fn.cfg`` (so
+  ``samplers.sample`` reads Δt and the semantic channel count from it) and closes over
+  ``model``; to keep weights out of the compiled
   program, split the model (``nnx.split``) and build the function inside the jitted
   code from ``nnx.merge(graphdef, state)``.
   """
@@ -242,20 +260,24 @@ def make_guided_velocity(model: VelocityFn, guide: VelocityFn | None = None, *,
     semantic_chans = _model_default(model, "semantic_chans", SEMANTIC_CHANS)
   kw = dict(scale=scale, scale_tex=scale_tex, scale_sem=scale_sem,
             interval_start=interval_start, interval_mode=interval_mode,
-            semantic_chans=semantic_chans)
+            semantic_chans=semantic_chans, interval_end=interval_end)
+
+  def with_cfg(fn):
+    fn.cfg = getattr(model, "cfg", None)
+    return fn
 
   if mode == "none" or scale <= 1.0:
     def plain(x, t_tex, t_sem, y):
       n = x.shape[0]
       return model(x, _batch_times(t_tex, n), _batch_times(t_sem, n),
                    jnp.asarray(y, jnp.int32))
-    return plain
+    return with_cfg(plain)
 
   if mode == "cfg":
     def cfg_fn(x, t_tex, t_sem, y):
       return cfg_velocity(model, x, t_tex, t_sem, y, null_label=null_label, **kw)
-    return cfg_fn
+    return with_cfg(cfg_fn)
 
   def ag_fn(x, t_tex, t_sem, y):
     return autoguidance_velocity(model, guide, x, t_tex, t_sem, y, **kw)
-  return ag_fn
+  return with_cfg(ag_fn)
