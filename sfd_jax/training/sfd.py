@@ -37,7 +37,6 @@ from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT
 from sfd_jax.training import loop, optim, periodic_eval
 from sfd_jax.training import state as state_lib
 from sfd_jax.training import step as step_lib
-from sfd_jax.training import validation
 from sfd_jax.training.loop import NonFiniteLossError  # noqa: F401  (re-exported)
 from sfd_jax.training.state import Part, TrainSetup, create_train_state  # noqa: F401
 
@@ -376,6 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         due=lambda s: periodic_eval.due(config, s, total),
         fn=lambda s, state, w: {f"train_eval/{k}": v
                                 for k, v in evaluator(s, state, w).items()}))
+  from sfd_jax.training import validation  # pylint: disable=import-outside-toplevel  (Grain)
   if validation.enabled(config):
     val = validation.ValidationLoss(config, setup)
     total = int(config.num_train_steps)

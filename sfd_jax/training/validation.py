@@ -18,7 +18,6 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sfd_jax import parallel
-from sfd_jax.data import pipeline
 from sfd_jax.data import records as records_lib
 from sfd_jax.data import stats as stats_lib
 from sfd_jax.diffusion import objective as obj_lib
@@ -49,6 +48,7 @@ def load_examples(config, *, repa: bool) -> dict[str, np.ndarray]:
   stats = None
   if normalize:
     stats = stats_lib.load_stats(d.get("stats", "") or d.path, records.schema)
+  from sfd_jax.data import pipeline  # pylint: disable=import-outside-toplevel  (Grain)
   transform = pipeline.ExampleTransform(
       records.schema, stats, latent_multiplier=float(d.get("latent_multiplier", 1.0)),
       flip=False, repa=repa and records.schema.has_repa, normalize=normalize)
