@@ -32,7 +32,7 @@ Timing is interleaved: the torch side runs in a long-lived worker process
 (``--torch-python``, so the two stacks need not share an environment) that performs one
 call whenever the parent asks; the parent alternates reference call, sfd_jax call,
 reference call, … after ``--warmup`` untimed calls of each, so both sides see the same
-machine load. Each side times its own calls (wall clock, results waited for). The report
+machine load. Each side times its own calls (wall clock, results waited for, and process CPU time). The report
 gives medians and minima of both and their ratios (reference / sfd_jax: > 1 means sfd_jax
 is faster), plus the median of the per-pair ratios. Results: ``--out`` (default
 bench/results/) as ``reference_side_by_side_<mode>_<size>_<tag>.json`` and ``.md``.
@@ -149,7 +149,8 @@ def _torch_setup(reference: str, mode: str, size: str, batch: int, device: str,
 
 def _torch_worker(args) -> None:
   """Line protocol on stdin/stdout: prints the info dict, then one JSON line
-  {"t": seconds, "value": float} per "call" line read; stops at EOF or "quit"."""
+  {"t": wall seconds, "cpu": process CPU seconds, "value": float} per "call" line read;
+  stops at EOF or "quit"."""
   out = sys.stdout
   sys.stdout = sys.stderr   # anything the reference prints must not reach the protocol
   call, info = _torch_setup(args.reference, args.mode, args.size, args.batch, args.device,
@@ -158,9 +159,10 @@ def _torch_worker(args) -> None:
   for line in sys.stdin:
     if line.strip() != "call":
       break
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     value = call()
-    print(json.dumps({"t": time.perf_counter() - t0, "value": value}), file=out, flush=True)
+    print(json.dumps({"t": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                      "value": value}), file=out, flush=True)
 
 
 class _TorchProcess:
@@ -305,22 +307,26 @@ def _check_reference(args) -> str:
 
 
 def interleave(ref_call, jax_call, *, warmup: int, iters: int, log=print):
-  """Warm-up calls of each side, then ref, jax, ref, jax, …; returns the two time lists."""
+  """Warm-up calls of each side, then ref, jax, ref, jax, …; returns
+  ``{"ref": {"t": [...], "cpu": [...]}, "jax": {...}}`` (wall and process CPU seconds)."""
   for i in range(warmup):
     log(f"warm-up {i + 1}/{warmup}: reference {ref_call()['t']:.3f} s, "
-        f"sfd_jax {_timed(jax_call):.3f} s")
-  t_ref, t_jax = [], []
+        f"sfd_jax {_timed(jax_call)['t']:.3f} s")
+  out = {"ref": {"t": [], "cpu": []}, "jax": {"t": [], "cpu": []}}
   for i in range(iters):
-    t_ref.append(ref_call()["t"])
-    t_jax.append(_timed(jax_call))
-    log(f"pair {i + 1}/{iters}: reference {t_ref[-1]:.3f} s, sfd_jax {t_jax[-1]:.3f} s")
-  return t_ref, t_jax
+    for side, res in (("ref", ref_call()), ("jax", _timed(jax_call))):
+      out[side]["t"].append(res["t"])
+      out[side]["cpu"].append(res["cpu"])
+    log(f"pair {i + 1}/{iters}: reference {out['ref']['t'][-1]:.3f} s "
+        f"(cpu {out['ref']['cpu'][-1]:.3f}), sfd_jax {out['jax']['t'][-1]:.3f} s "
+        f"(cpu {out['jax']['cpu'][-1]:.3f})")
+  return out
 
 
-def _timed(fn) -> float:
-  t0 = time.perf_counter()
+def _timed(fn) -> dict:
+  c0, t0 = time.process_time(), time.perf_counter()
   fn()
-  return time.perf_counter() - t0
+  return {"t": time.perf_counter() - t0, "cpu": time.process_time() - c0}
 
 
 def main(argv=None) -> None:
@@ -364,8 +370,8 @@ def main(argv=None) -> None:
       jax_call, jax_info = _jax_train(args.size, args.batch)
     else:
       jax_call, jax_info = _jax_sample(args.size, args.batch, args.steps, args.scale)
-    t_ref, t_jax = interleave(torch_proc.call, jax_call, warmup=args.warmup,
-                              iters=args.iters, log=common.log)
+    timing = interleave(torch_proc.call, jax_call, warmup=args.warmup, iters=args.iters,
+                        log=common.log)
   finally:
     torch_proc.close()
   torch_info = torch_proc.info
@@ -373,7 +379,10 @@ def main(argv=None) -> None:
   def stats(times):
     return {"median_s": statistics.median(times), "min_s": min(times)}
 
+  t_ref, t_jax = timing["ref"]["t"], timing["jax"]["t"]
+  c_ref, c_jax = timing["ref"]["cpu"], timing["jax"]["cpu"]
   s_ref, s_jax = stats(t_ref), stats(t_jax)
+  cpu_ratio = statistics.median(c_ref) / statistics.median(c_jax)
   ratio = s_ref["median_s"] / s_jax["median_s"]
   ratio_min = s_ref["min_s"] / s_jax["min_s"]
   pair_ratio = statistics.median(r / j for r, j in zip(t_ref, t_jax))
@@ -382,14 +391,17 @@ def main(argv=None) -> None:
       {"impl": f"reference PyTorch {torch_info['torch']} ({torch_info['device']}, "
                f"{torch_info['threads']} threads)", "params": torch_info["params"],
        "ms": s_ref["median_s"] * 1e3, "ms_min": s_ref["min_s"] * 1e3,
-       "images_per_s": args.batch / s_ref["median_s"], "times_s": t_ref},
+       "images_per_s": args.batch / s_ref["median_s"],
+       "cpu_ms": statistics.median(c_ref) * 1e3, "times_s": t_ref, "cpu_s": c_ref},
       {"impl": f"sfd_jax ({jax_info['backend']})", "params": jax_info["params"],
        "ms": s_jax["median_s"] * 1e3, "ms_min": s_jax["min_s"] * 1e3,
-       "images_per_s": args.batch / s_jax["median_s"], "times_s": t_jax},
+       "images_per_s": args.batch / s_jax["median_s"],
+       "cpu_ms": statistics.median(c_jax) * 1e3, "times_s": t_jax, "cpu_s": c_jax},
   ]
   columns = [("impl", "implementation", None), ("params", "trainable params", ",d"),
              ("ms", f"{unit} ms (median)", ".1f"), ("ms_min", "min ms", ".1f"),
-             ("images_per_s", "img/s (median)", ".2f")]
+             ("images_per_s", "img/s (median)", ".2f"),
+             ("cpu_ms", "process CPU ms (median)", ".1f")]
   what = ("train step (loss + cos + REPA, backward, AdamW, EMA)" if args.mode == "train"
           else f"Euler {args.steps} grid points + CFG {args.scale}")
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -402,11 +414,14 @@ def main(argv=None) -> None:
       settings={**{k: v for k, v in vars(args).items() if k != "torch_worker"},
                 "model": model_config(args.size), "ratio_median": ratio,
                 "ratio_min": ratio_min, "ratio_pairs_median": pair_ratio,
+                "ratio_cpu_median": cpu_ratio,
                 "loadavg_end": load},
       out_dir=args.out, tag=f"{args.mode}_{args.size}_{tag}",
       notes=[f"Ratio reference / sfd_jax {unit} time: {ratio:.2f} on medians, "
              f"{ratio_min:.2f} on minima, {pair_ratio:.2f} median of the {args.iters} "
-             "interleaved pairs (> 1: sfd_jax faster).",
+             "interleaved pairs (> 1: sfd_jax faster); process CPU time ratio "
+             f"{cpu_ratio:.2f} (less sensitive to other jobs on the machine, but it also "
+             "counts threads that spin while waiting).",
              f"Model {model_config(args.size)}; float32; {args.warmup} warm-up calls of each "
              f"side, then {args.iters} interleaved pairs. Load average at the end: {load}."])
 
