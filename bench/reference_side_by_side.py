@@ -32,8 +32,8 @@ Timing is interleaved: the torch side runs in a long-lived worker process
 (``--torch-python``, so the two stacks need not share an environment) that performs one
 call whenever the parent asks; the parent alternates reference call, sfd_jax call,
 reference call, … after ``--warmup`` untimed calls of each, so both sides see the same
-machine load. Each side times its own calls (wall clock, results waited for, and process CPU time). The report
-gives medians and minima of both and their ratios (reference / sfd_jax: > 1 means sfd_jax
+machine load. Each side times its own calls (wall clock, results waited for; and process
+CPU time). The report gives medians and minima of both and their ratios (reference / sfd_jax: > 1 means sfd_jax
 is faster), plus the median of the per-pair ratios. Results: ``--out`` (default
 bench/results/) as ``reference_side_by_side_<mode>_<size>_<tag>.json`` and ``.md``.
 
