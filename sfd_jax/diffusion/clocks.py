@@ -111,7 +111,7 @@ class Clock:
 
   def _u(self, tau, total: float):
     """clip(rate·(τ − start), 0, 1), skipping clamps that cannot act on [0, total]."""
-    u = tau - jnp.float32(self.start)
+    u = tau - jnp.float32(self.start) if self.start != 0 else tau
     if self.rate != 1.0:
       u = u * jnp.float32(self.rate)
     if self.start > 0:
@@ -522,6 +522,22 @@ def from_config(config) -> Schedule:
   sw = float(_get(obj, "semantic_weight", 2.0)) if obj is not None else 2.0
   sem = int(_get(model, "semantic_chans", SEMANTIC_CHANS)) if model is not None else 16
   return sfd_schedule(delta_t, sem, channels, sw)
+
+
+def split_times(times):
+  """Per-part times → the velocity-function arguments (t_a, t_b): two parts are passed as
+  today's (t_tex, t_sem); any other number as (tuple of times, None)."""
+  times = tuple(times)
+  if len(times) == 2:
+    return times
+  return times, None
+
+
+def join_times(t_a, t_b) -> tuple:
+  """Inverse of :func:`split_times`."""
+  if isinstance(t_a, (tuple, list)):
+    return tuple(t_a)
+  return (t_a, t_a if t_b is None else t_b)
 
 
 def params_from_model(model, schedule: Schedule) -> dict[str, jax.Array] | None:
