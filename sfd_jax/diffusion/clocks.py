@@ -151,12 +151,22 @@ class Clock:
     j = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, self.bins - 1)
     return cum[j] + heights[j] * (pos - j.astype(jnp.float32))
 
-  def rate_at(self, tau, total: float, params: jax.Array | None = None) -> jax.Array:
-    """t'(τ) (one-sided at kinks: the rate of the piece τ starts; 0 outside the window
-    for the linear-based families, whose window is closed as the old phase mask)."""
+  def rate_at(self, tau, total: float, params: jax.Array | None = None,
+              side: str | None = None) -> jax.Array:
+    """t'(τ). At a kink: ``side="right"`` the rate of the piece starting at τ, ``"left"``
+    of the piece ending there; None (default): for the linear-based families the closed
+    window of the old phase mask (a part is on at both window ends), else "right"."""
+    if side not in (None, "left", "right"):
+      raise ValueError(f"side must be None, 'left' or 'right', got {side!r}")
     tau = jnp.asarray(tau, jnp.float32)
     f = self.family
-    on = self._window(tau, total)
+    b, e = jnp.float32(self.begin), jnp.float32(self.end)
+    if side is None:
+      on = self._window(tau, total)
+    elif side == "right":
+      on = (tau >= b) & (tau < e)
+    else:
+      on = (tau > b) & (tau <= e)
     if f in ("offset", "rate"):
       return jnp.where(on, jnp.float32(self.rate), jnp.float32(0.0))
     if f == "power":
@@ -174,15 +184,18 @@ class Clock:
       ys = np.asarray([k[1] for k in self.knots], np.float64)
       dx = np.diff(xs)
       slopes = np.where(dx > 0, np.diff(ys) / np.where(dx > 0, dx, 1.0), 0.0)
-      j = jnp.searchsorted(jnp.asarray(xs[1:-1], jnp.float32), tau, side="right")
+      j = jnp.searchsorted(jnp.asarray(xs[1:-1], jnp.float32), tau,
+                           side="left" if side == "left" else "right")
       d = jnp.asarray(slopes, jnp.float32)[j]
-      inside = (tau >= jnp.float32(xs[0])) & (tau < jnp.float32(xs[-1]))
+      inside = on if side is not None else (tau >= b) & (tau < e)
       return jnp.where(inside, d, 0.0)
     u = self._u(tau, total)
     _, heights = _learned_tables(params, self.bins)
-    j = jnp.clip(jnp.floor(u * self.bins).astype(jnp.int32), 0, self.bins - 1)
+    pos = u * self.bins
+    j = jnp.ceil(pos) - 1.0 if side == "left" else jnp.floor(pos)
+    j = jnp.clip(j.astype(jnp.int32), 0, self.bins - 1)
     d = heights[j] * jnp.float32(self.bins * self.rate)
-    inside = (tau >= jnp.float32(self.start)) & (tau < jnp.float32(self.end))
+    inside = on if side is not None else (tau >= b) & (tau < e)
     return jnp.where(inside, d, 0.0)
 
   def inverse(self, t, params: jax.Array | None = None) -> jax.Array:
@@ -321,9 +334,10 @@ class Schedule:
     """Per-part clocks t_k(τ) (float32, τ's shape)."""
     return tuple(p.clock.time(tau, self.total, self._params(params, p)) for p in self.parts)
 
-  def rates(self, tau, params=None) -> tuple[jax.Array, ...]:
-    """Per-part rates t_k'(τ) (float32, τ's shape)."""
-    return tuple(p.clock.rate_at(tau, self.total, self._params(params, p))
+  def rates(self, tau, params=None, side: str | None = None) -> tuple[jax.Array, ...]:
+    """Per-part rates t_k'(τ) (float32, τ's shape); ``side`` at kinks: see
+    :meth:`Clock.rate_at` (None: the old phase mask's closed windows)."""
+    return tuple(p.clock.rate_at(tau, self.total, self._params(params, p), side)
                  for p in self.parts)
 
   def active(self, tau, params=None) -> tuple[jax.Array, ...]:
@@ -339,8 +353,12 @@ class Schedule:
   @property
   def kinks(self) -> tuple[float, ...]:
     """Sorted τ in (0, T) where some part's rate may jump."""
-    ks = {float(k) for p in self.parts for k in p.clock.kinks()}
-    return tuple(sorted(k for k in ks if 0.0 < k < self.total))
+    ks = sorted({float(k) for p in self.parts for k in p.clock.kinks()})
+    out = []
+    for k in ks:                     # one kink for values equal up to rounding
+      if 0.0 < k < self.total and not (out and k - out[-1] < 1e-9):
+        out.append(k)
+    return tuple(out)
 
   # -- learned-clock helpers -------------------------------------------------------
 

@@ -157,10 +157,11 @@ def call_velocity(velocity_fn: VelocityFn, x: jax.Array, times, y) -> jax.Array:
 
 
 def schedule_velocity(velocity_fn: VelocityFn, x: jax.Array, tau, y, schedule: Schedule,
-                      clock_params=None) -> jax.Array:
-  """t'(τ) ⊙ v(x, t(τ), y) per channel: the ODE's right-hand side for any schedule."""
+                      clock_params=None, side: str | None = None) -> jax.Array:
+  """t'(τ) ⊙ v(x, t(τ), y) per channel: the ODE's right-hand side for any schedule
+  (``side``: which one-sided rate at a kink, see ``Clock.rate_at``)."""
   v = call_velocity(velocity_fn, x, schedule.times(tau, clock_params), y)
-  rates = schedule.per_channel(schedule.rates(tau, clock_params))
+  rates = schedule.per_channel(schedule.rates(tau, clock_params, side))
   return v * rates.astype(x.dtype)
 
 
@@ -205,12 +206,14 @@ def _scan_grid(step_fn, z: jax.Array, grid: np.ndarray, return_trajectory: bool,
 
 def euler(velocity_fn: VelocityFn, z: jax.Array, y, *, grid: np.ndarray, delta_t: float,
           semantic_chans: int = SEMANTIC_CHANS, return_trajectory: bool = False,
-          schedule: Schedule | None = None, clock_params=None):
+          schedule: Schedule | None = None, clock_params=None, one_sided: bool = False):
   """torchdiffeq's fixed-grid Euler: x_{k+1} = x_k + Δτ_k · m(τ_k) ⊙ v(x_k, τ_k).
 
+  ``one_sided``: rates of the piece each step starts (for grids holding the kinks).
   Returns (x, trajectory or None, nfe = len(grid) − 1)."""
   sch = resolve_schedule(schedule, delta_t, semantic_chans, z.shape[-1])
-  rhs = lambda x, tau: schedule_velocity(velocity_fn, x, tau, y, sch, clock_params)
+  side = "right" if one_sided else None
+  rhs = lambda x, tau: schedule_velocity(velocity_fn, x, tau, y, sch, clock_params, side)
   x, traj = _scan_grid(lambda x, tau, dt, _: x + dt * rhs(x, tau), z, grid,
                        return_trajectory)
   return x, traj, len(grid) - 1
@@ -218,18 +221,22 @@ def euler(velocity_fn: VelocityFn, z: jax.Array, y, *, grid: np.ndarray, delta_t
 
 def heun(velocity_fn: VelocityFn, z: jax.Array, y, *, grid: np.ndarray, delta_t: float,
          semantic_chans: int = SEMANTIC_CHANS, return_trajectory: bool = False,
-         schedule: Schedule | None = None, clock_params=None):
+         schedule: Schedule | None = None, clock_params=None, one_sided: bool = False):
   """Heun (explicit trapezoid, torchdiffeq's ``heun2``) on the grid; the mask belongs to
   the right-hand side, so each stage uses the mask at its own time.
 
   k₁ = f(τ_k, x_k), k₂ = f(τ_{k+1}, x_k + Δτ·k₁), x_{k+1} = x_k + Δτ·(k₁ + k₂)/2.
+  ``one_sided``: k₁ with the rates of the piece the step starts, k₂ of the piece it ends
+  (second order across kinks that are grid points).
   Returns (x, trajectory or None, nfe = 2·(len(grid) − 1))."""
   sch = resolve_schedule(schedule, delta_t, semantic_chans, z.shape[-1])
-  rhs = lambda x, tau: schedule_velocity(velocity_fn, x, tau, y, sch, clock_params)
+  s1, s2 = ("right", "left") if one_sided else (None, None)
+  rhs = lambda x, tau, side: schedule_velocity(velocity_fn, x, tau, y, sch, clock_params,
+                                               side)
 
   def step(x, tau, dt, tau_next):
-    k1 = rhs(x, tau)
-    k2 = rhs(x + dt * k1, tau_next)
+    k1 = rhs(x, tau, s1)
+    k2 = rhs(x + dt * k1, tau_next, s2)
     return x + dt * (0.5 * (k1 + k2))
 
   x, traj = _scan_grid(step, z, grid, return_trajectory, extra_xs=jnp.asarray(grid[1:]))
@@ -538,8 +545,9 @@ def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
     schedule: the clock schedule (None: SFD's from ``delta_t``/``semantic_chans``); its
       ``total`` replaces 1 + Δt.
     clock_params: ``{part: φ}`` of its learned clocks.
-    grid_kinks: add the schedule's kinks to the Euler/Heun grid (keeps their order for
-      clocks with kinks; off = the reference's grid).
+    grid_kinks: add the schedule's kinks to the Euler/Heun grid and use one-sided rates
+      there (keeps their order for clocks with kinks; off = the reference's grid and
+      phase mask).
   """
   if method not in METHODS:
     raise ValueError(f"sampling method {method!r} not in {METHODS}")
@@ -547,7 +555,7 @@ def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
     raise ValueError(f"delta_t must be in [0, 1], got {delta_t}")
   if z.ndim != 4:
     raise ValueError(f"z must be [N, H, W, C] (channels last), got shape {z.shape}")
-  if not 0 <= semantic_chans <= z.shape[-1]:
+  if schedule is None and not 0 <= semantic_chans <= z.shape[-1]:
     raise ValueError(f"semantic_chans={semantic_chans} must be in [0, {z.shape[-1]}]")
   sch = resolve_schedule(schedule, delta_t, semantic_chans, z.shape[-1])
   sched_kw = dict(schedule=sch, clock_params=clock_params)
@@ -557,7 +565,8 @@ def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
     solver = euler if method == "euler" else heun
     x, traj, nfe = solver(velocity_fn, z, y, grid=grid, delta_t=delta_t,
                           semantic_chans=semantic_chans,
-                          return_trajectory=return_trajectory, **sched_kw)
+                          return_trajectory=return_trajectory, one_sided=grid_kinks,
+                          **sched_kw)
     return SampleOutput(x, jnp.asarray(nfe, jnp.int32), traj)
   if method == "dopri5":
     grid = time_grid(num_steps, delta_t, shift, total=sch.total) if return_trajectory \
