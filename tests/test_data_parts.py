@@ -63,3 +63,18 @@ def test_stats_and_records_with_a_third_part(tmp_path):
   two.save(tmp_path / "two.npz")
   with pytest.raises(DataFormatError, match="hidden_mean"):
     stats_lib.load_stats(tmp_path / "two.npz", SCHEMA3)
+
+
+def test_pipeline_latent_is_texture_semantic_extra(tmp_path):
+  from sfd_jax.data import pipeline
+  d, st = write3(tmp_path / "d")
+  b = next(pipeline.build_pipeline(d, batch_size=4, seed=0, process_index=0, repa=False,
+                                   process_count=1))
+  assert b["latent"].shape == (4, 2, 2, 6)
+  for latent, label in zip(b["latent"], b["label"]):
+    flipped = latent[..., 0].min() > 50
+    cands = [i for i in range(24) if i % 10 == int(label)]
+    sfx = "_flip" if flipped else ""
+    want = [np.concatenate([(example(i)[n + sfx] - st.part(n)[0]) / st.part(n)[1]
+                            for n, _ in SCHEMA3.latent_parts()], -1) for i in cands]
+    assert any(np.allclose(latent, w, atol=1e-5) for w in want)

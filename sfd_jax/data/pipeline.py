@@ -99,12 +99,15 @@ class ExampleTransform(grain.transforms.MapWithIndex):
     self.multiplier = np.float32(latent_multiplier)
     self.t_mean, self.t_std = stats.texture_mean, stats.texture_std
     self.s_mean, self.s_std = stats.semantic_mean, stats.semantic_std
+    self.extra = tuple((name,) + tuple(stats.part(name)) for name, _ in schema.extra_parts)
 
   def map_with_index(self, index: int, element: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     suffix = "_flip" if self.flip and flip_choice(self.seed, index) else ""
     texture = (element["texture" + suffix] - self.t_mean) / self.t_std
     semantic = (element["semantic" + suffix] - self.s_mean) / self.s_std
-    latent = np.concatenate([texture, semantic], axis=-1)
+    parts = [texture, semantic] + [(element[name + suffix] - mean) / std
+                                   for name, mean, std in self.extra]
+    latent = np.concatenate(parts, axis=-1)
     if self.multiplier != 1:
       latent = latent * self.multiplier
     label = np.asarray(element["label"], np.int32)

@@ -33,7 +33,7 @@ from sfd_jax.core import images as images_lib
 from sfd_jax.core import progress
 from sfd_jax.core import errors
 from sfd_jax.core.errors import ConfigError
-from sfd_jax.diffusion import guidance, samplers
+from sfd_jax.diffusion import clocks, guidance, samplers
 from sfd_jax.parallel.multihost import gather, process_barrier
 
 
@@ -53,6 +53,9 @@ class SamplingOptions:
   rtol: float = 1e-3
   timestep_shift: float = 0.0
   seed: int = 0
+  # the clock schedule (None: SFD's two parts from the model's delta_t / semantic_chans);
+  # set from the run's config.schedule by prepare() / the trainer, not a config field
+  schedule: clocks.Schedule | None = None
 
   @classmethod
   def from_config(cls, section) -> "SamplingOptions":
@@ -147,14 +150,44 @@ def generate(model, guide, decoder: LatentDecoder | None, indices: jax.Array,
   are returned.
   """
   cfg = model.cfg
-  fn = guidance.make_guided_velocity(model, guide, mode=opts.guidance, scale=opts.scale)
+  sch = opts.schedule
   z = noise_for(indices, opts.seed, (cfg.input_size, cfg.input_size, cfg.in_channels))
-  out = samplers.sample(fn, z, labels, method=opts.method, num_steps=opts.num_steps,
-                        delta_t=cfg.delta_t, semantic_chans=cfg.semantic_chans,
-                        atol=opts.atol, rtol=opts.rtol, shift=opts.timestep_shift, key=key)
+  if sch is None:
+    fn = guidance.make_guided_velocity(model, guide, mode=opts.guidance, scale=opts.scale)
+    out = samplers.sample(fn, z, labels, method=opts.method, num_steps=opts.num_steps,
+                          delta_t=cfg.delta_t, semantic_chans=cfg.semantic_chans,
+                          atol=opts.atol, rtol=opts.rtol, shift=opts.timestep_shift, key=key)
+    texture = slice(0, cfg.in_channels - cfg.semantic_chans)
+  else:
+    fn = guidance.make_guided_velocity(model, guide, mode=opts.guidance, scale=opts.scale,
+                                       schedule=sch)
+    out = samplers.sample(fn, z, labels, method=opts.method, num_steps=opts.num_steps,
+                          schedule=sch, clock_params=clocks.params_from_model(model, sch),
+                          atol=opts.atol, rtol=opts.rtol, shift=opts.timestep_shift, key=key)
+    texture = sch.channel_slice("texture" if "texture" in sch.names else sch.names[0])
   if decoder is None:
     return out.x, out.nfe
-  return decoder.decode(out.x[..., :cfg.in_channels - cfg.semantic_chans]), out.nfe
+  return decoder.decode(out.x[..., texture]), out.nfe
+
+
+def schedule_of(config, checkpoint_path: str = "") -> clocks.Schedule | None:
+  """The clock schedule to sample with: ``config.schedule`` if the config has one, else
+  the one saved with the checkpoint's run config, else None (SFD's two parts from the
+  model). A bad section is a ``SamplingError`` naming the field."""
+  sources = [config]
+  if checkpoint_path and checkpoint.is_run(checkpoint_path):
+    try:
+      sources.append(checkpoint.read_config(checkpoint_path))
+    except checkpoint.CheckpointError:
+      pass
+  for src in sources:
+    sec = src.get("schedule") if hasattr(src, "get") else None
+    if sec is not None and sec.get("parts"):
+      try:
+        return clocks.from_config(src)
+      except clocks.ScheduleError as e:
+        raise SamplingError(str(e)) from e
+  return None
 
 
 def check_decoder(main, decoder: LatentDecoder | None, field: str = "config.sample") -> None:
@@ -354,6 +387,12 @@ def prepare(config):
     model, guide = with_compute_dtype(model, dtype), with_compute_dtype(guide, dtype)
   except checkpoint.CheckpointError as e:
     raise SamplingError(str(e)) from e
+  sch = schedule_of(config, s.checkpoint)
+  if sch is not None:
+    if sch.channels != model.cfg.in_channels:
+      raise SamplingError(f"config.schedule has {sch.channels} channels but the model in "
+                          f"config.sample.checkpoint has {model.cfg.in_channels}")
+    opts = dataclasses.replace(opts, schedule=sch)
   return model, guide, decoder, opts
 
 

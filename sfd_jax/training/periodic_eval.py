@@ -21,6 +21,7 @@ noisy FID: use it for trends, and ``--mode=eval`` for reported numbers.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -110,7 +111,8 @@ class PeriodicEvaluator:
                            "config.train_eval.reference (an ADM-format .npz)")
     if te.reference and not os.path.exists(te.reference):
       raise TrainEvalError(f"config.train_eval.reference={te.reference!r} does not exist")
-    self.opts = generation.SamplingOptions.from_config(te)
+    self.opts = dataclasses.replace(generation.SamplingOptions.from_config(te),
+                                    schedule=getattr(setup.obj_cfg, "schedule", None))
     if te.guidance == "autoguidance":
       raise TrainEvalError("config.train_eval.guidance: 'autoguidance' needs a separate guide "
                            "model; use 'cfg' or 'none' during training")
