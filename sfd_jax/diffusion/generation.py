@@ -190,11 +190,14 @@ def schedule_of(config, checkpoint_path: str = "") -> clocks.Schedule | None:
   return None
 
 
-def check_decoder(main, decoder: LatentDecoder | None, field: str = "config.sample") -> None:
-  """The texture VAE and the statistics must fit the model's texture channels."""
+def check_decoder(main, decoder: LatentDecoder | None, field: str = "config.sample",
+                  texture_channels: int | None = None) -> None:
+  """The texture VAE and the statistics must fit the model's texture channels (those of
+  the schedule's texture part when given)."""
   if decoder is None:
     return
-  tex = main.in_channels - main.semantic_chans
+  tex = (main.in_channels - main.semantic_chans if texture_channels is None
+         else texture_channels)
   vae_ch = getattr(getattr(decoder.vae, "config", None), "embed_dim", None)
   if vae_ch is not None and vae_ch != tex:
     raise SamplingError(
@@ -378,7 +381,10 @@ def prepare(config):
       check_guide(main_cfg, checkpoint.dit_config(s.guide_checkpoint,
                                                   "config.sample.guide_checkpoint"))
     decoder = load_decoder(config)
-    check_decoder(main_cfg, decoder)
+    sch = schedule_of(config, s.checkpoint)
+    tex_part = None if sch is None else sch.parts[
+        sch.names.index("texture") if "texture" in sch.names else 0].channels
+    check_decoder(main_cfg, decoder, texture_channels=tex_part)
     model = checkpoint.load_dit(s.checkpoint, "config.sample.checkpoint")
     guide = None
     if autoguidance:
@@ -387,7 +393,6 @@ def prepare(config):
     model, guide = with_compute_dtype(model, dtype), with_compute_dtype(guide, dtype)
   except checkpoint.CheckpointError as e:
     raise SamplingError(str(e)) from e
-  sch = schedule_of(config, s.checkpoint)
   if sch is not None:
     if sch.channels != model.cfg.in_channels:
       raise SamplingError(f"config.schedule has {sch.channels} channels but the model in "
