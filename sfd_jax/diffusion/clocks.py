@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sfd_jax.core.errors import ConfigError
+
 SEMANTIC_CHANS = 16
 FAMILIES = ("offset", "rate", "power", "shift", "piecewise_linear", "learned")
 _FIELDS = {
@@ -56,8 +58,9 @@ _FIELDS = {
 _PART_FIELDS = {"channels", "family", "loss_weight", "guidance_scale"}
 
 
-class ScheduleError(ValueError):
-  """A clock schedule that is not well-formed (message names the config field)."""
+class ScheduleError(ConfigError):
+  """A clock schedule that is not well-formed (message names the config field; a
+  ``ConfigError``, so the entry points print it as one line)."""
 
 
 # ----------------------------------------------------------------------------------
