@@ -105,7 +105,10 @@ class PeriodicEvaluator:
       raise TrainEvalError("config.train_eval.every_steps > 0 needs decoded images: set "
                            "config.sample.texture_vae (a converted texture VAE directory)")
     if setup.model_cfg is not None:
-      generation.check_decoder(setup.model_cfg, self.decoder)
+      sch = getattr(setup.obj_cfg, "schedule", None)
+      tex = None if sch is None else sch.parts[
+          sch.names.index("texture") if "texture" in sch.names else 0].channels
+      generation.check_decoder(setup.model_cfg, self.decoder, texture_channels=tex)
     if te.features and not te.reference:
       raise TrainEvalError(f"config.train_eval.features={te.features!r} needs "
                            "config.train_eval.reference (an ADM-format .npz)")
