@@ -8,8 +8,8 @@ can also be overridden on the command line: ``--config.optimizer.lr=2e-4``.
 Configs that other configs build on keep their bodies here: ``base_config`` / ``sfd_config``
 (SFD training), ``semvae_config``, ``texture_vae_config`` (with its GAN recipes) and
 ``encode_config``; the blocks they repeat are ``adamw`` (optimizer), ``loop_fields`` (run
-length, logging, checkpoints), ``mesh_config``, ``vae_run_fields`` and
-``texture_gan_loss``.
+length, logging, checkpoints), ``sampling_fields`` (guidance, labels and solver options of
+sampling sections), ``mesh_config``, ``vae_run_fields`` and ``texture_gan_loss``.
 """
 import ml_collections
 
@@ -73,6 +73,28 @@ def loop_fields(c: ml_collections.ConfigDict, *, batch_size: int, num_train_step
   return c
 
 
+def sampling_fields(s: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The guidance / label / solver fields that ``config.sample`` and ``config.train_eval``
+  share beyond method, steps, tolerances and scale (``sfd_jax.diffusion.generation.
+  SamplingOptions``); the defaults change nothing (the paper's protocol)."""
+  s.cfg_scale_tex = -1.0          # per-part guidance scales; -1 = scale (reference default)
+  s.cfg_scale_sem = -1.0
+  s.cfg_interval_start = 0.0      # guide a part only while start <= t <= end (t: 0 noise,
+  s.cfg_interval_end = 1.0        #   1 data); 0 / 1 = always (released configs)
+  s.cfg_interval_mode = "both"    # parts the interval gates: both | tex | sem
+  s.labels = "balanced"           # balanced (i·K//N) | random | fixed | unconditional
+  s.label_class = 0               # labels=fixed: the class
+  s.label_seed = -1               # labels=random: hash seed (-1 = seed)
+  s.jump_ts = False               # dopri5: tell the controller about τ = Δt and τ = 1
+  s.max_steps = 4096              # dopri5: step limit
+  s.diffusion_form = "SBDM"       # sde: SBDM | sigma | linear | constant | decreasing |
+  s.diffusion_norm = 1.0          #   increasing-decreasing, and its norm
+  s.last_step = "mean"            # sde: mean | euler | none
+  s.last_step_size = 0.04         # sde: size of the noise-free last step
+  s.sde_t_min = 0.04              # sde: no noise while a part's clock is below this
+  return s
+
+
 def mesh_config(data: int, fsdp: int, tensor: int = 1) -> ml_collections.ConfigDict:
   """``config.mesh``: devices per mesh axis (-1: all remaining devices)."""
   m = ml_collections.ConfigDict()
@@ -130,6 +152,13 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.model.use_repa = True
   c.model.repa_depth = 2          # REPA tap after this block (from 1)
   c.model.repa_dim = 768          # DINOv2-B feature width
+  # Architecture switches of the reference (all on in SFD; off = LightningDiT's other
+  # choices: LayerNorm, no QK-norm, GELU MLP, no RoPE; wo_shift: adaLN without shifts).
+  c.model.use_qknorm = True
+  c.model.use_swiglu = True
+  c.model.use_rope = True
+  c.model.use_rmsnorm = True
+  c.model.wo_shift = False
   c.model.dtype = "bfloat16"      # matmul compute dtype; params stay float32
   c.model.param_dtype = "float32"
   c.model.scan_blocks = True      # lax.scan over blocks (same params as unrolled)
@@ -150,18 +179,34 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.objective.repa_requires_cosine = False    # True = reference trap (REPA dropped w/o cos)
 
   c.optimizer = adamw()           # sfd_jax.training.optim
+  c.optimizer.accumulate_steps = 1      # gradient accumulation over k micro-batches
+  c.optimizer.skip_nonfinite = False    # NaN/Inf loss or gradient: skip the update
+  c.optimizer.skip_grad_norm_above = 0.0  # > 0: skip updates with a larger grad norm
   c.ema_decay = 0.9999            # EMA from a copy of the init, every step
 
   # --- schedule of the run (4M steps = 800 epochs of ImageNet at batch 256) ---------
   loop_fields(c, batch_size=256, num_train_steps=4_000_000, checkpoint_every_steps=10_000,
               keep_period=80_000, profile_steps=5)
   c.debug_kill_at_step = -1       # testing: SIGKILL ourselves after this step (saves done)
+  c.init_from_mode = "exact"      # exact | shape_check (the reference's weight_init)
+  c.init_from_patch_channels = -1  # shape_check: input channels copied (-1 = all; ref: 16)
+
+  # --- validation loss on held-out latents (sfd_jax.training.validation) -----------
+  c.validation = ml_collections.ConfigDict()
+  c.validation.path = ""          # held-out latent dataset (training format)
+  c.validation.every_steps = 0    # 0 = off; also runs at the last step when on
+  c.validation.num_examples = 0   # first N records (0 = all)
+  c.validation.batch_size = 64    # global; a multiple of the batch-axis devices
+  c.validation.times = (0.1, 0.3, 0.5, 0.7, 0.9)  # training times t (0 noise, 1 data)
+  c.validation.seed = 0           # noise of example i: fold_in(key(seed), i)
+  c.validation.weights = "params"  # params (as the reference) | ema
 
   # --- data (sfd_jax.data.pipeline.build_pipeline) ---------------------------------
   c.data = ml_collections.ConfigDict()
   c.data.path = "data/imagenet256_sfd"    # dataset dir: dataset.json, shards, stats.npz
   c.data.stats = ""               # stats file (default <path>/stats.npz)
   c.data.latent_multiplier = 1.0  # SFD: 1.0 (never the 0.18215 script default)
+  c.data.normalize = True         # per-channel mean/std; False: stored latents × multiplier
   c.data.flip = True
   c.data.num_workers = 8          # Grain worker processes per host
   c.data.read_threads = 4
@@ -181,6 +226,8 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.sample = ml_collections.ConfigDict()
   c.sample.checkpoint = ""        # workdir, training checkpoint dir or converted dir
   c.sample.guide_checkpoint = ""
+  c.sample.checkpoint_step = -1   # training workdir: step to load (-1 = latest)
+  c.sample.guide_step = -1        # guide's training workdir: step (-1 = latest; e.g. 70000)
   c.sample.method = "dopri5"      # euler | heun | dopri5 | sde
   c.sample.num_steps = 250
   c.sample.atol = 1e-6
@@ -194,6 +241,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.sample.stats = ""             # latent stats for decoding (default: data.stats / data.path)
   c.sample.seed = 0
   c.sample.texture_vae = ""       # converted texture VAE dir (decode); "" = write latents
+  sampling_fields(c.sample)
 
   # --- evaluation (sfd_jax.jobs.evaluate) --------------------------------------------
   c.eval = ml_collections.ConfigDict()
@@ -202,6 +250,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.eval.preprocess = "adm"       # adm (TF-graph resize, as the ADM evaluator) | pytorch_fid
   c.eval.batch_size = 200         # images per Inception call (split over local devices)
   c.eval.grid_images = 64         # samples in the grid PNG (class order)
+  c.eval.samples_npz = ""         # eval only: score this ADM-format .npz (no sampling)
 
   # --- periodic evaluation during training (sfd_jax.training.periodic_eval) --------
   c.train_eval = ml_collections.ConfigDict()
@@ -222,6 +271,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.train_eval.preprocess = "adm" # inception resize mode (see c.eval.preprocess)
   c.train_eval.feature_batch_size = 200
   c.train_eval.reference = ""     # ADM-format .npz: images arr_0 and/or mu/sigma
+  sampling_fields(c.train_eval)
 
   # --- export (sfd_jax.jobs.export; --mode=export) ----------------------------------
   c.export = ml_collections.ConfigDict()

@@ -157,3 +157,14 @@ def test_eval_job_end_to_end(assets, sampled, tmp_path):
   assert (wd / "eval" / "metrics.json").exists() and (wd / "eval" / "grid.png").exists()
   assert list((wd / "eval").glob("events.out.tfevents.*"))
   del adm
+  # Eval only: the same npz scored without a model (no checkpoint, no texture VAE)
+  # gives the same metrics.
+  c.eval.samples_npz = result["npz"]
+  c.sample.checkpoint = c.sample.texture_vae = ""
+  only = evaluate.run(c, str(tmp_path / "eval_only"))
+  assert only["metrics"] == m
+  assert (tmp_path / "eval_only" / "eval" / "grid.png").exists()
+  assert not (tmp_path / "eval_only" / "samples").exists()
+  c.eval.samples_npz = str(tmp_path / "missing.npz")
+  with pytest.raises(evaluate.EvalError, match="samples_npz=.*missing.npz.* does not exist"):
+    evaluate.run(c, str(tmp_path / "x"))

@@ -11,7 +11,7 @@ import sfd_jax  # noqa: F401
 from sfd_jax.convert.lightning_dit import load_lightning_dit
 from sfd_jax.diffusion import samplers as S
 from sfd_jax.models.lightning_dit import DiTConfig
-from tests.conftest import parity_dir
+from tests.conftest import REPO, parity_dir
 from tests.util import assert_close_ref
 
 
@@ -346,3 +346,39 @@ def test_argument_validation(noise):
   with pytest.raises(ValueError, match="returned shape"):
     S.sample(lambda x, *a: x[..., :1], z, None, method="euler", num_steps=3,
              semantic_chans=2)
+
+
+def _linspace_digests(fused):
+  import hashlib
+  ends = (1.0, 1.1, 1.2, 1.3, 1.5, 2.0, 0.96, 1.26)
+  return np.stack([np.stack([np.frombuffer(hashlib.sha256(
+      S.torch_linspace(0.0, end, n, fused=fused).tobytes()).digest()[:8], np.uint8)
+      for n in range(2, 2001)]) for end in ends])
+
+
+@pytest.mark.parametrize("name,fused", [("torch_linspace.npz", True),
+                                        ("torch_linspace_default.npz", False)])
+def test_torch_linspace_bit_exact_all_step_counts(name, fused):
+  """torch 2.13 CPU (fixtures/make_torch_linspace.py): the FMA kernel (AVX2/AVX-512) and
+  the default kernel, n = 2..2000 on the ODE / SDE intervals of several Δt."""
+  z = np.load(REPO / "tests" / "fixtures" / name)
+  np.testing.assert_array_equal(_linspace_digests(fused), z["digests"][:, 2:])
+  for key in z.files:
+    if key.startswith("grid/"):
+      _, end, n = key.split("/")
+      np.testing.assert_array_equal(S.torch_linspace(0.0, float(end), int(n), fused=fused),
+                                    z[key])
+  # The 30-point grid on [0, 1.3] is one where the two kernels differ.
+  assert not np.array_equal(S.torch_linspace(0, 1.3, 30), S.torch_linspace(0, 1.3, 30,
+                                                                            fused=False))
+
+
+def test_torch_linspace_general_start():
+  """Sums float64 cannot hold exactly take the exact-rational path (start far from step)."""
+  from fractions import Fraction
+  g = S.torch_linspace(1e6, 1e6 + 1.0, 7)
+  step = (np.float32(1e6 + 1.0) - np.float32(1e6)) / np.float32(6)
+  for i, v in enumerate(g):
+    base, k = (np.float32(1e6), i) if i < 3 else (np.float32(1e6 + 1.0), -(6 - i))
+    exact = Fraction(float(base)) + Fraction(float(step)) * k
+    assert v == S._round_to_float32(exact)  # pylint: disable=protected-access

@@ -196,9 +196,24 @@ def dit_config(path: str, field: str = "config.sample.checkpoint"):
                           f"({e}); is it a run of another trainer?") from e
 
 
-def load_dit(path: str, field: str = "config.sample.checkpoint"):
+def available_steps(path: str) -> list[int]:
+  """The checkpointed steps of a training workdir / checkpoints folder, ascending."""
+  ckdir = checkpoint_dir(path)
+  if not os.path.isdir(ckdir):
+    return []
+  return sorted(int(d) for d in os.listdir(ckdir)
+                if d.isdigit() and os.path.isdir(os.path.join(ckdir, d)))
+
+
+def load_dit(path: str, field: str = "config.sample.checkpoint", *,
+             step: int | None = None, weights: str = "ema"):
   """A LightningDiT from a converted/exported dir (``meta.json``) or from a training
-  run's EMA weights (only the EMA subtree is read)."""
+  run's weights (only that subtree is read: ``weights`` = ema | params).
+
+  ``step``: the training step of a run (None: the latest); e.g. an autoguidance guide at
+  70K from the same guide run as the 120K one. A converted directory has no steps, so a
+  step there is an error naming ``field``.
+  """
   from sfd_jax.convert import lightning_dit as dit_conv  # pylint: disable=import-outside-toplevel
   from sfd_jax.convert.common import assign  # pylint: disable=import-outside-toplevel
   from sfd_jax.models.lightning_dit import LightningDiT  # pylint: disable=import-outside-toplevel
@@ -207,14 +222,21 @@ def load_dit(path: str, field: str = "config.sample.checkpoint"):
                           "training workdir")
   path = os.path.abspath(path)
   if os.path.exists(os.path.join(path, "meta.json")):
+    if step is not None:
+      raise CheckpointError(f"{field}={path} is a converted checkpoint (one weight set, no "
+                            f"training steps): a step ({step}) can only be chosen for a "
+                            "training workdir")
     return dit_conv.load_converted(path)
   if not is_run(path):
     raise CheckpointError(f"{field}={path}: neither a converted checkpoint (meta.json) nor "
                           "a training run (checkpoints/<step>/)")
-  params, model_cfg, step, _ = restore_dit(path, weights="ema")
+  if step is not None and step not in available_steps(path):
+    raise CheckpointError(f"{field}={path} has no checkpoint at step {step}; available "
+                          f"steps: {available_steps(path)}")
+  params, model_cfg, step, _ = restore_dit(path, weights=weights, step=step)
   model = LightningDiT(model_cfg, rngs=nnx.Rngs(0))
-  assign(model, params, name=f"{checkpoint_dir(path)}/{step} ema")
-  logging.info("loaded EMA weights of %s/%d", checkpoint_dir(path), step)
+  assign(model, params, name=f"{checkpoint_dir(path)}/{step} {weights}")
+  logging.info("loaded %s weights of %s/%d", weights, checkpoint_dir(path), step)
   return model
 
 

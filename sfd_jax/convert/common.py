@@ -1,8 +1,9 @@
 """Torch-free helpers shared by every converter.
 
 Reference checkpoints are flat ``{name: array}`` state dicts in PyTorch layouts.
-``load_state_dict`` reads them from ``.npz``, ``.safetensors`` or (with the optional
-PyTorch install, weights-only) ``.pt/.pth/.ckpt`` files. ``StateDict`` hands out
+``load_state_dict`` reads them from ``.npz``, ``.safetensors`` or ``.pt/.pth/.ckpt``
+files (torch-free, with the restricted unpickler of ``safe_pickle``: no code from the
+file runs). ``StateDict`` hands out
 arrays by key while checking shapes, so every converter fails with one message that
 names the key and both shapes, and can report keys it never used.
 ``assign`` copies a nested dict of arrays into an NNX module, checking paths and shapes.
@@ -27,14 +28,33 @@ class ConversionError(ConverterInputError):
 
 
 def _torch_load(path: str, entries: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-  obj = files.read_array_file(path, what="checkpoint file", error=ConversionError,
-                              entries=entries or (),
-                              alternative="or convert it to .npz/.safetensors first")
-  import torch  # pylint: disable=import-outside-toplevel  (read_array_file needed it)
+  """A torch file's state dict via the torch-free restricted reader (``safe_pickle``):
+  non-tensor objects (an OmegaConf config, argparse Namespace, ...) become inert
+  stand-ins and a file that refers to code-running globals is refused."""
+  from sfd_jax.convert import safe_pickle  # pylint: disable=import-outside-toplevel
+  try:
+    obj = safe_pickle.load(path)
+  except safe_pickle.UnsafePickleError as e:
+    raise ConversionError(str(e)) from e
+  except Exception as e:  # pylint: disable=broad-except  (bad zip, truncated pickle, EOF)
+    text = " ".join(str(e).split())
+    text = text if len(text) <= 240 else text[:237] + "..."
+    raise ConversionError(f"checkpoint file {path}: not a readable PyTorch file "
+                          f"({type(e).__name__}: {text}); expected a (dict of) tensors "
+                          "saved with torch.save, or convert it to .npz/.safetensors "
+                          "first") from e
+  if isinstance(obj, Mapping):
+    for entry in (entries or ()):
+      if entry in obj and isinstance(obj[entry], Mapping):
+        obj = obj[entry]
+        break
+  if not isinstance(obj, Mapping):
+    raise ConversionError(f"checkpoint file {path}: expected a state dict, found {obj!r}")
   out = {}
   for k, v in obj.items():
-    if hasattr(v, "detach"):
-      out[k] = v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
+    if isinstance(v, np.ndarray):
+      floating = np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16"
+      out[k] = v.astype(np.float32) if floating else v
   return out
 
 
@@ -44,8 +64,9 @@ def load_state_dict(path: str | os.PathLike, entries: Iterable[str] | None = Non
 
   Args:
     path: ``.npz`` (named arrays; a ``config`` entry and ``in/``/``out/`` entries are
-      ignored), ``.safetensors``, or ``.pt/.pth/.ckpt`` (needs torch; loaded with
-      ``weights_only=True`` so a file can never run code).
+      ignored), ``.safetensors``, or ``.pt/.pth/.ckpt`` (torch's zip format, read without
+      torch by ``safe_pickle.load``: other objects in the file — a training config, an
+      optimizer state — become inert stand-ins, and the file can never run code).
     entries: for torch files holding several dicts (``{"model":…, "ema":…}``), the
       entry names to try in order (first one present wins).
     prefix: keep only keys starting with this prefix, with the prefix removed. Without
@@ -312,16 +333,48 @@ def load_model(path: str | os.PathLike, config, *, kind: str, config_cls,
   return model
 
 
+def read_json_arg(text_or_path: str) -> dict:
+  """A JSON object given inline or as a file (``.yaml``/``.yml`` needs PyYAML)."""
+  import json  # pylint: disable=import-outside-toplevel
+  if os.path.isfile(text_or_path):
+    with open(text_or_path) as f:
+      text = f.read()
+    if text_or_path.endswith((".yaml", ".yml")):
+      import yaml  # pylint: disable=import-outside-toplevel
+      return dict(yaml.safe_load(text))
+    return dict(json.loads(text))
+  return dict(json.loads(text_or_path))
+
+
+def config_from_json(fields: Mapping[str, Any], config_cls,
+                     from_reference: Callable[[dict], Any] | None = None):
+  """``config_cls(**fields)`` when every key is a field of ``config_cls``; otherwise the
+  reference constructor's arguments through ``from_reference``."""
+  names = {f.name for f in dataclasses.fields(config_cls)}
+  if set(fields) <= names:
+    return config_cls(**{k: (tuple(v) if isinstance(v, list) else v)
+                         for k, v in fields.items()})
+  if from_reference is None:
+    raise ConversionError(f"--config-json: unknown fields {sorted(set(fields) - names)} "
+                          f"(fields of {config_cls.__name__}: {sorted(names)})")
+  return from_reference(dict(fields))
+
+
 def converter_main(argv: Sequence[str] | None, *, kind: str, prog: str, description: str,
                    src_help: str, presets: Sequence[str], default_preset: str, config_cls,
                    convert: Callable[..., dict],
                    read: Callable[[argparse.Namespace], Mapping[str, Any]] | None = None,
                    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-                   extra_meta: Mapping[str, Any] | None = None) -> str:
-  """The converter command line: ``--src --dst [--preset] [--force]`` (+ ``add_arguments``).
+                   extra_meta: Mapping[str, Any] | None = None,
+                   from_reference: Callable[[dict], Any] | None = None,
+                   reference_help: str = "") -> str:
+  """The converter command line: ``--src --dst [--preset | --config-json] [--force]``
+  (+ ``add_arguments``).
 
   Converts ``read(args)`` (default: ``load_state_dict(args.src)``) for
-  ``config_cls.preset(args.preset)`` and writes it with ``save_params``; ``meta.json``
+  ``config_cls.preset(args.preset)`` — or, with ``--config-json`` (inline JSON or a
+  file), for ``config_cls(**fields)`` / ``from_reference(fields)`` (the reference
+  constructor's argument names) — and writes it with ``save_params``; ``meta.json``
   holds the kind, preset, config, source path and ``extra_meta``. Returns the directory.
   """
   from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
@@ -329,11 +382,19 @@ def converter_main(argv: Sequence[str] | None, *, kind: str, prog: str, descript
   parser.add_argument("--src", required=True, help=src_help)
   parser.add_argument("--dst", required=True, help="output directory")
   parser.add_argument("--preset", default=default_preset, choices=list(presets))
+  parser.add_argument("--config-json", default=None,
+                      help=f"architecture beyond the presets: JSON (inline or a file) of "
+                           f"{config_cls.__name__} fields or of the reference constructor's "
+                           f"arguments{reference_help}; replaces --preset")
   parser.add_argument("--force", action="store_true", help="overwrite a non-empty --dst")
   if add_arguments is not None:
     add_arguments(parser)
   args = parser.parse_args(argv)
-  config = config_cls.preset(args.preset)
+  if args.config_json:
+    config = config_from_json(read_json_arg(args.config_json), config_cls, from_reference)
+    args.preset = "custom"
+  else:
+    config = config_cls.preset(args.preset)
   state_dict = read(args) if read is not None else load_state_dict(args.src)
   params = convert(state_dict, config, name=args.src)
   meta = {"model": kind, "preset": args.preset, "config": dataclasses.asdict(config),

@@ -13,7 +13,9 @@ Reference keys (parity README §5.6): ``cls_token`` (1,1,C), ``register_tokens``
 CLI (writes a standalone converted checkpoint, see ``common.save_params``)::
 
   python -m sfd_jax.convert.dinov2 --src dinov2_vitb14_reg4_pretrain.pth --dst DIR \
-      [--preset vitb14_reg] [--force]
+      [--preset vitb14_reg | --config-json '{"hub_name": "dinov2_vitl14_reg"}' |
+       --config-json '{"arch_name": "vit_small", "img_size": 518, "patch_size": 14, ...}']
+      [--force]
 """
 from __future__ import annotations
 
@@ -95,7 +97,19 @@ def main(argv: list[str] | None = None) -> str:
       src_help="hub state dict (.pth/.pt/.npz/.safetensors)",
       presets=["vitb14_reg", "vitl14", "tiny", "tiny_noreg"], default_preset="vitb14_reg",
       config_cls=DinoV2Config,
-      convert=convert_state_dict, extra_meta={"ignored_keys": list(IGNORED_KEYS)})
+      convert=convert_state_dict, extra_meta={"ignored_keys": list(IGNORED_KEYS)},
+      from_reference=_from_reference,
+      reference_help=(" (DinoVisionTransformer: img_size, patch_size, embed_dim, depth, "
+                      "num_heads, init_values, num_register_tokens, ..., or arch_name; "
+                      "or {\"hub_name\": \"dinov2_vitl14_reg\"})"))
+
+
+def _from_reference(fields: dict) -> DinoV2Config:
+  if "hub_name" in fields:
+    if len(fields) > 1:
+      raise common.ConversionError("--config-json: hub_name excludes other fields")
+    return DinoV2Config.from_hub_name(fields["hub_name"])
+  return DinoV2Config.from_reference_kwargs(fields)
 
 
 if __name__ == "__main__":

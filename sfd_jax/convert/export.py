@@ -107,11 +107,13 @@ def parse_formats(formats) -> tuple[str, ...]:
 
 
 def reference_buffers(cfg) -> dict[str, np.ndarray]:
-  """The non-trainable tensors of the reference state dict, recomputed from the config."""
+  """The non-trainable tensors of the reference state dict, recomputed from the config
+  (RoPE tables only when the model uses RoPE)."""
   grid = cfg.input_size // cfg.patch_size
-  cos, sin = rope_tables(cfg.head_dim, grid)
-  return {"pos_embed": sincos_pos_embed(cfg.hidden_size, grid)[None],
-          "feat_rope.freqs_cos": cos, "feat_rope.freqs_sin": sin}
+  out = {"pos_embed": sincos_pos_embed(cfg.hidden_size, grid)[None]}
+  if cfg.use_rope:
+    out["feat_rope.freqs_cos"], out["feat_rope.freqs_sin"] = rope_tables(cfg.head_dim, grid)
+  return out
 
 
 def to_reference_state_dict(params: Mapping[str, Any], cfg) -> dict[str, np.ndarray]:
@@ -162,21 +164,26 @@ def to_reference_state_dict(params: Mapping[str, Any], cfg) -> dict[str, np.ndar
   sd["y_embedder.embedding_table.weight"] = get(
       "y_embedding", (cfg.num_classes + int(cfg.class_dropout_prob > 0), d))
 
-  depth = get("blocks/norm1/scale").shape[0]
+  depth = get("blocks/attn/qkv/kernel").shape[0]
   if depth != cfg.depth:
     raise ExportError(f"parameters have {depth} blocks, the config has depth={cfg.depth}")
   for i in range(depth):
     b = f"blocks.{i}"
-    sd[f"{b}.norm1.weight"] = get("blocks/norm1/scale")[i]
-    sd[f"{b}.norm2.weight"] = get("blocks/norm2/scale")[i]
+    if cfg.use_rmsnorm:                 # affine-free LayerNorms have no weights
+      sd[f"{b}.norm1.weight"] = get("blocks/norm1/scale")[i]
+      sd[f"{b}.norm2.weight"] = get("blocks/norm2/scale")[i]
     linear("blocks/attn/qkv", f"{b}.attn.qkv", i)
-    sd[f"{b}.attn.q_norm.weight"] = get("blocks/attn/q_norm/scale")[i]
-    sd[f"{b}.attn.k_norm.weight"] = get("blocks/attn/k_norm/scale")[i]
+    if cfg.use_qknorm:
+      for qk in ("q_norm", "k_norm"):
+        sd[f"{b}.attn.{qk}.weight"] = get(f"blocks/attn/{qk}/scale")[i]
+        if not cfg.use_rmsnorm:
+          sd[f"{b}.attn.{qk}.bias"] = get(f"blocks/attn/{qk}/bias")[i]
     linear("blocks/attn/proj", f"{b}.attn.proj", i)
-    linear("blocks/mlp/w12", f"{b}.mlp.w12", i)
-    linear("blocks/mlp/w3", f"{b}.mlp.w3", i)
+    for name in (("w12", "w3") if cfg.use_swiglu else ("fc1", "fc2")):
+      linear(f"blocks/mlp/{name}", f"{b}.mlp.{name}", i)
     linear("blocks/adaLN_modulation", f"{b}.adaLN_modulation.1", i)
-  sd["final_layer.norm_final.weight"] = get("final_layer/norm_final/scale", (d,))
+  if cfg.use_rmsnorm:
+    sd["final_layer.norm_final.weight"] = get("final_layer/norm_final/scale", (d,))
   linear("final_layer/linear", "final_layer.linear")
   linear("final_layer/adaLN_modulation", "final_layer.adaLN_modulation.1")
   if cfg.use_repa:

@@ -8,19 +8,17 @@ has the same pattern under ``decoder.``. The released training checkpoint keeps 
 under ``model_state_dict`` (next to optimizer/scheduler state), which is picked
 automatically; a flat state dict (``.npz``/``.safetensors``) works as well.
 
-Reading a ``.pt`` needs PyTorch and is done with ``weights_only=True``. If the
-training checkpoint's extra entries make that fail, either pass ``allow_pickle=True``
-(``--allow-pickle``: a full unpickle, only for files you trust) or export the weights
-once with PyTorch (then convert the ``.safetensors``)::
-
-  import torch, safetensors.torch as st
-  ckpt = torch.load("semantic_ae_final.pt", weights_only=False)
-  st.save_file(ckpt["model_state_dict"], "semvae.safetensors")
+A ``.pt`` is read without PyTorch by the restricted unpickler (``safe_pickle``): the
+optimizer / scheduler state and config next to the weights are read as inert data and no
+code from the file runs. ``allow_pickle=True`` (``--allow-pickle``) keeps the old full
+``torch.load`` (needs PyTorch; only for trusted files, e.g. the legacy non-zip format).
 
 CLI::
 
   python -m sfd_jax.convert.semantic_vae --src semantic_ae_final.pt --dst DIR \
-      [--preset ch16] [--force] [--allow-pickle]
+      [--preset ch16 | --config-json '{"input_dim": 1024, "bottleneck_dim": 16,
+       "hidden_dim": 768, "arch": "transformer", "transformer_heads": 8,
+       "transformer_blocks": 4}'] [--force] [--allow-pickle]
 """
 from __future__ import annotations
 
@@ -107,11 +105,11 @@ def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict
   except common.ConversionError as e:
     if not isinstance(e.__cause__, pickle.UnpicklingError):
       raise
-    # the weights-only unpickler refused an object: the reference's own training file
+    # not a torch archive the restricted reader understands (or it refused a global)
     raise common.ConversionError(
-        f"{path}: could not be read with torch.load(weights_only=True) ({e.__cause__}); "
-        "export its 'model_state_dict' to .safetensors (see sfd_jax/convert/semantic_vae.py), "
-        "or, only for the reference's own trusted file, pass --allow-pickle") from e
+        f"{path}: could not be read by the restricted unpickler ({e.__cause__}). If you "
+        "trust the file, pass allow_pickle=True / --allow-pickle (needs PyTorch), or export "
+        "its 'model_state_dict' to .safetensors") from e
 
 
 def build_abstract(config: SemVAEConfig, dtype=None) -> SemanticVAE:
@@ -144,7 +142,11 @@ def main(argv: list[str] | None = None) -> str:
       src_help="checkpoint (.pt with model_state_dict, .npz or .safetensors)",
       presets=["ch16", "tiny"], default_preset="ch16", config_cls=SemVAEConfig,
       convert=convert_state_dict, add_arguments=add_arguments,
-      read=lambda args: read_state_dict(args.src, args.allow_pickle))
+      read=lambda args: read_state_dict(args.src, args.allow_pickle),
+      from_reference=SemVAEConfig.from_reference_kwargs,
+      reference_help=(" (SemanticVariationalAutoEncoder: input_dim, bottleneck_dim, "
+                      "hidden_dim, arch, transformer_heads, transformer_blocks; or a "
+                      "training YAML's model section)"))
 
 
 if __name__ == "__main__":

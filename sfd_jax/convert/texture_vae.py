@@ -15,7 +15,8 @@ reads ``….{weight,bias}`` into ``{scale, bias}``.
 Command line::
 
   python -m sfd_jax.convert.texture_vae --src ldm-imagenet256-f16d32-50ep.ckpt \\
-      --dst /ckpt/texture_vae_f16d32 [--preset f16d32] [--force]
+      --dst /ckpt/texture_vae_f16d32 [--preset f16d32 | --config-json vavae/configs/
+      f16d32_ldm.yaml] [--force]
 
 writes an Orbax params tree plus ``meta.json`` (``{"kind": "texture_vae", "config": …}``)
 that ``load_converted_texture_vae`` reads back.
@@ -32,8 +33,9 @@ from flax import nnx
 
 import sfd_jax  # noqa: F401  (flax settings)
 from sfd_jax.core import errors
-from sfd_jax.convert.common import (ConversionError, StateDict, abstract_model, assign, leaves,
-                                    load_params, load_state_dict, save_params)
+from sfd_jax.convert.common import (ConversionError, StateDict, abstract_model, assign,
+                                    config_from_json, leaves, load_params, load_state_dict,
+                                    read_json_arg, save_params)
 from sfd_jax.models.texture_vae import PRESETS, TextureVAE, TextureVAEConfig
 
 KIND = "texture_vae"
@@ -156,6 +158,22 @@ def load_converted_texture_vae(directory: str | os.PathLike, *, dtype=None) -> T
   return _model_from_params(params, cfg, dtype=dtype, name=os.fspath(directory))
 
 
+def config_from_fields(fields: Mapping[str, Any]) -> TextureVAEConfig:
+  """``TextureVAEConfig`` fields, or an LDM config: ``{"embed_dim", "ddconfig"}`` (the
+  ``AutoencoderKL`` constructor's arguments), ``{"params": {...}}`` or the whole YAML
+  ``{"model": {"params": {...}}}`` (``TextureVAEConfig.from_ldm``)."""
+  d = dict(fields)
+  if "model" in d:
+    d = dict(d["model"])
+  if "params" in d:
+    d = dict(d["params"])
+  if "ddconfig" in d:
+    if "embed_dim" not in d:
+      raise ConversionError("--config-json: an LDM config needs embed_dim next to ddconfig")
+    return TextureVAEConfig.from_ldm(d["ddconfig"], d["embed_dim"])
+  return config_from_json(d, TextureVAEConfig)
+
+
 def main(argv: Sequence[str] | None = None) -> str:
   parser = errors.ArgumentParser(
       prog="python -m sfd_jax.convert.texture_vae",
@@ -166,9 +184,18 @@ def main(argv: Sequence[str] | None = None) -> str:
   parser.add_argument("--dst", required=True, help="output directory")
   parser.add_argument("--preset", default="f16d32", choices=PRESETS,
                       help="architecture of the checkpoint (default f16d32)")
+  parser.add_argument("--config-json", default=None,
+                      help="architecture beyond the presets (replaces --preset): JSON, inline "
+                           "or a file (.yaml needs PyYAML), of TextureVAEConfig fields or of "
+                           "the LDM config: {\"embed_dim\": 32, \"ddconfig\": {...}}, its "
+                           "model.params section, or the whole LDM YAML")
   parser.add_argument("--force", action="store_true", help="overwrite a non-empty --dst")
   args = parser.parse_args(argv)
-  cfg = TextureVAEConfig.preset(args.preset)
+  if args.config_json:
+    cfg = config_from_fields(read_json_arg(args.config_json))
+    args.preset = "custom"
+  else:
+    cfg = TextureVAEConfig.preset(args.preset)
   sd = load_state_dict(args.src, entries=("state_dict",))
   try:
     params = convert_texture_vae(sd, cfg, name=args.src)

@@ -13,7 +13,10 @@ index and the whole stream is a pure function of the seed):
   (seed, global stream index) only, so it does not depend on the process count or the
   number of workers.
 * Normalisation: ``latent = concat([(tex - mean_t)/std_t, (sem - mean_s)/std_s]) *
-  latent_multiplier`` → (G, G, Ct+Cs) float32, texture channels first.
+  latent_multiplier`` → (G, G, Ct+Cs) float32, texture channels first. With
+  ``normalize=False`` (``config.data.normalize``; e.g. an SD-VAE-style setup with a fixed
+  multiplier such as 0.18215) the per-channel statistics are not used (nor needed):
+  ``latent = concat([tex, sem]) * latent_multiplier``.
 * Process ``p`` of ``P`` takes stream elements ``p, p+P, ...``; its k-th batch of
   ``B`` holds the elements of global batch k (size ``P*B``) that are ``≡ p (mod P)``.
   Global batch k is therefore the same whatever ``P`` is.
@@ -78,9 +81,10 @@ class ExampleTransform(grain.transforms.MapWithIndex):
   ``index`` is the element's position in the global (shuffled, repeated) stream.
   """
 
-  def __init__(self, schema: LatentSchema, stats: stats_lib.LatentStats, *,
+  def __init__(self, schema: LatentSchema, stats: stats_lib.LatentStats | None, *,
                latent_multiplier: float = 1.0, flip: bool = True, repa: bool = True,
-               seed: int = 0, num_classes: int | None = None, where: str = "dataset"):
+               seed: int = 0, num_classes: int | None = None, where: str = "dataset",
+               normalize: bool = True):
     if flip and not schema.has_flip:
       raise DataFormatError(f"{where}: flip augmentation requested but the dataset stores "
                             "no flipped views (schema.has_flip is False); pass flip=False "
@@ -91,22 +95,32 @@ class ExampleTransform(grain.transforms.MapWithIndex):
                             "(config.objective.use_repa=False)")
     self.num_classes = None if num_classes is None else int(num_classes)
     self.where = where
-    stats.check(schema, where="normalisation stats")
+    self.normalize = bool(normalize)
+    if self.normalize:
+      if stats is None:
+        raise ValueError("normalisation needs latent statistics (stats=None)")
+      stats.check(schema, where="normalisation stats")
     self.schema = schema
     self.flip = flip
     self.repa = repa
     self.seed = int(seed)
     self.multiplier = np.float32(latent_multiplier)
-    self.t_mean, self.t_std = stats.texture_mean, stats.texture_std
-    self.s_mean, self.s_std = stats.semantic_mean, stats.semantic_std
-    self.extra = tuple((name,) + tuple(stats.part(name)) for name, _ in schema.extra_parts)
+    if self.normalize:
+      self.t_mean, self.t_std = stats.texture_mean, stats.texture_std
+      self.s_mean, self.s_std = stats.semantic_mean, stats.semantic_std
+    self.extra = tuple((name,) + (tuple(stats.part(name)) if self.normalize else (None, None))
+                       for name, _ in schema.extra_parts)
 
   def map_with_index(self, index: int, element: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     suffix = "_flip" if self.flip and flip_choice(self.seed, index) else ""
-    texture = (element["texture" + suffix] - self.t_mean) / self.t_std
-    semantic = (element["semantic" + suffix] - self.s_mean) / self.s_std
-    parts = [texture, semantic] + [(element[name + suffix] - mean) / std
-                                   for name, mean, std in self.extra]
+    texture, semantic = element["texture" + suffix], element["semantic" + suffix]
+    if self.normalize:
+      texture = (texture - self.t_mean) / self.t_std
+      semantic = (semantic - self.s_mean) / self.s_std
+    parts = [texture, semantic]
+    for name, mean, std in self.extra:
+      x = element[name + suffix]
+      parts.append((x - mean) / std if self.normalize else x)
     latent = np.concatenate(parts, axis=-1)
     if self.multiplier != 1:
       latent = latent * self.multiplier
@@ -164,6 +178,7 @@ def build_pipeline(data_dir: str | os.PathLike, *, batch_size: int, seed: int = 
                    stats: stats_lib.LatentStats | str | os.PathLike | None = None,
                    latent_multiplier: float = 1.0, flip: bool = True, repa: bool = True,
                    repa_dtype: str = "float32", shuffle: bool = True,
+                   normalize: bool = True,
                    drop_remainder: bool = True, num_workers: int = 0,
                    worker_buffer_size: int = 2, read_threads: int = 2,
                    prefetch_batches: int = 2,
@@ -180,6 +195,8 @@ def build_pipeline(data_dir: str | os.PathLike, *, batch_size: int, seed: int = 
     stats: ``LatentStats``, a path to a stats file, or ``None`` for
       ``<data_dir>/stats.npz``.
     latent_multiplier: factor applied to the whole normalised latent (SFD: 1.0).
+    normalize: per-channel normalisation with ``stats`` (SFD: True); False uses the
+      stored latents as they are (times ``latent_multiplier``).
     flip: random choice between stored and flipped views (SFD: True).
     repa: emit REPA target features (``repa`` key).
     repa_dtype: dtype of the emitted REPA features: float32 (the reference's), float16
@@ -203,16 +220,19 @@ def build_pipeline(data_dir: str | os.PathLike, *, batch_size: int, seed: int = 
   if num_workers < 0:
     raise ValueError(f"num_workers must be >= 0, got {num_workers}")
   records = records_lib.LatentRecords(data_dir)
-  if not isinstance(stats, stats_lib.LatentStats):
+  if normalize and not isinstance(stats, stats_lib.LatentStats):
     stats = stats_lib.load_stats(data_dir if stats is None else stats, records.schema)
-  transform = ExampleTransform(records.schema, stats, latent_multiplier=latent_multiplier,
-                               flip=flip, repa=repa, seed=seed, num_classes=num_classes,
-                               where=f"dataset {os.fspath(data_dir)}")
+  transform = ExampleTransform(records.schema, stats if normalize else None,
+                               latent_multiplier=latent_multiplier, flip=flip, repa=repa,
+                               seed=seed, num_classes=num_classes,
+                               where=f"dataset {os.fspath(data_dir)}", normalize=normalize)
   settings = {
       "seed": int(seed), "num_records": len(records), "num_epochs": num_epochs,
       "global_batch_size": int(batch_size) * process_count, "shuffle": bool(shuffle),
       "flip": bool(flip), "latent_multiplier": float(latent_multiplier),
   }
+  if not normalize:                 # only then: states saved before the option match
+    settings["normalize"] = False
   ds = grain.MapDataset.source(records)
   if shuffle:
     ds = ds.shuffle(seed=seed)

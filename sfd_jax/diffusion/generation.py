@@ -41,35 +41,154 @@ class SamplingError(ConfigError):
   """A sampling option, or a model / guide / decoder that does not fit the others."""
 
 
+LABEL_MODES = ("balanced", "random", "fixed", "unconditional")
+LAST_STEP_NAMES = ("mean", "euler", "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
-  """How to integrate: guidance (none | cfg | autoguidance) and its scale, the solver
-  (euler | heun | dopri5 | sde) with its steps / tolerances / timestep shift, the seed."""
+  """How to sample; the field names are those of ``config.sample`` / ``config.train_eval``.
+
+  Guidance: ``guidance`` (none | cfg | autoguidance) with ``scale`` — on only for
+  ``scale > 1``, the reference's rule — and the optional per-part scales
+  ``cfg_scale_tex`` / ``cfg_scale_sem`` (negative: equal to ``scale``, the reference's
+  default). Interval: a part is guided only while its clock ``t`` satisfies
+  ``cfg_interval_start <= t <= cfg_interval_end`` (t = 0 noise, 1 data) and otherwise
+  uses the conditional velocity; ``cfg_interval_mode`` (both | tex | sem) says which
+  parts are gated. ``cfg_interval_start = 0`` and ``cfg_interval_end = 1`` never gate (the
+  released configs); the lower bound is the reference's ``cfg_interval_start``, the upper
+  one corresponds to REPA's guidance window (``guidance_high`` in REPA's reversed time:
+  ``cfg_interval_start = 1 − guidance_high``, ``cfg_interval_end = 1 − guidance_low``).
+
+  Labels (``labels``): ``balanced`` (class ``i·K // N`` of global index i: 50 per class
+  for 50k, the paper's protocol), ``random`` (uniform, drawn from a hash of
+  (``label_seed``, i): deterministic per index, independent of batch and device count;
+  the reference's default without ``balanced_sampling``), ``fixed`` (every sample class
+  ``label_class``) or ``unconditional`` (the null class K; the model must have one).
+
+  Solver: ``method`` (euler | heun | dopri5 | sde), ``num_steps`` (grid points),
+  dopri5's ``atol`` / ``rtol`` / ``jump_ts`` / ``max_steps``, ``timestep_shift`` (ODE
+  grids), the SDE's ``diffusion_form``, ``diffusion_norm``, ``last_step`` (mean | euler |
+  none), ``last_step_size`` and ``sde_t_min`` (``samplers.euler_maruyama``). ``seed``:
+  noise of global index i is drawn from ``fold_in(key(seed), i)``.
+  """
   guidance: str = "none"
   scale: float = 1.0
+  cfg_scale_tex: float = -1.0
+  cfg_scale_sem: float = -1.0
+  cfg_interval_start: float = 0.0
+  cfg_interval_end: float = 1.0
+  cfg_interval_mode: str = "both"
+  labels: str = "balanced"
+  label_class: int = 0
+  label_seed: int = -1            # -1: seed
   method: str = "euler"
   num_steps: int = 250
   atol: float = 1e-6
   rtol: float = 1e-3
+  jump_ts: bool = False
+  max_steps: int = 4096
   timestep_shift: float = 0.0
+  diffusion_form: str = "SBDM"
+  diffusion_norm: float = 1.0
+  last_step: str = "mean"
+  last_step_size: float = 0.04
+  sde_t_min: float = 0.04
   seed: int = 0
   # the clock schedule (None: SFD's two parts from the model's delta_t / semantic_chans);
   # set from the run's config.schedule by prepare() / the trainer, not a config field
   schedule: clocks.Schedule | None = None
 
   @classmethod
-  def from_config(cls, section) -> "SamplingOptions":
+  def from_config(cls, section, where: str = "config.sample") -> "SamplingOptions":
     """The option fields of a config section (``config.sample``, ``config.train_eval``);
-    fields the section lacks keep the defaults."""
+    fields the section lacks keep the defaults. Invalid values raise ``SamplingError``
+    naming ``<where>.<field>``."""
     given = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-    kw = {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}
-    return cls(guidance=str(kw.get("guidance", cls.guidance)),
-               scale=float(kw.get("scale", cls.scale)),
-               method=str(kw.get("method", cls.method)),
-               num_steps=int(kw.get("num_steps", cls.num_steps)),
-               atol=float(kw.get("atol", cls.atol)), rtol=float(kw.get("rtol", cls.rtol)),
-               timestep_shift=float(kw.get("timestep_shift", cls.timestep_shift)),
-               seed=int(kw.get("seed", cls.seed)))
+    kw = {}
+    for f in dataclasses.fields(cls):
+      if f.name not in given or f.name == "schedule":   # the schedule is not a field here
+        continue
+      value, kind = given[f.name], type(f.default)
+      try:
+        kw[f.name] = (bool(value) if kind is bool else
+                      str(value) if kind is str else kind(value))
+      except (TypeError, ValueError) as e:
+        raise SamplingError(f"{where}.{f.name}={value!r}: expected {kind.__name__}") from e
+    opts = cls(**kw)
+    opts.validate(where)
+    return opts
+
+  @property
+  def guided(self) -> bool:
+    """Whether guidance is on (a mode other than none, and ``scale > 1``)."""
+    return self.guidance != "none" and self.scale > 1.0
+
+  def scales(self) -> tuple[float | None, float | None]:
+    """(texture scale, semantic scale); None means ``scale``."""
+    return (None if self.cfg_scale_tex < 0 else self.cfg_scale_tex,
+            None if self.cfg_scale_sem < 0 else self.cfg_scale_sem)
+
+  def interval(self) -> tuple[float | None, float | None]:
+    """(start, end) for ``guidance.combine``; None where the bound never gates."""
+    return (self.cfg_interval_start if self.cfg_interval_start > 0 else None,
+            self.cfg_interval_end if self.cfg_interval_end < 1 else None)
+
+  def validate(self, where: str = "config.sample") -> None:
+    """Raises ``SamplingError`` naming the field of the first invalid value."""
+    def bad(field, msg):
+      raise SamplingError(f"{where}.{field}={getattr(self, field)!r}: {msg}")
+
+    def one_of(field, allowed):
+      if getattr(self, field) not in allowed:
+        bad(field, f"expected one of {tuple(allowed)}")
+
+    one_of("guidance", guidance.GUIDANCE_MODES)
+    one_of("method", samplers.METHODS)
+    one_of("cfg_interval_mode", guidance.INTERVAL_MODES)
+    one_of("labels", LABEL_MODES)
+    one_of("diffusion_form", samplers.DIFFUSION_FORMS)
+    one_of("last_step", LAST_STEP_NAMES)
+    for field in ("scale", "cfg_scale_tex", "cfg_scale_sem", "atol", "rtol",
+                  "timestep_shift", "diffusion_norm", "cfg_interval_start",
+                  "cfg_interval_end", "last_step_size", "sde_t_min"):
+      if not np.isfinite(getattr(self, field)):
+        bad(field, "must be finite")
+    if self.num_steps < 2:
+      bad("num_steps", "counts grid points and must be >= 2")
+    if self.atol <= 0:
+      bad("atol", "must be positive")
+    if self.rtol <= 0:
+      bad("rtol", "must be positive")
+    if self.max_steps < 1:
+      bad("max_steps", "must be positive")
+    if self.timestep_shift < 0:
+      bad("timestep_shift", "must be >= 0 (0 = off)")
+    if self.timestep_shift > 0 and self.method == "sde":
+      bad("timestep_shift", "is defined for the ODE grid only, not for method 'sde'")
+    if not 0.0 <= self.cfg_interval_start < 1.0:
+      bad("cfg_interval_start", "must be in [0, 1)")
+    if not self.cfg_interval_start < self.cfg_interval_end <= 1.0:
+      bad("cfg_interval_end", f"must be in (cfg_interval_start={self.cfg_interval_start}, 1]")
+    if not 0.0 < self.last_step_size < 1.0:
+      bad("last_step_size", "must be in (0, 1)")
+    if self.sde_t_min < 0:
+      bad("sde_t_min", "must be >= 0")
+    if self.label_class < 0:
+      bad("label_class", "must be a class index >= 0")
+    if not self.guided:
+      for field in ("cfg_scale_tex", "cfg_scale_sem"):
+        if getattr(self, field) >= 0:
+          bad(field, f"has no effect: guidance is off (guidance={self.guidance!r}, "
+                     f"scale={self.scale}; guidance needs a mode and scale > 1)")
+      for field, off in (("cfg_interval_start", 0.0), ("cfg_interval_end", 1.0)):
+        if getattr(self, field) != off:
+          bad(field, "has no effect: guidance is off")
+
+  def sde_kwargs(self) -> dict[str, Any]:
+    return dict(diffusion_form=self.diffusion_form, diffusion_norm=self.diffusion_norm,
+                last_step=None if self.last_step == "none" else self.last_step,
+                last_step_size=self.last_step_size, sde_t_min=self.sde_t_min)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -101,6 +220,48 @@ def balanced_labels(indices: np.ndarray, num_images: int, num_classes: int) -> n
   return (np.asarray(indices, np.int64) * num_classes // num_images).astype(np.int32)
 
 
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+  """SplitMix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+  with np.errstate(over="ignore"):
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def random_labels(indices: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
+  """Uniform class of global index i, from a hash of (seed, i): the same for any batch
+  size, device or process count."""
+  key = _splitmix64(np.asarray([int(seed) & 0xFFFFFFFFFFFFFFFF], np.uint64))[0]
+  h = _splitmix64(np.asarray(indices, np.int64).astype(np.uint64) ^ key)
+  return ((h >> np.uint64(11)) % np.uint64(num_classes)).astype(np.int32)
+
+
+def sample_labels(indices: np.ndarray, num_images: int, num_classes: int,
+                  opts: SamplingOptions, *, has_null: bool = True,
+                  where: str = "config.sample") -> np.ndarray:
+  """Labels of global indices (``indices`` ≥ ``num_images`` are padding: clipped) for
+  ``opts.labels``; ``num_classes`` is the null class."""
+  idx = np.minimum(np.asarray(indices, np.int64), num_images - 1)
+  if opts.labels == "balanced":
+    return balanced_labels(idx, num_images, num_classes)
+  if opts.labels == "random":
+    seed = opts.seed if opts.label_seed < 0 else opts.label_seed
+    return random_labels(idx, num_classes, seed)
+  if opts.labels == "fixed":
+    if not 0 <= opts.label_class < num_classes:
+      raise SamplingError(f"{where}.label_class={opts.label_class}: the model has "
+                          f"{num_classes} classes (0..{num_classes - 1})")
+    return np.full(idx.shape, opts.label_class, np.int32)
+  if not has_null:
+    raise SamplingError(f"{where}.labels='unconditional' needs a null class, but the model "
+                        "was trained without label dropout (class_dropout_prob = 0)")
+  return np.full(idx.shape, num_classes, np.int32)
+
+
 def noise_for(indices: jax.Array, seed: int, shape: tuple[int, ...]) -> jax.Array:
   base = jax.random.key(seed)
   size = int(np.prod(shape))
@@ -115,8 +276,9 @@ def to_uint8(images: jax.Array) -> jax.Array:
 
 def load_decoder(config) -> LatentDecoder | None:
   """The ``LatentDecoder`` of ``config.sample.texture_vae`` with the latent statistics
-  (``config.sample.stats``, else ``config.data.stats`` / ``config.data.path``); None when
-  the field is empty (then latents are written instead of images)."""
+  (``config.sample.stats``, else ``config.data.stats`` / ``config.data.path``; none with
+  ``config.data.normalize=False``: texture = latent / multiplier); None when the field
+  is empty (then latents are written instead of images)."""
   if not config.sample.get("texture_vae", ""):
     return None
   # pylint: disable=import-outside-toplevel
@@ -126,10 +288,14 @@ def load_decoder(config) -> LatentDecoder | None:
     vae = load_converted_texture_vae(config.sample.texture_vae)
   except errors.UserError as e:
     raise SamplingError(f"config.sample.texture_vae={config.sample.texture_vae!r}: {e}") from e
+  multiplier = float(config.data.get("latent_multiplier", 1.0))
+  if not config.data.get("normalize", True):     # latents = stored · multiplier
+    return LatentDecoder(vae, jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32),
+                         multiplier)
   path = config.sample.get("stats", "") or config.data.get("stats", "") or config.data.path
   if not path:
     raise SamplingError("decoding needs latent statistics: set config.sample.stats or "
-                        "config.data.path")
+                        "config.data.path (or config.data.normalize=False)")
   try:
     stats = stats_lib.load_stats(path)
   except errors.UserError as e:
@@ -137,8 +303,17 @@ def load_decoder(config) -> LatentDecoder | None:
              "config.data.stats" if config.data.get("stats", "") else "config.data.path")
     raise SamplingError(f"{field}={path!r}: {e}") from e
   return LatentDecoder(vae, jnp.asarray(stats.texture_mean, jnp.float32),
-                       jnp.asarray(stats.texture_std, jnp.float32),
-                       float(config.data.get("latent_multiplier", 1.0)))
+                       jnp.asarray(stats.texture_std, jnp.float32), multiplier)
+
+
+def guided_velocity(model, guide, opts: SamplingOptions) -> guidance.VelocityFn:
+  """The velocity function ``opts`` describes (``guidance.make_guided_velocity``)."""
+  scale_tex, scale_sem = opts.scales()
+  start, end = opts.interval()
+  return guidance.make_guided_velocity(
+      model, guide, mode=opts.guidance, scale=opts.scale, scale_tex=scale_tex,
+      scale_sem=scale_sem, interval_start=start, interval_end=end,
+      interval_mode=opts.cfg_interval_mode, schedule=opts.schedule)
 
 
 def generate(model, guide, decoder: LatentDecoder | None, indices: jax.Array,
@@ -151,19 +326,19 @@ def generate(model, guide, decoder: LatentDecoder | None, indices: jax.Array,
   """
   cfg = model.cfg
   sch = opts.schedule
+  fn = guided_velocity(model, guide, opts)
   z = noise_for(indices, opts.seed, (cfg.input_size, cfg.input_size, cfg.in_channels))
+  # Δt and the semantic channel count come from the model's config (fn.cfg), unless the
+  # run has a clock schedule (opts.schedule; learned clocks read from the weights).
+  sched_kw = {} if sch is None else dict(
+      schedule=sch, clock_params=clocks.params_from_model(model, sch))
+  out = samplers.sample(fn, z, labels, method=opts.method, num_steps=opts.num_steps,
+                        atol=opts.atol, rtol=opts.rtol, shift=opts.timestep_shift, key=key,
+                        jump_ts=opts.jump_ts, max_steps=opts.max_steps, **opts.sde_kwargs(),
+                        **sched_kw)
   if sch is None:
-    fn = guidance.make_guided_velocity(model, guide, mode=opts.guidance, scale=opts.scale)
-    out = samplers.sample(fn, z, labels, method=opts.method, num_steps=opts.num_steps,
-                          delta_t=cfg.delta_t, semantic_chans=cfg.semantic_chans,
-                          atol=opts.atol, rtol=opts.rtol, shift=opts.timestep_shift, key=key)
     texture = slice(0, cfg.in_channels - cfg.semantic_chans)
   else:
-    fn = guidance.make_guided_velocity(model, guide, mode=opts.guidance, scale=opts.scale,
-                                       schedule=sch)
-    out = samplers.sample(fn, z, labels, method=opts.method, num_steps=opts.num_steps,
-                          schedule=sch, clock_params=clocks.params_from_model(model, sch),
-                          atol=opts.atol, rtol=opts.rtol, shift=opts.timestep_shift, key=key)
     texture = sch.channel_slice("texture" if "texture" in sch.names else sch.names[0])
   if decoder is None:
     return out.x, out.nfe
@@ -204,7 +379,7 @@ def check_decoder(main, decoder: LatentDecoder | None, field: str = "config.samp
         f"{field}.texture_vae: the texture VAE decodes {vae_ch}-channel latents, but the "
         f"model has {tex} texture channels (in_channels {main.in_channels} - semantic_chans "
         f"{main.semantic_chans}); use the texture VAE the latents were encoded with")
-  if int(decoder.mean.shape[-1]) != tex:
+  if decoder.mean.ndim and int(decoder.mean.shape[-1]) != tex:   # () without normalisation
     raise SamplingError(
         f"{field}.stats: the latent statistics have {int(decoder.mean.shape[-1])} texture "
         f"channels, the model {tex}; use the stats.npz of the model's training data")
@@ -273,7 +448,9 @@ def _write(out_dir: str, rows: np.ndarray, start: int, ext: str) -> None:
 def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: SamplingOptions,
                         out_dir: str, *, num_images: int, batch_size: int,
                         devices=None) -> dict[str, Any]:
-  """Samples ``num_images`` (class-balanced) into ``out_dir``; resumes; packs the npz.
+  """Samples ``num_images`` (labels as ``opts.labels``) into ``out_dir``; resumes;
+  packs the npz and writes the labels of the N samples, in index order, to
+  ``labels_<N>.npy``.
 
   ``batch_size`` is global; the batch is split over ``devices`` (default: all).
   """
@@ -312,7 +489,8 @@ def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: Sampl
     if _done(out_dir, real, ext):
       bar.update(len(real))
       continue
-    labels = balanced_labels(np.minimum(idx, n - 1), n, cfg.num_classes)
+    labels = sample_labels(idx, n, cfg.num_classes, opts,
+                           has_null=cfg.class_dropout_prob > 0)
     ind = jax.device_put(jnp.asarray(idx, jnp.int32), batch_sh)
     lab = jax.device_put(jnp.asarray(labels), batch_sh)
     key = jax.random.fold_in(jax.random.key(opts.seed + 1), b)
@@ -330,8 +508,13 @@ def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: Sampl
   process_barrier("sampling_done")
   result = {"num_images": n, "out_dir": out_dir, "images_per_sec_this_run":
             done_images / max(time.time() - t0, 1e-9), "format": ext}
-  if jax.process_index() == 0 and ext == "png":
-    result["npz"] = pack_npz(out_dir, n)
+  if jax.process_index() == 0:
+    labels_path = os.path.join(out_dir, f"labels_{n}.npy")
+    np.save(labels_path, sample_labels(np.arange(n), n, cfg.num_classes, opts,
+                                       has_null=cfg.class_dropout_prob > 0))
+    result["labels"] = labels_path
+    if ext == "png":
+      result["npz"] = pack_npz(out_dir, n)
   return result
 
 
@@ -363,6 +546,9 @@ def with_compute_dtype(model, dtype: str):
   cfg = dataclasses.replace(model.cfg, dtype=str(jnp.dtype(dtype)))
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: LightningDiT(cfg, rngs=nnx.Rngs(0))))
   return nnx.merge(graphdef, nnx.state(model))
+def _step(section, field: str) -> int | None:
+  step = int(section.get(field, -1))
+  return None if step < 0 else step
 
 
 def prepare(config):
@@ -370,12 +556,17 @@ def prepare(config):
 
   What fits together is checked before any weights are read: the guide against the main
   model, the texture VAE and the statistics against the model's texture channels.
+  ``checkpoint_step`` / ``guide_step`` pick a step of a training workdir (-1: latest),
+  e.g. the paper's 70K / 120K B/1 guides from one guide run.
   """
   s = config.sample
   opts = validate_config(config)
   dtype = s.get("dtype", "float32") or "float32"
-  autoguidance = opts.guidance == "autoguidance" and opts.scale > 1
   try:
+    autoguidance = opts.guidance == "autoguidance" and opts.guided
+    if not autoguidance and _step(s, "guide_step") is not None:
+      raise SamplingError(f"config.sample.guide_step={s.guide_step}: no guide is loaded "
+                          "(guidance is not 'autoguidance' with scale > 1)")
     main_cfg = checkpoint.dit_config(s.checkpoint, "config.sample.checkpoint")
     if autoguidance:
       check_guide(main_cfg, checkpoint.dit_config(s.guide_checkpoint,
@@ -385,10 +576,12 @@ def prepare(config):
     tex_part = None if sch is None else sch.parts[
         sch.names.index("texture") if "texture" in sch.names else 0].channels
     check_decoder(main_cfg, decoder, texture_channels=tex_part)
-    model = checkpoint.load_dit(s.checkpoint, "config.sample.checkpoint")
+    model = checkpoint.load_dit(s.checkpoint, "config.sample.checkpoint",
+                                step=_step(s, "checkpoint_step"))
     guide = None
     if autoguidance:
-      guide = checkpoint.load_dit(s.guide_checkpoint, "config.sample.guide_checkpoint")
+      guide = checkpoint.load_dit(s.guide_checkpoint, "config.sample.guide_checkpoint",
+                                  step=_step(s, "guide_step"))
       check_guide(model.cfg, guide.cfg)
     model, guide = with_compute_dtype(model, dtype), with_compute_dtype(guide, dtype)
   except checkpoint.CheckpointError as e:

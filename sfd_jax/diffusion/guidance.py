@@ -15,12 +15,15 @@ channels of each part (SFD fixed LightningDiT's legacy rule that guided only 3 c
 * Autoguidance: ``v_c`` is the main model and ``v_ref`` a weaker guide model, both with
   the same (conditional) labels.
 
-Optional interval gating (``interval_start``): the guided value is replaced by ``v_c`` for
-the texture part when ``t_tex < interval_start`` (modes ``both``/``tex``) and for the
-semantic part when ``t_sem < interval_start`` (modes ``both``/``sem``). As in the
-reference only the first row's time is looked at (the samplers give every row the same
-time). ``interval_start=0`` never triggers (times are ≥ 0), which is what the released
-configs use.
+Optional interval gating (``interval_start``, ``interval_end``): the guided value is
+replaced by ``v_c`` for the texture part when ``t_tex < interval_start`` or
+``t_tex > interval_end`` (modes ``both``/``tex``) and for the semantic part when its
+``t_sem`` is outside the interval (modes ``both``/``sem``). As in the reference only the
+first row's time is looked at (the samplers give every row the same time).
+``interval_start=0`` never triggers (times are ≥ 0), which is what the released configs
+use; the reference has no upper bound (``interval_end=None``). The upper bound is
+REPA's guidance window in this time convention (REPA's t runs from 1 = noise to 0 =
+data, so its ``[guidance_low, guidance_high]`` is ``[1 − high, 1 − low]`` here).
 
 ``forward_with_cfg`` / ``forward_with_autoguidance`` mirror the reference methods and their
 batch layouts (used by the parity tests); ``make_guided_velocity`` builds the velocity
@@ -78,7 +81,8 @@ def semantic_channel_mask(channels: int, semantic_chans: int) -> jax.Array:
 def combine(v_cond: jax.Array, v_ref: jax.Array, t_tex, t_sem, *, scale_tex: float,
             scale_sem: float, interval_start: float | None = None,
             interval_mode: str = "both",
-            semantic_chans: int = SEMANTIC_CHANS) -> jax.Array:
+            semantic_chans: int = SEMANTIC_CHANS,
+            interval_end: float | None = None) -> jax.Array:
   """Per-part guidance ``v_ref + s·(v_cond − v_ref)`` with optional interval gating.
 
   Args:
@@ -87,6 +91,8 @@ def combine(v_cond: jax.Array, v_ref: jax.Array, t_tex, t_sem, *, scale_tex: flo
     scale_tex, scale_sem: guidance scale of the texture / semantic channels.
     interval_start: None disables gating; otherwise a part whose clock is below it uses
       ``v_cond`` (for the parts selected by ``interval_mode``).
+    interval_end: None: no upper bound; otherwise a part whose clock is above it uses
+      ``v_cond`` (same parts).
     semantic_chans: number of trailing semantic channels (0: one part, texture rules).
   """
   _check_interval_mode(interval_mode)
@@ -96,13 +102,21 @@ def combine(v_cond: jax.Array, v_ref: jax.Array, t_tex, t_sem, *, scale_tex: flo
   scale = jnp.where(sem, jnp.asarray(scale_sem, jnp.float32),
                     jnp.asarray(scale_tex, jnp.float32))
   guided = v_ref + scale * (v_cond - v_ref)
-  if interval_start is None:
+  if interval_start is None and interval_end is None:
     return guided
-  start = jnp.asarray(interval_start, jnp.float32)
   t_tex0 = jnp.ravel(jnp.asarray(t_tex, jnp.float32))[0]
   t_sem0 = jnp.ravel(jnp.asarray(t_sem, jnp.float32))[0]
-  gate_tex = (t_tex0 < start) & (interval_mode in ("both", "tex"))
-  gate_sem = (t_sem0 < start) & (interval_mode in ("both", "sem"))
+
+  def outside(t):
+    out = jnp.bool_(False)
+    if interval_start is not None:
+      out = out | (t < jnp.asarray(interval_start, jnp.float32))
+    if interval_end is not None:
+      out = out | (t > jnp.asarray(interval_end, jnp.float32))
+    return out
+
+  gate_tex = outside(t_tex0) & (interval_mode in ("both", "tex"))
+  gate_sem = outside(t_sem0) & (interval_mode in ("both", "sem"))
   use_cond = jnp.where(sem, gate_sem, gate_tex)
   return jnp.where(use_cond, v_cond, guided)
 
@@ -116,7 +130,7 @@ def cfg_velocity(fn: VelocityFn, x: jax.Array, t_tex, t_sem, y: jax.Array, *, sc
                  scale_tex: float | None = None, scale_sem: float | None = None,
                  interval_start: float | None = None, interval_mode: str = "both",
                  null_label: int = NULL_LABEL, semantic_chans: int = SEMANTIC_CHANS,
-                 return_model_out: bool = False):
+                 return_model_out: bool = False, interval_end: float | None = None):
   """Classifier-free guided velocity of N rows from one call on the doubled batch.
 
   ``fn`` is called once on ``[x; x]`` with labels ``[y; null_label]`` and the times
@@ -134,7 +148,7 @@ def cfg_velocity(fn: VelocityFn, x: jax.Array, t_tex, t_sem, y: jax.Array, *, sc
               scale_tex=scale if scale_tex is None else scale_tex,
               scale_sem=scale if scale_sem is None else scale_sem,
               interval_start=interval_start, interval_mode=interval_mode,
-              semantic_chans=semantic_chans)
+              semantic_chans=semantic_chans, interval_end=interval_end)
   return (v, out) if return_model_out else v
 
 
@@ -171,7 +185,8 @@ def autoguidance_velocity(main_fn: VelocityFn, guide_fn: VelocityFn, x: jax.Arra
                           t_sem, y: jax.Array, *, scale: float,
                           scale_tex: float | None = None, scale_sem: float | None = None,
                           interval_start: float | None = None, interval_mode: str = "both",
-                          semantic_chans: int = SEMANTIC_CHANS, return_parts: bool = False):
+                          semantic_chans: int = SEMANTIC_CHANS, return_parts: bool = False,
+                          interval_end: float | None = None):
   """Autoguidance: ``v = v_guide + s·(v_main − v_guide)`` per part.
 
   Main and guide see the same (x, t, conditional y). ``scale_tex``/``scale_sem`` default
@@ -186,7 +201,7 @@ def autoguidance_velocity(main_fn: VelocityFn, guide_fn: VelocityFn, x: jax.Arra
               scale_tex=scale if scale_tex is None else scale_tex,
               scale_sem=scale if scale_sem is None else scale_sem,
               interval_start=interval_start, interval_mode=interval_mode,
-              semantic_chans=semantic_chans)
+              semantic_chans=semantic_chans, interval_end=interval_end)
   return (v, (v_main, v_guide)) if return_parts else v
 
 
@@ -225,25 +240,33 @@ def _times_n(t_a, t_b, n: int):
 
 
 def combine_parts(v_cond: jax.Array, v_ref: jax.Array, times, schedule: clocks.Schedule, *,
-                  scales, interval_start: float | None = None, gated=None) -> jax.Array:
+                  scales, interval_start: float | None = None, gated=None,
+                  interval_end: float | None = None) -> jax.Array:
   """Per-part ``v_ref + s_k·(v_cond − v_ref)``; a gated part whose clock (first row) is
-  below ``interval_start`` uses ``v_cond``."""
+  below ``interval_start`` or above ``interval_end`` uses ``v_cond``."""
   v_cond = v_cond.astype(jnp.float32)
   v_ref = v_ref.astype(jnp.float32)
   scale = schedule.per_channel([jnp.asarray(s, jnp.float32) for s in scales])
   guided = v_ref + scale * (v_cond - v_ref)
-  if interval_start is None:
+  if interval_start is None and interval_end is None:
     return guided
-  start = jnp.asarray(interval_start, jnp.float32)
   gated = [True] * schedule.num_parts if gated is None else gated
-  use = [(jnp.ravel(jnp.asarray(t, jnp.float32))[0] < start) & bool(g)
-         for t, g in zip(times, gated)]
+
+  def outside(t):
+    t = jnp.ravel(jnp.asarray(t, jnp.float32))[0]
+    out = jnp.bool_(False)
+    if interval_start is not None:
+      out = out | (t < jnp.asarray(interval_start, jnp.float32))
+    if interval_end is not None:
+      out = out | (t > jnp.asarray(interval_end, jnp.float32))
+    return out
+  use = [outside(t) & bool(g) for t, g in zip(times, gated)]
   return jnp.where(schedule.per_channel(use), v_cond, guided)
 
 
 def _schedule_guided(model, guide, schedule: clocks.Schedule, *, mode: str, scale: float,
                      scale_tex, scale_sem, interval_start, interval_mode, interval_parts,
-                     null_label: int) -> VelocityFn:
+                     null_label: int, interval_end=None) -> VelocityFn:
   defaults = [scale] * schedule.num_parts
   if schedule.num_parts == 2:
     defaults = [scale if scale_tex is None else scale_tex,
@@ -261,7 +284,8 @@ def _schedule_guided(model, guide, schedule: clocks.Schedule, *, mode: str, scal
     raise ValueError(f"interval_parts {sorted(unknown)} are not parts of the schedule "
                      f"{schedule.names}")
   gated = [n in interval_parts for n in schedule.names]
-  kw = dict(scales=scales, interval_start=interval_start, gated=gated)
+  kw = dict(scales=scales, interval_start=interval_start, gated=gated,
+            interval_end=interval_end)
 
   def call(fn, x, times, y):
     return fn(x, *clocks.split_times(times), y)
@@ -291,6 +315,7 @@ def make_guided_velocity(model: VelocityFn, guide: VelocityFn | None = None, *,
                          interval_start: float | None = None, interval_mode: str = "both",
                          null_label: int | None = None,
                          semantic_chans: int | None = None,
+                         interval_end: float | None = None,
                          schedule: clocks.Schedule | None = None,
                          interval_parts: tuple[str, ...] | None = None) -> VelocityFn:
   """Returns ``fn(x, t_tex, t_sem, y) -> v`` (N rows in, N rows out) for the samplers.
@@ -303,7 +328,9 @@ def make_guided_velocity(model: VelocityFn, guide: VelocityFn | None = None, *,
   ``schedule`` (with ``interval_parts``): per-part scales and gates for any clock
   schedule (see the module docstring).
 
-  The returned function closes over ``model``; to keep weights out of the compiled
+  The returned function carries the model's config as ``fn.cfg`` (so
+  ``samplers.sample`` reads Δt and the semantic channel count from it) and closes over
+  ``model``; to keep weights out of the compiled
   program, split the model (``nnx.split``) and build the function inside the jitted
   code from ``nnx.merge(graphdef, state)``.
   """
@@ -318,7 +345,11 @@ def make_guided_velocity(model: VelocityFn, guide: VelocityFn | None = None, *,
     semantic_chans = _model_default(model, "semantic_chans", SEMANTIC_CHANS)
   kw = dict(scale=scale, scale_tex=scale_tex, scale_sem=scale_sem,
             interval_start=interval_start, interval_mode=interval_mode,
-            semantic_chans=semantic_chans)
+            semantic_chans=semantic_chans, interval_end=interval_end)
+
+  def with_cfg(fn):
+    fn.cfg = getattr(model, "cfg", None)
+    return fn
 
   if mode == "none" or scale <= 1.0:
     def plain(x, t_tex, t_sem, y):
@@ -328,14 +359,14 @@ def make_guided_velocity(model: VelocityFn, guide: VelocityFn | None = None, *,
                      jnp.asarray(y, jnp.int32))
       return model(x, _batch_times(t_tex, n), _batch_times(t_sem, n),
                    jnp.asarray(y, jnp.int32))
-    return plain
+    return with_cfg(plain)
 
   if schedule is not None and (schedule.num_parts != 2 or interval_parts is not None or any(
       p.guidance_scale is not None for p in schedule.parts)):
-    return _schedule_guided(model, guide, schedule, mode=mode, scale=scale,
-                            scale_tex=scale_tex, scale_sem=scale_sem,
-                            interval_start=interval_start, interval_mode=interval_mode,
-                            interval_parts=interval_parts, null_label=null_label)
+    return with_cfg(_schedule_guided(
+        model, guide, schedule, mode=mode, scale=scale, scale_tex=scale_tex,
+        scale_sem=scale_sem, interval_start=interval_start, interval_mode=interval_mode,
+        interval_parts=interval_parts, null_label=null_label, interval_end=interval_end))
   if schedule is not None:
     semantic_chans = schedule.parts[1].channels
     kw["semantic_chans"] = semantic_chans
@@ -343,8 +374,8 @@ def make_guided_velocity(model: VelocityFn, guide: VelocityFn | None = None, *,
   if mode == "cfg":
     def cfg_fn(x, t_tex, t_sem, y):
       return cfg_velocity(model, x, t_tex, t_sem, y, null_label=null_label, **kw)
-    return cfg_fn
+    return with_cfg(cfg_fn)
 
   def ag_fn(x, t_tex, t_sem, y):
     return autoguidance_velocity(model, guide, x, t_tex, t_sem, y, **kw)
-  return ag_fn
+  return with_cfg(ag_fn)

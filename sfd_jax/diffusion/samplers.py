@@ -39,6 +39,7 @@ its docstring for the rule and the two places where it had to be made well-defin
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any, Callable, NamedTuple
 
 import diffrax
@@ -83,12 +84,20 @@ class SampleOutput(NamedTuple):
 # ----------------------------------------------------------------------------------
 
 
-def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
-  """``torch.linspace(start, end, steps)`` in float32, bit for bit.
+def torch_linspace(start: float, end: float, steps: int, *, fused: bool = True) -> np.ndarray:
+  """``torch.linspace(start, end, steps)`` in float32 on the CPU, bit for bit.
 
-  torch computes ``step = (end − start)/(steps − 1)`` in float32, then
-  ``start + i·step`` for i < steps // 2 and ``end − (steps − 1 − i)·step`` otherwise
-  (``np.linspace(...).astype(float32)`` is one ulp off at some points).
+  torch's CPU kernel (``aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp``, scalar loop)
+  computes ``step = (end − start)/(steps − 1)`` in float32, then ``start + step·i`` for
+  i < steps // 2 and ``end − step·(steps − 1 − i)`` otherwise. The kernel is compiled
+  with FMA for the AVX2 / AVX-512 dispatch (and on ARM), and the compiler contracts
+  each of those expressions into one fused multiply-add: the exact value is rounded to
+  float32 *once*. ``fused=True`` (default) reproduces that (checked against torch 2.13
+  for every step count 2..2000 on the samplers' intervals, ``tests/fixtures/
+  torch_linspace.npz``); ``fused=False`` rounds the product first, as torch does on a CPU
+  without FMA (``ATEN_CPU_CAPABILITY=default``). The two differ by one ulp at some points
+  of the second half (e.g. 30 points on [0, 1.3]); ``np.linspace(...).astype(float32)``
+  differs from both.
   """
   if steps < 1:
     raise ValueError(f"linspace needs steps >= 1, got {steps}")
@@ -96,10 +105,35 @@ def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
   if steps == 1:
     return np.array([start32], np.float32)
   step = (end32 - start32) / np.float32(steps - 1)
-  i = np.arange(steps, dtype=np.float32)
-  lo = start32 + i * step
-  hi = end32 - (np.float32(steps - 1) - i) * step
-  return np.where(np.arange(steps) < steps // 2, lo, hi).astype(np.float32)
+  first = np.arange(steps) < steps // 2
+  if not fused:
+    i = np.arange(steps, dtype=np.float32)
+    lo = start32 + i * step
+    hi = end32 - (np.float32(steps - 1) - i) * step
+    return np.where(first, lo, hi).astype(np.float32)
+  # Exact value of base ± step·k in float64 (step has 24 significant bits and k < 2^29,
+  # so the product is exact), rounded once to float32; sums that float64 cannot hold
+  # exactly (start far from step in magnitude) are redone in exact rational arithmetic.
+  k = np.where(first, np.arange(steps), steps - 1 - np.arange(steps)).astype(np.float64)
+  base = np.where(first, np.float64(start32), np.float64(end32))
+  prod = np.where(first, 1.0, -1.0) * np.float64(step) * k
+  total = base + prod
+  bv = total - base                                  # TwoSum: error of base + prod
+  err = (base - (total - bv)) + (prod - bv)
+  out = total.astype(np.float32)
+  for j in np.flatnonzero(err != 0):
+    out[j] = _round_to_float32(Fraction(float(base[j])) + Fraction(float(prod[j])))
+  return out
+
+
+def _round_to_float32(x: Fraction) -> np.float32:
+  """The float32 nearest to the rational ``x`` (ties to even)."""
+  guess = np.float32(float(x))
+  cands = [np.nextafter(guess, np.float32(-np.inf)), guess,
+           np.nextafter(guess, np.float32(np.inf))]
+  def key(c):
+    return (abs(Fraction(float(c)) - x), int(np.frombuffer(c.tobytes(), np.uint32)[0]) & 1)
+  return min(cands, key=key)
 
 
 def shift_grid(grid: np.ndarray, shift: float, delta_t: float,
@@ -515,9 +549,25 @@ def euler_maruyama(velocity_fn: VelocityFn, z: jax.Array, y, key: jax.Array, *,
 # ----------------------------------------------------------------------------------
 
 
+def model_clocks(velocity_fn, delta_t: float | None = None,
+                 semantic_chans: int | None = None) -> tuple[float, int]:
+  """(Δt, semantic channels) for ``velocity_fn``: explicit values win, else the model
+  config it carries (a ``LightningDiT`` or a ``make_guided_velocity`` function: ``.cfg``;
+  a synchronous model has no semantic part), else SFD's 0.3 / 16."""
+  cfg = getattr(velocity_fn, "cfg", None)
+  if delta_t is None:
+    delta_t = float(getattr(cfg, "delta_t", 0.3)) if cfg is not None else 0.3
+  if semantic_chans is None:
+    if cfg is not None and hasattr(cfg, "semantic_chans"):
+      semantic_chans = int(cfg.semantic_chans) if getattr(cfg, "semantic_first", True) else 0
+    else:
+      semantic_chans = SEMANTIC_CHANS
+  return delta_t, semantic_chans
+
+
 def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
-           num_steps: int = 250, delta_t: float = 0.3,
-           semantic_chans: int = SEMANTIC_CHANS, atol: float = 1e-6, rtol: float = 1e-3,
+           num_steps: int = 250, delta_t: float | None = None,
+           semantic_chans: int | None = None, atol: float = 1e-6, rtol: float = 1e-3,
            shift: float = 0.0, key: jax.Array | None = None, jump_ts: bool = False,
            max_steps: int = 4096, return_trajectory: bool = False, throw: bool = False,
            diffusion_form: str = "SBDM", diffusion_norm: float = 1.0,
@@ -534,8 +584,10 @@ def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
       (Euler–Maruyama, needs ``key``).
     num_steps: grid points of ``linspace(0, 1 + Δt, num_steps)``: Euler/Heun take
       num_steps − 1 steps; for dopri5 it only defines the returned trajectory.
-    delta_t: semantic lead Δt (0: synchronous model, plain [0, 1] flow).
-    semantic_chans: trailing semantic channels (masking; irrelevant when Δt = 0).
+    delta_t: semantic lead Δt (0: synchronous model, plain [0, 1] flow); default: the
+      model's (``velocity_fn.cfg``, see :func:`model_clocks`), else 0.3.
+    semantic_chans: trailing semantic channels (masking; irrelevant when Δt = 0);
+      default: the model's, else 16.
     atol, rtol, jump_ts, max_steps, throw: dopri5 options (see :func:`dopri5`).
     shift: timestep shift s of the fixed grid (0 = off; not defined for the SDE).
     key: PRNG key of the SDE noise.
@@ -551,6 +603,7 @@ def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
   """
   if method not in METHODS:
     raise ValueError(f"sampling method {method!r} not in {METHODS}")
+  delta_t, semantic_chans = model_clocks(velocity_fn, delta_t, semantic_chans)
   if not 0.0 <= delta_t <= 1.0:
     raise ValueError(f"delta_t must be in [0, 1], got {delta_t}")
   if z.ndim != 4:

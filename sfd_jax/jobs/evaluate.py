@@ -9,7 +9,13 @@ Inception Score, precision and recall against an ADM reference batch
 ``config.eval``: ``inception`` (converted FID Inception directory: ``python -m
 sfd_jax.convert.inception``), ``reference_npz``, ``preprocess`` ("adm" to mirror the ADM
 evaluator's TF graph resize, "pytorch_fid" for pytorch-fid), ``batch_size``,
-``grid_images``.
+``grid_images``, ``samples_npz``.
+
+Eval only: with ``config.eval.samples_npz`` set (an ADM-format ``.npz`` with uint8
+images ``arr_0`` [N, H, W, 3], e.g. a ``samples_50000.npz`` written by the reference or
+by an earlier run) nothing is sampled and no model is loaded: the file is scored as is
+(the same metrics ``--mode=eval`` computes on its own samples) and the grid shows its
+first ``grid_images`` images.
 """
 from __future__ import annotations
 
@@ -43,8 +49,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if not e.reference_npz or not os.path.exists(e.reference_npz):
     raise EvalError(f"config.eval.reference_npz={e.reference_npz!r} does not exist (the ADM "
                     "reference batch, e.g. VIRTUAL_imagenet256_labeled.npz)")
-  if not config.sample.get("texture_vae", ""):
-    raise EvalError("evaluation needs decoded images: set config.sample.texture_vae")
+  samples_npz = e.get("samples_npz", "")
+  if not samples_npz and not config.sample.get("texture_vae", ""):
+    raise EvalError("evaluation needs decoded images: set config.sample.texture_vae (or "
+                    "config.eval.samples_npz to score existing samples)")
   # Everything the metrics need is checked before the (long) sampling run.
   from sfd_jax.convert.common import check_converted_dir  # pylint: disable=import-outside-toplevel
   from sfd_jax.metrics import adm  # pylint: disable=import-outside-toplevel
@@ -56,12 +64,53 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       prefix="config.eval")
   check_converted_dir(e.inception, "inception_v3_fid", "config.eval.inception")
   adm.check_batch_file(e.reference_npz, "config.eval.reference_npz")
-  generation.validate_config(config)
-  result = generation.sample_from_config(config, workdir)
+  if samples_npz:
+    if not os.path.exists(samples_npz):
+      raise EvalError(f"config.eval.samples_npz={samples_npz!r} does not exist")
+    adm.check_batch_file(samples_npz, "config.eval.samples_npz")
+    with np.load(samples_npz) as z:
+      if "arr_0" not in z.files:
+        raise EvalError(f"config.eval.samples_npz={samples_npz!r} has no 'arr_0' "
+                        f"(found {z.files}): expected ADM-format uint8 images [N, H, W, 3]")
+      num_images = int(z["arr_0"].shape[0])
+    result, sample_info = {"npz": samples_npz, "out_dir": None}, {"samples_npz": samples_npz}
+  else:
+    generation.validate_config(config)
+    result = generation.sample_from_config(config, workdir)
+    num_images, sample_info = int(config.sample.num_images), config.sample.to_dict()
   eval_dir = os.path.join(workdir, "eval")
   os.makedirs(eval_dir, exist_ok=True)
   if jax.process_index() != 0:
     return {}
+  metrics = score_npz(result["npz"], e)
+  info = {"metrics": metrics, "num_images": num_images, "samples_npz": result["npz"],
+          "reference_npz": e.reference_npz, "sample": sample_info,
+          "preprocess": e.preprocess}
+  with open(os.path.join(eval_dir, "metrics.json"), "w") as f:
+    json.dump(info, f, indent=2, default=str)
+  if result["out_dir"] is not None:
+    files = [f for f in images_lib.numbered_pngs(result["out_dir"], int(e.grid_images))
+             if os.path.exists(f)]
+    grid_images = images_lib.load_pngs(files) if files else None
+  else:
+    with np.load(samples_npz) as z:
+      grid_images = z["arr_0"][:int(e.grid_images)]
+  from sfd_jax.core import writers as writers_lib  # pylint: disable=import-outside-toplevel
+  writer = writers_lib.create_writer(eval_dir)
+  step = int(e.get("step", 0))
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items() if np.isfinite(v)})
+  if grid_images is not None and len(grid_images):
+    grid = images_lib.image_grid(grid_images)
+    images_lib.save_png(grid, os.path.join(eval_dir, "grid.png"))
+    writer.write_images(step, {"eval/samples": grid[None]})
+  writer.flush()
+  logging.info("eval: %s", json.dumps(metrics))
+  return info
+
+
+def score_npz(samples_npz: str, e) -> dict[str, float]:
+  """FID, sFID, IS, precision, recall of ``samples_npz`` against ``e.reference_npz``
+  (Inception ``e.inception`` on the local devices)."""
   from sfd_jax.convert.inception import load_inception  # pylint: disable=import-outside-toplevel
   from sfd_jax.metrics import adm  # pylint: disable=import-outside-toplevel
   inception = load_inception(e.inception, preprocess=e.preprocess)
@@ -70,23 +119,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
   extractor = adm.FeatureExtractor.from_model(inception, batch_size=bs,
                                               in_sharding=NamedSharding(mesh, P("data")))
-  metrics = adm.compute_metrics(result["npz"], e.reference_npz, extractor)
-  metrics = {k: float(v) for k, v in metrics.items()}
-  info = {"metrics": metrics, "num_images": int(config.sample.num_images),
-          "samples_npz": result["npz"], "reference_npz": e.reference_npz,
-          "sample": config.sample.to_dict(), "preprocess": e.preprocess}
-  with open(os.path.join(eval_dir, "metrics.json"), "w") as f:
-    json.dump(info, f, indent=2, default=str)
-  files = [f for f in images_lib.numbered_pngs(result["out_dir"], int(e.grid_images))
-           if os.path.exists(f)]
-  from sfd_jax.core import writers as writers_lib  # pylint: disable=import-outside-toplevel
-  writer = writers_lib.create_writer(eval_dir)
-  step = int(e.get("step", 0))
-  writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items() if np.isfinite(v)})
-  if files:
-    grid = images_lib.image_grid(images_lib.load_pngs(files))
-    images_lib.save_png(grid, os.path.join(eval_dir, "grid.png"))
-    writer.write_images(step, {"eval/samples": grid[None]})
-  writer.flush()
-  logging.info("eval: %s", json.dumps(metrics))
-  return info
+  metrics = adm.compute_metrics(samples_npz, e.reference_npz, extractor)
+  return {k: float(v) for k, v in metrics.items()}

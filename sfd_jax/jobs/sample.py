@@ -7,7 +7,13 @@ autoguidance), ``scale``, ``method`` (euler | heun | dopri5 | sde), ``num_steps`
 ``rtol``, ``timestep_shift``, ``num_images``, ``batch_size`` (global), ``seed``,
 ``texture_vae`` (converted texture VAE directory; empty: write latents instead of
 images), ``stats`` (latent stats file; default ``config.data.stats`` or
-``<config.data.path>/stats.npz``).
+``<config.data.path>/stats.npz``), and the options of ``docs/options.md``: per-part
+scales ``cfg_scale_tex`` / ``cfg_scale_sem``, the guidance interval
+(``cfg_interval_start`` / ``cfg_interval_end`` / ``cfg_interval_mode``), ``labels``
+(balanced | random | fixed | unconditional, ``label_class``, ``label_seed``), the SDE's
+``diffusion_form`` / ``diffusion_norm`` / ``last_step`` / ``last_step_size`` /
+``sde_t_min``, dopri5's ``jump_ts`` / ``max_steps``, and ``checkpoint_step`` /
+``guide_step`` (a step of a training workdir).
 
 Outputs in ``<workdir>/samples`` (``sfd_jax.diffusion.generation.sample_to_directory``:
 deterministic per global index, resumable, identical for any device count) and

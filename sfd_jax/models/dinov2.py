@@ -109,6 +109,67 @@ class DinoV2Config:
     """The configuration of the parity fixture ``dinov2.npz``."""
     return cls(embed_dim=64, depth=2, num_heads=4)
 
+  # facebookresearch/dinov2 ``vision_transformer.vit_*`` sizes (width, depth, heads).
+  ARCHS = {"vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+
+  @classmethod
+  def from_reference_kwargs(cls, kw: dict) -> "DinoV2Config":
+    """From the reference ``DinoVisionTransformer`` constructor's keyword arguments
+    (``img_size``, ``patch_size``, ``in_chans``, ``embed_dim``, ``depth``, ``num_heads``,
+    ``mlp_ratio``, ``init_values`` (LayerScale; None = none), ``num_register_tokens``,
+    ``interpolate_antialias``, ``interpolate_offset``; training-only ones such as
+    ``drop_path_rate`` are ignored), optionally with ``arch_name`` (``vit_small`` /
+    ``vit_base`` / ``vit_large``) for the sizes as the hub's ``_make_dinov2_model``.
+    Absent arguments take the constructor's defaults. Variants this port does not
+    implement (``ffn_layer`` other than "mlp", i.e. ViT-g's SwiGLU; biases off; chunked
+    blocks) are errors."""
+    kw = dict(kw)
+    arch = kw.pop("arch_name", None)
+    if arch is not None:
+      if arch not in cls.ARCHS:
+        raise ValueError(f"DINOv2 arch_name {arch!r}: supported {sorted(cls.ARCHS)} "
+                         "(vit_giant2 uses a SwiGLU FFN, not implemented)")
+      kw.setdefault("embed_dim", cls.ARCHS[arch][0])
+      kw.setdefault("depth", cls.ARCHS[arch][1])
+      kw.setdefault("num_heads", cls.ARCHS[arch][2])
+    if kw.pop("ffn_layer", "mlp") != "mlp":
+      raise ValueError("DINOv2 ffn_layer other than 'mlp' (SwiGLU, ViT-g) is not supported")
+    for flag in ("qkv_bias", "ffn_bias", "proj_bias"):
+      if not kw.pop(flag, True):
+        raise ValueError(f"DINOv2 {flag}=False is not supported")
+    if int(kw.pop("block_chunks", 0) or 0) > 1:
+      raise ValueError("DINOv2 block_chunks > 1 (keys blocks.<chunk>.<i>) is not supported; "
+                       "the hub models use block_chunks=0")
+    for ignored in ("drop_path_rate", "drop_path_uniform", "embed_layer", "act_layer",
+                    "block_fn", "pretrained", "weights"):
+      kw.pop(ignored, None)
+    init = kw.pop("init_values", None)
+    out = dict(img_size=kw.pop("img_size", 224), patch_size=kw.pop("patch_size", 16),
+               in_chans=kw.pop("in_chans", 3), embed_dim=kw.pop("embed_dim", 768),
+               depth=kw.pop("depth", 12), num_heads=kw.pop("num_heads", 12),
+               mlp_ratio=kw.pop("mlp_ratio", 4.0),
+               num_register_tokens=kw.pop("num_register_tokens", 0),
+               layerscale_init=None if init is None else float(init),
+               interpolate_antialias=kw.pop("interpolate_antialias", False),
+               interpolate_offset=kw.pop("interpolate_offset", 0.1))
+    if kw:
+      raise ValueError(f"unknown DINOv2 constructor arguments {sorted(kw)}")
+    return cls(**out)
+
+  @classmethod
+  def from_hub_name(cls, name: str) -> "DinoV2Config":
+    """``dinov2_vit{s,b,l}14[_reg]`` as torch.hub builds them (518 px, patch 14,
+    LayerScale 1.0; ``_reg``: 4 registers, antialiased position resampling, offset 0)."""
+    sizes = {"s": "vit_small", "b": "vit_base", "l": "vit_large"}
+    base = name.removeprefix("dinov2_").removesuffix("_reg")
+    if not (base.startswith("vit") and base.endswith("14") and base[3:-2] in sizes):
+      raise ValueError(f"DINOv2 hub name {name!r}: expected dinov2_vit{{s,b,l}}14[_reg]")
+    reg = name.endswith("_reg")
+    return cls.from_reference_kwargs(dict(
+        arch_name=sizes[base[3:-2]], img_size=518, patch_size=14, init_values=1.0,
+        num_register_tokens=4 if reg else 0, interpolate_antialias=reg,
+        interpolate_offset=0.0 if reg else 0.1))
+
   @classmethod
   def preset(cls, name: str) -> "DinoV2Config":
     presets = {"vitb14_reg": cls.vitb14_reg, "vitl14": cls.vitl14, "tiny": cls.tiny,

@@ -48,8 +48,25 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
-  """Architecture and computation options of a LightningDiT (SFD flags always on:
-  QK-RMSNorm, SwiGLU, 2-D RoPE, RMSNorm, adaLN with shift)."""
+  """Architecture and computation options of a LightningDiT.
+
+  The architecture switches are the reference constructor's; SFD turns all of them on
+  (the defaults). Off, they become what the reference builds instead (hustvl/LightningDiT
+  ``models/lightningdit.py``, identical in the SFD repository):
+
+  * ``use_rmsnorm=False``: block and final norms are LayerNorm without affine parameters
+    (eps 1e-6); a QK-norm is then a LayerNorm *with* weight and bias (PyTorch's default
+    eps 1e-5) instead of an RMSNorm;
+  * ``use_qknorm=False``: no normalisation of q and k;
+  * ``use_swiglu=False``: the MLP is Linear(D → mlp_ratio·D) → tanh-approximated GELU →
+    Linear (``fc1``/``fc2``) instead of SwiGLU of width int(2/3·mlp_ratio·D);
+  * ``use_rope=False``: no rotary embedding (the absolute sin-cos table stays);
+  * ``wo_shift=True``: adaLN without shifts (4 chunks: scale, gate ×2) in the blocks.
+
+  LightningDiT's released ImageNet models (``lightningdit_xl_vavae_f16d32`` 64 / 800
+  epochs) are XL/1 with ``use_qknorm=False``, SwiGLU, RoPE, RMSNorm, 32 input channels,
+  ``delta_t=0`` (one timestep embedder) and no REPA projector.
+  """
 
   input_size: int = 16            # latent grid side (16 for ImageNet 256 at f16)
   patch_size: int = 1
@@ -66,6 +83,11 @@ class DiTConfig:
   repa_depth: int = 2             # tap after this block (counted from 1)
   repa_dim: int = 768             # DINOv2-B feature width (projector output)
   repa_projector_dim: int = 2048
+  use_qknorm: bool = True
+  use_swiglu: bool = True
+  use_rope: bool = True
+  use_rmsnorm: bool = True
+  wo_shift: bool = False
   # computation
   dtype: str = "float32"          # compute dtype of matmuls (e.g. "bfloat16")
   param_dtype: str = "float32"
@@ -82,7 +104,7 @@ class DiTConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads "
                        f"{self.num_heads}")
-    if (self.hidden_size // self.num_heads) % 4:
+    if self.use_rope and (self.hidden_size // self.num_heads) % 4:
       raise ValueError("head_dim must be a multiple of 4 for 2-D RoPE, got "
                        f"{self.hidden_size // self.num_heads}")
     if not 0.0 <= self.delta_t <= 1.0:
@@ -109,7 +131,17 @@ class DiTConfig:
 
   @property
   def mlp_hidden(self) -> int:
+    """Hidden width of the SwiGLU MLP: int(2/3 · int(mlp_ratio·D))."""
     return int(2 / 3 * int(self.hidden_size * self.mlp_ratio))
+
+  @property
+  def gelu_hidden(self) -> int:
+    """Hidden width of the GELU MLP (``use_swiglu=False``): int(mlp_ratio·D)."""
+    return int(self.hidden_size * self.mlp_ratio)
+
+  @property
+  def adaln_chunks(self) -> int:
+    return 4 if self.wo_shift else 6
 
   @property
   def semantic_first(self) -> bool:
@@ -165,13 +197,21 @@ class DiTConfig:
 
   @classmethod
   def from_reference_kwargs(cls, kw: dict[str, Any], **overrides) -> "DiTConfig":
-    """Builds a config from the reference constructor's keyword arguments."""
-    for flag in ("use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm"):
-      if not kw.get(flag, True):
-        raise ValueError(f"reference model has {flag}=False; sfd_jax implements the SFD "
-                         "architecture (all of QK-norm, SwiGLU, RoPE, RMSNorm) only")
-    if kw.get("wo_shift", False) or kw.get("learn_sigma", False):
-      raise ValueError("wo_shift / learn_sigma variants are not supported")
+    """Builds a config from the reference constructor's keyword arguments
+    (``LightningDiT(input_size=…, in_channels=…, use_qknorm=…, semfirst_delta_t=…)``;
+    absent flags take the constructor's defaults, i.e. off)."""
+    known = {"input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
+             "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma", "use_qknorm",
+             "use_swiglu", "use_rope", "use_rmsnorm", "wo_shift", "use_checkpoint",
+             "use_repa", "repa_dino_version", "repa_depth", "repa_projector_dim",
+             "semantic_chans", "semfirst_delta_t", "semfirst_infer_interval_mode"}
+    unknown = set(kw) - known
+    if unknown:
+      raise ValueError(f"unknown reference LightningDiT arguments {sorted(unknown)}; known: "
+                       f"{sorted(known)}")
+    if kw.get("learn_sigma", False):
+      raise ValueError("learn_sigma=True (a doubled output with a variance half) is not "
+                       "supported; SFD and LightningDiT use learn_sigma=False")
     return cls(
         input_size=kw["input_size"], patch_size=kw.get("patch_size", 1),
         in_channels=kw["in_channels"], hidden_size=kw["hidden_size"], depth=kw["depth"],
@@ -182,7 +222,42 @@ class DiTConfig:
         delta_t=kw.get("semfirst_delta_t", 0.0) or 0.0,
         use_repa=bool(kw.get("use_repa", False)),
         repa_depth=kw.get("repa_depth") or 2,
-        repa_projector_dim=kw.get("repa_projector_dim", 2048), **overrides)
+        repa_projector_dim=kw.get("repa_projector_dim", 2048),
+        use_qknorm=bool(kw.get("use_qknorm", False)),
+        use_swiglu=bool(kw.get("use_swiglu", False)),
+        use_rope=bool(kw.get("use_rope", False)),
+        use_rmsnorm=bool(kw.get("use_rmsnorm", False)),
+        wo_shift=bool(kw.get("wo_shift", False)), **overrides)
+
+  @classmethod
+  def from_reference_config(cls, train_config: dict[str, Any], **overrides) -> "DiTConfig":
+    """From a reference training / inference YAML (its ``model`` and ``data`` sections,
+    as the reference's scripts read them: ``model_type`` such as "LightningDiT-XL/1",
+    ``in_chans`` (default 4), ``use_qknorm``, ``use_swiglu``, ``use_rope``,
+    ``use_rmsnorm``, ``wo_shift``, ``use_repa``, ``repa_feat_depth``, ``semantic_chans``,
+    ``semfirst_delta_t``, ``class_dropout_prob``; ``data.num_classes``; the latent grid
+    is ``data.image_size // 16`` (default 256 → 16) unless ``input_size`` is given)."""
+    m = dict(train_config.get("model", train_config))
+    data = dict(train_config.get("data", {}))
+    model_type = m.get("model_type")
+    if not model_type:
+      raise ValueError("reference config has no model.model_type (e.g. 'LightningDiT-XL/1')")
+    name, _, patch = str(model_type).replace("LightningDiT-", "").partition("/")
+    key = VARIANT_ALIASES.get(name, name)
+    if key not in VARIANTS:
+      raise ValueError(f"model.model_type {model_type!r}: unknown size {name!r}")
+    depth, hidden, heads = VARIANTS[key]
+    kw = {"input_size": overrides.pop("input_size", int(data.get("image_size", 256)) // 16),
+          "patch_size": int(patch or 1), "hidden_size": hidden, "depth": depth,
+          "num_heads": heads, "in_channels": m.get("in_chans", 4),
+          "num_classes": data.get("num_classes", 1000),
+          "repa_depth": m.get("repa_feat_depth")}
+    for k in ("class_dropout_prob", "learn_sigma", "use_qknorm", "use_swiglu", "use_rope",
+              "use_rmsnorm", "wo_shift", "use_repa", "semantic_chans", "semfirst_delta_t",
+              "mlp_ratio"):
+      if k in m:
+        kw[k] = m[k]
+    return cls.from_reference_kwargs(kw, **overrides)
 
 
 def _schedule_layout(config) -> dict[str, Any]:
@@ -293,24 +368,46 @@ class TimestepEmbedder(nnx.Module):
     return self.mlp_2(jax.nn.silu(h))
 
 
+def _norm(cfg: DiTConfig, dim: int, rngs: nnx.Rngs) -> nnx.Module:
+  """Block / final norm: RMSNorm (learnable weight, eps 1e-6) or, with
+  ``use_rmsnorm=False``, LayerNorm without affine parameters (eps 1e-6)."""
+  if cfg.use_rmsnorm:
+    return L.RMSNorm(dim, param_dtype=_dtype(cfg.param_dtype))
+  return L.LayerNorm(dim, rngs=rngs, epsilon=1e-6, use_bias=False, use_scale=False,
+                     param_dtype=_dtype(cfg.param_dtype))
+
+
+def _qk_norm(cfg: DiTConfig, rngs: nnx.Rngs) -> nnx.Module | None:
+  """QK-norm over head_dim: RMSNorm (eps 1e-6), or PyTorch's default LayerNorm (weight
+  and bias, eps 1e-5) with ``use_rmsnorm=False``; None without QK-norm."""
+  if not cfg.use_qknorm:
+    return None
+  if cfg.use_rmsnorm:
+    return L.RMSNorm(cfg.head_dim, param_dtype=_dtype(cfg.param_dtype))
+  return L.LayerNorm(cfg.head_dim, rngs=rngs, epsilon=1e-5,
+                     param_dtype=_dtype(cfg.param_dtype))
+
+
 class Attention(nnx.Module):
-  """Fused qkv → QK-RMSNorm → 2-D RoPE → SDPA → output projection."""
+  """Fused qkv → QK-norm → 2-D RoPE → SDPA → output projection (norm and RoPE optional)."""
 
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
     d, dt, pdt = cfg.hidden_size, _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
     self.impl = cfg.attention_impl
     self.qkv = L.Dense(d, 3 * d, ("embed", "qkv"), dtype=dt, param_dtype=pdt, rngs=rngs)
-    self.q_norm = L.RMSNorm(cfg.head_dim, param_dtype=pdt)
-    self.k_norm = L.RMSNorm(cfg.head_dim, param_dtype=pdt)
+    self.q_norm = _qk_norm(cfg, rngs)
+    self.k_norm = _qk_norm(cfg, rngs)
     self.proj = L.Dense(d, d, ("heads", "embed"), dtype=dt, param_dtype=pdt, rngs=rngs)
 
-  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
     n, t, _ = x.shape
     qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = apply_rope(self.q_norm(q), *rope)
-    k = apply_rope(self.k_norm(k), *rope)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     out = attn_lib.dot_product_attention(q, k, v.astype(q.dtype), impl=self.impl)
     # The residual the "save_attn_out" remat policy keeps (everything else is recomputed).
     out = checkpoint_name(out, "attn_out")
@@ -332,25 +429,46 @@ class SwiGLU(nnx.Module):
     return self.w3(jax.nn.silu(x12[..., : self.hidden]) * x12[..., self.hidden:])
 
 
+class GeluMLP(nnx.Module):
+  """timm ``Mlp``: fc1 → tanh-approximated GELU → fc2 (``use_swiglu=False``)."""
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    d, h = cfg.hidden_size, cfg.gelu_hidden
+    kw = dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
+    self.fc1 = L.Dense(d, h, ("embed", "mlp"), **kw)
+    self.fc2 = L.Dense(h, d, ("mlp", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
 class Block(nnx.Module):
-  """LightningDiT block: adaLN(6) modulation around attention and SwiGLU."""
+  """LightningDiT block: adaLN(6) modulation (4 without shifts) around attention and
+  the MLP (SwiGLU or GELU)."""
 
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
     d, pdt = cfg.hidden_size, _dtype(cfg.param_dtype)
-    self.norm1 = L.RMSNorm(d, param_dtype=pdt)
+    self.wo_shift = cfg.wo_shift
+    self.norm1 = _norm(cfg, d, rngs)
     self.attn = Attention(cfg, rngs=rngs)
-    self.norm2 = L.RMSNorm(d, param_dtype=pdt)
-    self.mlp = SwiGLU(cfg, rngs=rngs)
-    self.adaLN_modulation = L.Dense(d, 6 * d, ("embed", "adaln"), dtype=_dtype(cfg.dtype),
-                                    param_dtype=pdt, kernel_init=L.zeros, rngs=rngs)
+    self.norm2 = _norm(cfg, d, rngs)
+    self.mlp = SwiGLU(cfg, rngs=rngs) if cfg.use_swiglu else GeluMLP(cfg, rngs=rngs)
+    self.adaLN_modulation = L.Dense(d, cfg.adaln_chunks * d, ("embed", "adaln"),
+                                    dtype=_dtype(cfg.dtype), param_dtype=pdt,
+                                    kernel_init=L.zeros, rngs=rngs)
 
   def __call__(self, x: jax.Array, c: jax.Array, rope) -> jax.Array:
     mod = self.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32)
     # [N, 6D] -> [N, 6, D] then index (not jnp.split): with the 6D axis sharded over
     # "tensor", XLA's CPU SPMD partitioner mis-partitions the gradient of split slices on
     # a data×fsdp×tensor mesh (found by tests/test_train.py); the reshape avoids it.
-    mod = mod.reshape(mod.shape[0], 6, -1)
-    sh_a, sc_a, g_a, sh_m, sc_m, g_m = (mod[:, i] for i in range(6))
+    if self.wo_shift:
+      mod = mod.reshape(mod.shape[0], 4, -1)
+      sc_a, g_a, sc_m, g_m = (mod[:, i] for i in range(4))
+      sh_a = sh_m = jnp.zeros_like(sc_a)
+    else:
+      mod = mod.reshape(mod.shape[0], 6, -1)
+      sh_a, sc_a, g_a, sh_m, sc_m, g_m = (mod[:, i] for i in range(6))
     h = self.attn(modulate(self.norm1(x), sh_a, sc_a), rope)
     x = x + g_a[:, None, :] * h
     h = self.mlp(modulate(self.norm2(x), sh_m, sc_m))
@@ -361,7 +479,7 @@ class FinalLayer(nnx.Module):
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
     d, pdt, dt = cfg.hidden_size, _dtype(cfg.param_dtype), _dtype(cfg.dtype)
     out = cfg.patch_size ** 2 * cfg.out_channels
-    self.norm_final = L.RMSNorm(d, param_dtype=pdt)
+    self.norm_final = _norm(cfg, d, rngs)
     self.linear = L.Dense(d, out, ("embed", "channels"), dtype=dt, param_dtype=pdt,
                           kernel_init=L.zeros, rngs=rngs)
     self.adaLN_modulation = L.Dense(d, 2 * d, ("embed", "adaln"), dtype=dt, param_dtype=pdt,
@@ -529,8 +647,10 @@ class LightningDiT(nnx.Module):
     pos = jnp.asarray(sincos_pos_embed(cfg.hidden_size, cfg.input_size // cfg.patch_size))
     h = constrain(x_emb.astype(jnp.float32) + pos[None])
     c, t_emb, y_emb = self.embed_condition(t_tex, t_sem, y, label_drop_key)
-    cos, sin = rope_tables(cfg.head_dim, cfg.input_size // cfg.patch_size)
-    rope = (jnp.asarray(cos), jnp.asarray(sin))
+    rope = None
+    if cfg.use_rope:
+      cos, sin = rope_tables(cfg.head_dim, cfg.input_size // cfg.patch_size)
+      rope = (jnp.asarray(cos), jnp.asarray(sin))
 
     collect = [] if return_intermediates else None
     want_repa = (return_repa or return_intermediates) and cfg.use_repa

@@ -70,6 +70,30 @@ class SemVAEConfig:
     return cls(input_dim=96, bottleneck_dim=8, hidden_dim=64, num_heads=4, num_blocks=2)
 
   @classmethod
+  def from_reference_kwargs(cls, kw: dict) -> "SemVAEConfig":
+    """From the reference ``SemanticVariationalAutoEncoder`` constructor's arguments
+    (``input_dim``, ``bottleneck_dim``, ``hidden_dim``, ``arch``, ``transformer_heads``,
+    ``transformer_blocks``; absent ones take the constructor's defaults 1024 / 32 / 512 /
+    "linear" / 6 / 12) or a training YAML's ``model`` section with those names (plus
+    ``is_vae``). Only ``arch="transformer"`` with ``is_vae`` is implemented (the released
+    SemVAE); its blocks have MLP ratio 4 and LayerNorm eps 1e-5 (fixed in the reference)."""
+    kw = dict(kw.get("model", kw))
+    arch = kw.pop("arch", "linear")
+    if arch != "transformer":
+      raise ValueError(f"SemVAE arch={arch!r}: only 'transformer' is implemented (the "
+                       "released SemVAE); linear / mlp / resnet are not")
+    if not kw.pop("is_vae", True):
+      raise ValueError("SemVAE is_vae=False (the plain SemanticAutoEncoder) is not supported")
+    for ignored in ("num_layers", "num_res_blocks", "dropout"):
+      kw.pop(ignored, None)
+    out = dict(input_dim=kw.pop("input_dim", 1024), bottleneck_dim=kw.pop("bottleneck_dim", 32),
+               hidden_dim=kw.pop("hidden_dim", 512), num_heads=kw.pop("transformer_heads", 6),
+               num_blocks=kw.pop("transformer_blocks", 12))
+    if kw:
+      raise ValueError(f"unknown SemVAE constructor arguments {sorted(kw)}")
+    return cls(**out)
+
+  @classmethod
   def preset(cls, name: str) -> "SemVAEConfig":
     presets = {"ch16": cls.ch16, "tiny": cls.tiny}
     if name not in presets:

@@ -73,12 +73,15 @@ def read_history(workdir: str) -> list[dict[str, Any]]:
   return [rows[k] for k in sorted(rows)]
 
 
-def grid_selection(n: int, num_classes: int, grid_images: int) -> tuple[np.ndarray, int]:
-  """Which of ``n`` class-balanced samples to show: rows of evenly spaced classes, the
-  first samples of each class along a row. Returns (indices, columns)."""
+def grid_selection(n: int, num_classes: int, grid_images: int,
+                   labels: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+  """Which of ``n`` samples to show: rows of evenly spaced classes, the first samples of
+  each class along a row (``labels``: of the n samples, default class-balanced). Returns
+  (indices, columns); -1 marks an empty cell."""
   rows = max(1, min(num_classes, n, int(np.ceil(np.sqrt(grid_images)))))
   cols = max(1, grid_images // rows)
-  labels = generation.balanced_labels(np.arange(n), n, num_classes)
+  if labels is None:
+    labels = generation.balanced_labels(np.arange(n), n, num_classes)
   chosen = []
   for c in np.linspace(0, num_classes - 1, rows).round().astype(int):
     members = np.flatnonzero(labels == c)[:cols]
@@ -114,8 +117,9 @@ class PeriodicEvaluator:
                            "config.train_eval.reference (an ADM-format .npz)")
     if te.reference and not os.path.exists(te.reference):
       raise TrainEvalError(f"config.train_eval.reference={te.reference!r} does not exist")
-    self.opts = dataclasses.replace(generation.SamplingOptions.from_config(te),
-                                    schedule=getattr(setup.obj_cfg, "schedule", None))
+    self.opts = dataclasses.replace(
+        generation.SamplingOptions.from_config(te, "config.train_eval"),
+        schedule=getattr(setup.obj_cfg, "schedule", None))
     if te.guidance == "autoguidance":
       raise TrainEvalError("config.train_eval.guidance: 'autoguidance' needs a separate guide "
                            "model; use 'cfg' or 'none' during training")
@@ -150,16 +154,20 @@ class PeriodicEvaluator:
       self._ref = adm.batch_statistics(te.reference, self._extractor, cache=True)
     return self._extractor, self._ref
 
+  def labels(self, indices) -> np.ndarray:
+    cfg = self.setup.model_cfg
+    return generation.sample_labels(indices, self.n, cfg.num_classes, self.opts,
+                                    has_null=cfg.class_dropout_prob > 0,
+                                    where="config.train_eval")
+
   def sample(self, ema) -> np.ndarray:
     """uint8 [num_images, H, W, 3] from the EMA params (identical on every process)."""
-    cfg = self.setup.model_cfg
     out = []
     key = jax.random.key(self.opts.seed + 1)
     with jax.set_mesh(self.setup.mesh):
       for start in range(0, self.n, self.bs):
         idx = np.arange(start, start + self.bs)
-        labels = generation.balanced_labels(np.minimum(idx, self.n - 1), self.n,
-                                            cfg.num_classes)
+        labels = self.labels(idx)
         ind = jax.device_put(jnp.asarray(idx, jnp.int32), self.batch_sh)
         lab = jax.device_put(jnp.asarray(labels), self.batch_sh)
         imgs = self._gen(ema, self.p_dec, ind, lab, jax.random.fold_in(key, start))
@@ -185,7 +193,7 @@ class PeriodicEvaluator:
     metrics["seconds"] = time.time() - t0
     os.makedirs(self.out_dir, exist_ok=True)
     sel, cols = grid_selection(self.n, self.setup.model_cfg.num_classes,
-                               int(self.te.grid_images))
+                               int(self.te.grid_images), self.labels(np.arange(self.n)))
     blank = np.zeros_like(images[0])
     grid = images_lib.image_grid(np.stack([images[i] if i >= 0 else blank for i in sel]), cols=cols,
                       pad=1, pad_value=96)

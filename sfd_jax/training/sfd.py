@@ -5,6 +5,13 @@ trainable part (``params``, ``opt_state`` and an ``ema`` copy), the semantic-fir
 (``sfd_jax.diffusion.objective``), the Grain pipeline over stored latents, the periodic
 in-training evaluation (``config.train_eval``) — and hands it to
 ``sfd_jax.training.loop.train`` (resume, logging, checkpoints, preemption, NaN guard).
+
+Options beyond the reference recipe (defaults: off): gradient accumulation and
+NaN / spike skipping (``config.optimizer.accumulate_steps``, ``skip_nonfinite``,
+``skip_grad_norm_above``; ``training.step``), the validation loss on a held-out latent set
+(``config.validation``; ``training.validation``), and ``init_from_mode="shape_check"``
+(the reference's ``weight_init``: tensors whose name and shape match are copied, the
+patch embedder's input channels are expanded, everything else keeps its random init).
 """
 from __future__ import annotations
 
@@ -12,13 +19,15 @@ import os
 from typing import TYPE_CHECKING, Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sfd_jax import parallel
-from sfd_jax.core import errors
+from sfd_jax.core import errors, trees
 from sfd_jax.data import schema as schema_lib
 from sfd_jax.data import stats as stats_lib
 from sfd_jax.diffusion import clocks as clocks_lib
@@ -29,6 +38,7 @@ from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT
 from sfd_jax.training import loop, optim, periodic_eval
 from sfd_jax.training import state as state_lib
 from sfd_jax.training import step as step_lib
+from sfd_jax.training import validation
 from sfd_jax.training.loop import NonFiniteLossError  # noqa: F401  (re-exported)
 from sfd_jax.training.state import Part, TrainSetup, create_train_state  # noqa: F401
 
@@ -201,28 +211,66 @@ def loss_and_metrics(setup: TrainSetup, model: LightningDiT, batch: dict[str, ja
   want_repa = repa_target is not None and setup.model_cfg.use_repa
   act = NamedSharding(setup.mesh, P(parallel.BATCH_AXES))
 
+  presampled = "_x0" in batch            # gradient accumulation: drawn for the whole batch
+
   def apply_fn(xt, t_tex, t_sem, y, drop_key):
-    out = model(xt, t_tex, t_sem, y, label_drop_key=drop_key, return_repa=want_repa,
-                activation_sharding=act)
+    out = model(xt, t_tex, t_sem, y, label_drop_key=None if presampled else drop_key,
+                return_repa=want_repa, activation_sharding=act)
     return out if want_repa else (out, None)
 
   clock_params = None
   if obj_cfg.schedule is not None and obj_cfg.schedule.learned_parts:
     clock_params = clocks_lib.params_from_model(model, obj_cfg.schedule)
-  loss, metrics = obj_lib.training_losses(apply_fn, batch["latent"], batch["label"], key,
-                                          obj_cfg, repa_target=repa_target,
-                                          clock_params=clock_params)
+  loss, metrics = obj_lib.training_losses(
+      apply_fn, batch["latent"], batch["label"], key, obj_cfg, repa_target=repa_target,
+      x0=batch.get("_x0"), t=batch.get("_t"), clock_params=clock_params)
   metrics.pop("per_example")
   return loss, metrics
 
 
+def presample(setup: TrainSetup, batch: dict[str, jax.Array], key: jax.Array):
+  """The batch with the randomness ``loss_and_metrics`` draws from ``key`` for the whole
+  batch (noise ``_x0``, times ``_t``, label dropout applied to ``label``), so that
+  micro-batches of it give exactly the loss terms of the whole batch."""
+  cfg, model_cfg = setup.obj_cfg, setup.model_cfg
+  x1 = batch["latent"]
+  k_noise, k_time, k_drop = jax.random.split(key, 3)       # as objective.training_losses
+  out = dict(batch)
+  out["_x0"] = jax.random.normal(k_noise, x1.shape, jnp.float32)
+  out["_t"] = obj_lib.sample_times(k_time, x1.shape[0], cfg)
+  y = jnp.asarray(batch["label"], jnp.int32)
+  if model_cfg.class_dropout_prob > 0:                     # as LightningDiT.embed_condition
+    drop = jax.random.uniform(k_drop, y.shape) < model_cfg.class_dropout_prob
+    y = jnp.where(drop, model_cfg.num_classes, y)
+  out["label"] = y
+  return out
+
+
 def make_train_step(setup: TrainSetup, donate: bool = True, *, norms_every: int = 1,
-                    total_steps: int | None = None) -> Callable:
+                    total_steps: int | None = None, accumulate_steps: int = 1,
+                    skip_nonfinite: bool = False, skip_grad_norm_above: float = 0.0,
+                    global_batch_size: int | None = None) -> Callable:
   """``step(state, batch) -> (state, metrics)``: the core's step with the SFD loss
-  (``norms_every``/``total_steps``: see ``sfd_jax.training.step.make_train_step``)."""
+  (options: ``sfd_jax.training.step.make_train_step``)."""
   return step_lib.make_train_step(
       setup, lambda model, batch, key, _: loss_and_metrics(setup, model, batch, key),
-      donate=donate, norms_every=norms_every, total_steps=total_steps)
+      donate=donate, norms_every=norms_every, total_steps=total_steps,
+      accumulate_steps=accumulate_steps,
+      presample={setup.main.part.params_key: lambda b, k: presample(setup, b, k)},
+      skip_nonfinite=skip_nonfinite, skip_grad_norm_above=skip_grad_norm_above,
+      global_batch_size=global_batch_size)
+
+
+def step_options(config) -> dict[str, Any]:
+  """``make_train_step`` options of the config: norms on logging steps, and
+  ``config.optimizer``'s accumulation and skipping."""
+  o = config.optimizer
+  return {"norms_every": int(config.log_every_steps),
+          "total_steps": int(config.num_train_steps),
+          "accumulate_steps": int(o.get("accumulate_steps", 1)),
+          "skip_nonfinite": bool(o.get("skip_nonfinite", False)),
+          "skip_grad_norm_above": float(o.get("skip_grad_norm_above", 0.0) or 0.0),
+          "global_batch_size": int(config.batch_size)}
 
 
 def make_data_iterator(config: ml_collections.ConfigDict, seed: int):
@@ -236,19 +284,97 @@ def make_data_iterator(config: ml_collections.ConfigDict, seed: int):
       d.path, batch_size=per_process, seed=seed, stats=d.stats or None,
       num_classes=int(config.model.num_classes),
       latent_multiplier=d.latent_multiplier, flip=d.flip,
+      normalize=bool(d.get("normalize", True)),
       repa=bool(config.objective.use_repa and config.model.use_repa),
       repa_dtype=d.repa_dtype, num_workers=d.num_workers, read_threads=d.read_threads,
       prefetch_batches=d.prefetch_batches)
 
 
-def _init_from(config) -> Callable[[], Any] | None:
+INIT_FROM_MODES = ("exact", "shape_check")
+
+
+def init_params_from(params: dict, abstract: dict, *, mode: str = "exact",
+                     patch_channels: int = -1, patch_size: int = 1,
+                     log=logging.info) -> dict:
+  """Initial parameters from a converted checkpoint's ``params`` for a model with the
+  (pure-dict) shapes ``abstract``.
+
+  ``mode="exact"``: every parameter must match (returned as is). ``"shape_check"``: the
+  reference's ``weight_init`` (``load_weights_with_shape_check``): a parameter whose
+  path and shape match is copied; the patch embedder's kernel with a different number
+  of input channels is expanded — new weights zero, the first ``patch_channels`` input
+  channels copied (-1: all the checkpoint has, e.g. the 32 texture channels of a
+  LightningDiT when starting SFD with 48; the reference's code copies 16); anything else
+  is skipped (logged) and keeps the random initialisation (the result lacks it).
+  """
+  if mode not in INIT_FROM_MODES:
+    raise ValueError(f"config.init_from_mode={mode!r}: expected one of {INIT_FROM_MODES}")
+  if mode == "exact":
+    return params
+
+  def walk(given, target, prefix):
+    out = {}
+    for k, t in target.items():
+      path = f"{prefix}{k}"
+      if k not in given:
+        log(f"init_from: '{path}' not in the checkpoint, keeps its random init")
+        continue
+      g = given[k]
+      if isinstance(t, dict):
+        if isinstance(g, dict):
+          sub = walk(g, t, path + "/")
+          if sub:
+            out[k] = sub
+        continue
+      g = np.asarray(g)
+      if tuple(g.shape) == tuple(t.shape):
+        out[k] = g
+      elif (path == "x_embedder/kernel" and g.ndim == 2 and g.shape[1] == t.shape[1]
+            and g.shape[0] % (patch_size * patch_size) == 0):
+        out[k] = _expand_patch_kernel(g, t.shape, patch_size, patch_channels, path, log)
+      else:
+        log(f"init_from: skipping '{path}': checkpoint shape {tuple(g.shape)}, model shape "
+            f"{tuple(t.shape)}")
+    for k in set(given) - set(target):
+      log(f"init_from: '{prefix}{k}' is not a parameter of the model, skipped")
+    return out
+
+  return walk(params, abstract, "")
+
+
+def _expand_patch_kernel(kernel, shape, patch_size, patch_channels, path, log):
+  """(p·p·C_old, D) → (p·p·C_new, D): zeros, then the first input channels copied
+  (rows are the flattened (p, p, C) patch)."""
+  p2, d = patch_size * patch_size, shape[1]
+  c_old, c_new = kernel.shape[0] // p2, shape[0] // p2
+  n = min(c_old, c_new) if patch_channels < 0 else min(patch_channels, c_old, c_new)
+  out = np.zeros((p2, c_new, d), kernel.dtype)
+  out[:, :n] = kernel.reshape(p2, c_old, d)[:, :n]
+  log(f"init_from: expanded '{path}' from {c_old} to {c_new} input channels (first {n} "
+      "copied, the rest zero)")
+  return out.reshape(shape)
+
+
+def _init_from(config, setup: TrainSetup | None = None) -> Callable[[], Any] | None:
   if not config.init_from:
     return None
+  mode = str(config.get("init_from_mode", "exact"))
+  if mode not in INIT_FROM_MODES:
+    raise ValueError(f"config.init_from_mode={mode!r}: expected one of {INIT_FROM_MODES}")
 
   def load():
     from sfd_jax.convert.common import load_params  # pylint: disable=import-outside-toplevel
-    logging.info("initialising from converted checkpoint %s", config.init_from)
-    return load_params(config.init_from, "lightning_dit")[0]
+    logging.info("initialising from converted checkpoint %s (%s)", config.init_from, mode)
+    params = load_params(config.init_from, "lightning_dit")[0]
+    if setup is None:
+      return params
+    abstract = setup.abstract_state[setup.main.part.params_key]
+    if mode == "exact":
+      trees.check_shapes(params, abstract, f"config.init_from={config.init_from} (exact; "
+                         "init_from_mode='shape_check' copies what matches)")
+      return params
+    return init_params_from(params, abstract, mode=mode, patch_size=setup.model_cfg.patch_size,
+                            patch_channels=int(config.get("init_from_patch_channels", -1)))
   return load
 
 
@@ -270,9 +396,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         due=lambda s: periodic_eval.due(config, s, total),
         fn=lambda s, state, w: {f"train_eval/{k}": v
                                 for k, v in evaluator(s, state, w).items()}))
-  task = loop.TrainTask(name="sfd", setup=setup, step=make_train_step(
-                            setup, norms_every=int(config.log_every_steps),
-                            total_steps=int(config.num_train_steps)),
+  if validation.enabled(config):
+    val = validation.ValidationLoss(config, setup)
+    total = int(config.num_train_steps)
+    hooks.append(loop.PeriodicHook(due=lambda s: validation.due(config, s, total), fn=val))
+  task = loop.TrainTask(name="sfd", setup=setup,
+                        step=make_train_step(setup, **step_options(config)),
                         make_data=lambda: make_data_iterator(config, config.seed),
-                        init_params=_init_from(config), hooks=hooks)
+                        init_params=_init_from(config, setup), hooks=hooks)
   return loop.train(task, config, workdir, writer=writer)

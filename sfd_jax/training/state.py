@@ -170,8 +170,19 @@ def build_setup(parts: Sequence[Part], mesh: Mesh, *, rules=parallel.DEFAULT_RUL
                     compiler_options=compiler_options)
 
 
+def _paths(tree, prefix=()) -> list[tuple]:
+  """Leaf paths of a nested mapping, in ``jax.tree`` (sorted-key) order."""
+  out = []
+  for k in sorted(tree):
+    v = tree[k]
+    out.extend(_paths(v, prefix + (k,)) if isinstance(v, Mapping) else [prefix + (k,)])
+  return out
+
+
 @functools.lru_cache(maxsize=16)
-def _jitted_init(setup: TrainSetup, given: bool):
+def _jitted_init(setup: TrainSetup, given):
+  """``given``: False (random init), True (every main-part leaf given) or a tuple of
+  bools over the main part's leaves (False: that leaf keeps its random init)."""
   parts = setup.parts
 
   def init(given_params):
@@ -179,8 +190,15 @@ def _jitted_init(setup: TrainSetup, given: bool):
     for i, ps in enumerate(parts):
       p = ps.part
       if i == 0 and given_params is not None:
-        params = jax.tree.map(lambda a, s: jnp.asarray(a, s.dtype), given_params,
-                              setup.abstract_state[p.params_key])
+        target = setup.abstract_state[p.params_key]
+        if isinstance(given, tuple):     # some leaves from the random init
+          fresh, treedef = jax.tree.flatten(nnx.to_pure_dict(nnx.state(p.build(), nnx.Param)))
+          supplied = iter(given_params)
+          leaves = [jnp.asarray(next(supplied), f.dtype) if g else f
+                    for g, f in zip(given, fresh)]
+          params = jax.tree.unflatten(treedef, leaves)
+        else:
+          params = jax.tree.map(lambda a, s: jnp.asarray(a, s.dtype), given_params, target)
         module = None
       else:
         module = p.build()
@@ -195,6 +213,10 @@ def _jitted_init(setup: TrainSetup, given: bool):
     return state
 
   sh = setup.state_shardings
+  if isinstance(given, tuple):
+    leaf_sh = jax.tree.leaves(sh[parts[0].part.params_key])
+    return setup.jit(init, in_shardings=([s for g, s in zip(given, leaf_sh) if g],),
+                     out_shardings=sh)
   if given:
     return setup.jit(init, in_shardings=(sh[parts[0].part.params_key],), out_shardings=sh)
   return setup.jit(lambda: init(None), out_shardings=sh)
@@ -204,13 +226,32 @@ def create_train_state(setup: TrainSetup, init_params: Any | None = None):
   """Initialises the state sharded over the mesh.
 
   ``init_params`` (a pure dict, e.g. from a converted checkpoint) replaces the random
-  initialisation of the main part; an EMA starts as a copy of the initial parameters.
+  initialisation of the main part; leaves it lacks keep their random initialisation
+  (a partial start, e.g. ``init_from`` with ``init_from_mode="shape_check"``). An EMA
+  starts as a copy of the initial parameters.
   """
   with jax.set_mesh(setup.mesh):
     if init_params is None:
       return _jitted_init(setup, False)()
-    sh = setup.state_shardings[setup.main.part.params_key]
-    return _jitted_init(setup, True)(jax.device_put(init_params, sh))
+    key = setup.main.part.params_key
+    sh = setup.state_shardings[key]
+    paths = _paths(setup.abstract_state[key])
+    given = {path for path in _paths(init_params)}
+    if not given - set(paths) and set(paths) <= given:
+      return _jitted_init(setup, True)(jax.device_put(init_params, sh))
+    extra = sorted("/".join(map(str, q)) for q in given - set(paths))
+    if extra:
+      raise ValueError(f"initial parameters match no parameter of the model: {extra[:10]}")
+    mask = tuple(path in given for path in paths)
+    leaf_sh = jax.tree.leaves(sh)
+
+    def leaf(tree, path):
+      for k in path:
+        tree = tree[k]
+      return tree
+    supplied = [jax.device_put(leaf(init_params, q), s)
+                for q, s, g in zip(paths, leaf_sh, mask) if g]
+    return _jitted_init(setup, mask)(supplied)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -38,6 +38,24 @@ forward pass.
 
 With more than one part, metric names are prefixed with the part's ``metrics_prefix``
 (default: its params key).
+
+Options (``config.optimizer`` in the SFD trainer):
+
+* ``accumulate_steps=k`` (gradient accumulation): the global batch is split into k
+  micro-batches (micro-batch j = rows j, j+k, ...: a local reshape of each device's
+  rows, no communication), whose gradients are computed one after the other in a
+  ``lax.scan`` and averaged: the same update as one step on the whole batch, within
+  float32 rounding, with the activation memory of one micro-batch. A part's
+  ``presample(batch, key)`` draws the randomness of the whole batch first (noise, times,
+  label dropout — exactly what the unaccumulated loss draws from ``key``) and puts it
+  into the batch, so every micro-batch sees the values it would have seen. Parts that
+  compute their own gradients, keep statistics or hand on state/carry are not
+  accumulated (an error says so).
+* ``skip_nonfinite``: a step whose loss or gradient norm is NaN/Inf leaves the part's
+  params, optimizer state and EMA unchanged (``skipped`` = 1 in the metrics) instead of
+  counting in ``state["nonfinite"]`` (which stops the run before the next save);
+  ``skip_grad_norm_above > 0`` also skips steps whose gradient norm exceeds it (loss
+  spikes). The step counter and the data position advance either way.
 """
 from __future__ import annotations
 
@@ -45,6 +63,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -86,10 +105,45 @@ def _split_result(result, name: str, with_grads: bool = False):
       out.get("grads")
 
 
+def microbatches(batch, k: int, mesh) -> Any:
+  """[B, ...] leaves → [k, B/k, ...] with micro-batch j = rows j::k, batch-sharded."""
+  sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+
+  def split(x):
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, sharding)
+  return jax.tree.map(split, batch)
+
+
+def accumulated_value_and_grad(fn, params, batch, k: int, mesh, grad_sharding=None):
+  """``((loss, metrics), grads)`` of ``fn(params, micro_batch)`` averaged over the k
+  micro-batches of ``batch`` (one ``lax.scan``; gradients summed in float32)."""
+  micro = microbatches(batch, k, mesh)
+  grad_fn = jax.value_and_grad(fn, has_aux=True)
+  first = jax.tree.map(lambda x: x[0], micro)
+  out_shape = jax.eval_shape(grad_fn, params, first)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), out_shape)
+
+  def body(acc, mb):
+    out = grad_fn(params, mb)
+    acc = jax.tree.map(lambda a, o: a + o.astype(jnp.float32), acc, out)
+    if grad_sharding is not None:
+      acc = (acc[0], jax.lax.with_sharding_constraint(acc[1], grad_sharding))
+    return acc, None
+
+  total, _ = jax.lax.scan(body, zeros, micro)
+  return jax.tree.map(lambda t, s: (t / k).astype(s.dtype), total, out_shape)
+
+
 def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
                     donate: bool = True, norms_every: int = 1,
                     total_steps: int | None = None,
-                    frozen: Mapping[str, FrozenNet] | None = None) -> Callable:
+                    frozen: Mapping[str, FrozenNet] | None = None,
+                    accumulate_steps: int = 1,
+                    presample: Mapping[str, Callable] | None = None,
+                    skip_nonfinite: bool = False,
+                    skip_grad_norm_above: float = 0.0,
+                    global_batch_size: int | None = None) -> Callable:
   """``step(state, batch) -> (state, metrics)`` for the parts of ``setup``.
 
   ``losses``: one loss function (for a single-part setup) or ``{params_key: loss_fn}``.
@@ -100,6 +154,9 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
   ``frozen``: networks from ``state.freeze`` (their weights become an argument of the
   jitted function; ``step`` binds them). Without ``frozen`` the jitted function itself
   is returned, as always.
+  ``accumulate_steps``, ``presample`` (``{params_key: fn(batch, key) -> batch}``),
+  ``skip_nonfinite``, ``skip_grad_norm_above``: see the module docstring;
+  ``global_batch_size`` lets the accumulation settings be checked up front.
   """
   if norms_every < 1:
     raise ValueError(f"norms_every must be >= 1, got {norms_every}")
@@ -112,6 +169,16 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
     if ps.part.params_key in RESERVED or ps.part.stats_key in RESERVED:
       raise ValueError(f"state keys {RESERVED} are reserved")
   stats_keys = {ps.part.stats_key for ps in setup.parts if ps.part.stats_key}
+  k = int(accumulate_steps)
+  if k < 1:
+    raise ValueError(f"config.optimizer.accumulate_steps={k} must be >= 1")
+  batch_devices = int(np.prod([setup.mesh.shape[a] for a in parallel.BATCH_AXES]))
+  if k > 1 and global_batch_size is not None and global_batch_size % (k * batch_devices):
+    raise ValueError(
+        f"config.optimizer.accumulate_steps={k}: the global batch {global_batch_size} must "
+        f"split into {k} micro-batches that divide over the {batch_devices} devices of "
+        f"the batch axes (batch_size a multiple of {k * batch_devices})")
+  presample = dict(presample or {})
   base_key = jax.random.key(setup.seed)
   decay = setup.ema_decay
   prefix = len(setup.parts) > 1
@@ -147,16 +214,37 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
 
       own_grads = bool(getattr(loss_fn, "returns_grads", False))
 
-      def objective(params, loss_fn=loss_fn, ps=ps, part_key=part_key, ctx=ctx,
+      def objective(params, mb=batch, loss_fn=loss_fn, ps=ps, part_key=part_key, ctx=ctx,
                     stats=stats, own_grads=own_grads):
         model = ps.model(params, stats)
         loss, metrics, new_state, new_carry, grads = _split_result(
-            loss_fn(model, batch, part_key, ctx), ps.part.params_key, own_grads)
+            loss_fn(model, mb, part_key, ctx), ps.part.params_key, own_grads)
         if ps.part.stats_key and ps.part.stats_key not in new_state:
           new_state[ps.part.stats_key] = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
         return loss, (metrics, new_state, new_carry, grads)
 
-      if own_grads:
+      if k > 1:
+        if own_grads or p.stats_key:
+          raise ValueError(f"config.optimizer.accumulate_steps={k}: part {p.params_key!r} "
+                           "computes its own gradients or keeps statistics; gradient "
+                           "accumulation supports plain loss functions only")
+
+        def micro_objective(params, mb, objective=objective, name=p.params_key):
+          loss, (metrics, new_state, new_carry, _) = objective(params, mb)
+          if new_state or new_carry:
+            raise ValueError(f"config.optimizer.accumulate_steps={k}: the loss of part "
+                             f"{name!r} returns state/carry, which micro-batches cannot "
+                             "average")
+          return loss, metrics
+
+        part_batch = batch
+        if p.params_key in presample:
+          part_batch = presample[p.params_key](batch, part_key)
+        (loss, metrics), grads = accumulated_value_and_grad(
+            micro_objective, state[p.params_key], part_batch, k, setup.mesh,
+            setup.state_shardings[p.params_key])
+        new_state, new_carry = {}, {}
+      elif own_grads:
         loss, (metrics, new_state, new_carry, grads) = objective(state[p.params_key])
         grads = jax.tree.map(lambda g, q: jnp.asarray(g, q.dtype), grads, state[p.params_key])
       else:
@@ -170,18 +258,32 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
       metrics = dict(metrics)
       updates, opt_state = p.tx.update(grads, state[p.opt_key], state[p.params_key])
       params = optax.apply_updates(state[p.params_key], updates)
-      if p.ema_key:
-        state[p.ema_key] = jax.tree.map(
-            lambda e, q: (decay * e + (1.0 - decay) * q).astype(e.dtype),
-            state[p.ema_key], params)
       grad_norm = global_norm(grads)
-      finite = finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      if skip_nonfinite or skip_grad_norm_above > 0:
+        keep = ok if skip_nonfinite else jnp.bool_(True)
+        if skip_grad_norm_above > 0:
+          keep = keep & ~(grad_norm > skip_grad_norm_above)
+        old = (state[p.params_key], state[p.opt_key])
+        params, opt_state = jax.tree.map(lambda n, o: jnp.where(keep, n, o),
+                                         (params, opt_state), old)
+        metrics["skipped"] = (~keep).astype(jnp.float32)
+        if skip_nonfinite:
+          ok = jnp.bool_(True)            # a skipped step leaves the state good
+      if p.ema_key:
+        ema = jax.tree.map(lambda e, q: (decay * e + (1.0 - decay) * q).astype(e.dtype),
+                           state[p.ema_key], params)
+        if "skipped" in metrics:
+          ema = jax.tree.map(lambda n, o: jnp.where(metrics["skipped"] > 0, o, n), ema,
+                             state[p.ema_key])
+        state[p.ema_key] = ema
+      finite = finite & ok
       metrics.update(grad_norm=grad_norm, **_norms(params, updates, state["step"]))
       if p.schedule is not None:
         metrics["lr"] = jnp.asarray(p.schedule(state["step"]), jnp.float32)
       state[p.params_key], state[p.opt_key] = params, opt_state
-      for k, v in new_state.items():
-        state[k] = jax.tree.map(lambda n, o: jnp.asarray(n, o.dtype), v, state[k])
+      for name, v in new_state.items():
+        state[name] = jax.tree.map(lambda n, o: jnp.asarray(n, o.dtype), v, state[name])
       carry.update(new_carry)
       tag = p.metrics_prefix or p.params_key
       all_metrics.update({(f"{tag}/{k}" if prefix else k): v for k, v in metrics.items()})
