@@ -522,7 +522,8 @@ class LightningDiT(nnx.Module):
   Call: ``model(x, t_tex, t_sem, y)`` with x ``[N, H, W, C]``, times ``[N]`` and labels
   ``[N]`` (``num_classes`` is the null label). A synchronous model (``delta_t == 0``) has a
   single clock and uses ``t_tex`` (pass the same values for both). A model of a K-part
-  schedule (``cfg.time_parts``, K ≥ 3) is called as ``model(x, (t_1, ..., t_K), None, y)``. Returns the velocity
+  schedule (``cfg.time_parts``, K ≥ 3) is called as ``model(x, (t_1, ..., t_K), None, y)``.
+  Returns the velocity
   ``[N, H, W, C]``; with ``return_repa=True`` also the REPA projection ``[N, T, repa_dim]``.
   ``label_drop_key`` turns on label dropout (training).
   """
