@@ -140,3 +140,33 @@ def test_periodic_eval_config_errors(tmp_path):
   from configs import tiny
   assert not train_eval.enabled(tiny.get_config())                 # off by default
   assert train_eval.due(cfg, 4, 8) and train_eval.due(cfg, 8, 8) and not train_eval.due(cfg, 5, 8)
+
+
+def test_clock_sweep_mean_std_and_plot(demo_run, tmp_path):
+  """The clock sweep (configs/demo.py:clocks=1) on the fast demo's encoded data: two of
+  its schedules (SFD and the learned clock) × 2 seeds, in-process."""
+  import shutil
+  wd, _, info, _ = demo_run
+  sweep_wd = tmp_path / "clocks"
+  for stage in ("data", "feature_net", "texture_vae", "semvae", "latents"):
+    shutil.copytree(wd / stage, sweep_wd / stage)
+  cfg = demo_config.get_config("fast=1,clocks=1,seeds=2")
+  assert tuple(cfg.demo.clock_sweep.order) == ("sync", "sfd", "rate", "learned")
+  cfg.demo.clock_sweep.order = ("sfd", "learned")
+  cfg.train_eval.every_steps = 0
+  out = pipeline.run(cfg, str(sweep_wd))
+  summ = out["summary"]["clock_sweep"]
+  assert set(summ) == {"sfd", "learned"}
+  for name, row in summ.items():
+    for metric in ("fid", "class_accuracy"):
+      vals = row[metric]["values"]
+      assert len(vals) == 2 and np.all(np.isfinite(vals))
+      assert row[metric]["mean"] == pytest.approx(np.mean(vals))
+      assert row[metric]["std"] == pytest.approx(np.std(vals, ddof=1))
+  # the seeds differ
+  assert summ["sfd"]["fid"]["values"][0] != summ["sfd"]["fid"]["values"][1]
+  assert (sweep_wd / "clock_sweep.png").stat().st_size > 0
+  assert {"sfd_s0", "sfd_s1", "learned_s0", "learned_s1"} <= set(out["stages"]["sample"])
+  with open(sweep_wd / "metrics.json") as f:
+    assert json.load(f)["summary"]["clock_sweep"]["learned"]["fid"]["values"] == \
+        summ["learned"]["fid"]["values"]

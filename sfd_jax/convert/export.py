@@ -151,7 +151,13 @@ def to_reference_state_dict(params: Mapping[str, Any], cfg) -> dict[str, np.ndar
   sd["x_embedder.proj.weight"] = np.ascontiguousarray(
       kernel.reshape(p, p, c_in, d).transpose(3, 2, 0, 1))
   sd["x_embedder.proj.bias"] = get("x_embedder/bias", (d,))
-  embedders = ("t_embedder_sem", "t_embedder_tex") if cfg.semantic_first else ("t_embedder",)
+  if cfg.num_time_embedders > 2 or cfg.learned_clocks:
+    raise ValueError("the reference (PyTorch) format has one or two timestep embedders and "
+                     "no learned clocks; this model's clock schedule has "
+                     f"{cfg.num_time_embedders} embedders / learned clocks "
+                     f"{[n for n, _ in cfg.learned_clocks]}")
+  embedders = (("t_embedder_sem", "t_embedder_tex") if cfg.num_time_embedders == 2
+               else ("t_embedder",))
   for name in embedders:
     linear(f"{name}/mlp_0", f"{name}.mlp.0")
     linear(f"{name}/mlp_2", f"{name}.mlp.2")

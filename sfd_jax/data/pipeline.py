@@ -108,6 +108,8 @@ class ExampleTransform(grain.transforms.MapWithIndex):
     if self.normalize:
       self.t_mean, self.t_std = stats.texture_mean, stats.texture_std
       self.s_mean, self.s_std = stats.semantic_mean, stats.semantic_std
+    self.extra = tuple((name,) + (tuple(stats.part(name)) if self.normalize else (None, None))
+                       for name, _ in schema.extra_parts)
 
   def map_with_index(self, index: int, element: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     suffix = "_flip" if self.flip and flip_choice(self.seed, index) else ""
@@ -115,7 +117,11 @@ class ExampleTransform(grain.transforms.MapWithIndex):
     if self.normalize:
       texture = (texture - self.t_mean) / self.t_std
       semantic = (semantic - self.s_mean) / self.s_std
-    latent = np.concatenate([texture, semantic], axis=-1)
+    parts = [texture, semantic]
+    for name, mean, std in self.extra:
+      x = element[name + suffix]
+      parts.append((x - mean) / std if self.normalize else x)
+    latent = np.concatenate(parts, axis=-1)
     if self.multiplier != 1:
       latent = latent * self.multiplier
     label = np.asarray(element["label"], np.int32)

@@ -11,6 +11,8 @@ reference always stores them), and the class label. Arrays are channels-last:
   repa           (G, G, D)    float16    DINOv2 patch tokens, row-major token grid
   texture_flip / semantic_flip / repa_flip: the same for the flipped crop
   label          ()           int32      class index
+  <extra part>   (G, G, Ce)   float32    any further latent part named in ``extra_parts``
+                                         (and ``<name>_flip``), e.g. another encoder's features
 
 with G = 16, Ct = 32, Cs = 16, D = 768 for SFD on ImageNet 256. The sizes are
 parameters of a ``LatentSchema``, stored once per dataset in ``dataset.json``
@@ -77,6 +79,9 @@ class LatentSchema:
     has_repa: whether records carry REPA target features.
     has_flip: whether records carry the flipped variants.
     repa_dtype: storage dtype of the REPA features.
+    extra_parts: ((name, channels), ...) of further latent parts stored after the
+      semantic part; the composite latent is [texture | semantic | extra parts...] in
+      this order (a clock schedule names the same parts, docs/clocks.md).
   """
   grid: int = 16
   texture_channels: int = 32
@@ -85,8 +90,23 @@ class LatentSchema:
   has_repa: bool = True
   has_flip: bool = True
   repa_dtype: str = "float16"
+  extra_parts: tuple[tuple[str, int], ...] = ()
 
   def __post_init__(self):
+    try:
+      extra = tuple((str(n), int(c)) for n, c in self.extra_parts)
+    except (TypeError, ValueError):
+      raise ValueError("LatentSchema.extra_parts must be ((name, channels), ...), got "
+                       f"{self.extra_parts!r}") from None
+    object.__setattr__(self, "extra_parts", extra)
+    reserved = {"texture", "semantic", "repa", "label"}
+    names = [n for n, _ in extra]
+    for n, c in extra:
+      if not n.isidentifier() or n in reserved or n.endswith("_flip") or c <= 0:
+        raise ValueError(f"LatentSchema.extra_parts: ({n!r}, {c}) needs an identifier name "
+                         f"not in {sorted(reserved)} (no '_flip' suffix) and channels > 0")
+    if len(set(names)) != len(names):
+      raise ValueError(f"LatentSchema.extra_parts: duplicate names {names}")
     for name in ("grid", "texture_channels", "semantic_channels", "repa_dim"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or value <= 0:
@@ -97,8 +117,13 @@ class LatentSchema:
 
   @property
   def latent_channels(self) -> int:
-    """Channels of the composite latent [texture | semantic]."""
-    return self.texture_channels + self.semantic_channels
+    """Channels of the composite latent [texture | semantic | extra parts]."""
+    return sum(c for _, c in self.latent_parts())
+
+  def latent_parts(self) -> tuple[tuple[str, int], ...]:
+    """((name, channels), ...) of the composite latent, in channel order."""
+    return (("texture", self.texture_channels),
+            ("semantic", self.semantic_channels)) + self.extra_parts
 
   @property
   def num_tokens(self) -> int:
@@ -106,14 +131,20 @@ class LatentSchema:
 
   def parts(self) -> tuple[str, ...]:
     """The per-view array names (without the ``_flip`` suffix)."""
-    return ("texture", "semantic") + (("repa",) if self.has_repa else ())
+    return (("texture", "semantic") + tuple(n for n, _ in self.extra_parts)
+            + (("repa",) if self.has_repa else ()))
 
   def fields(self) -> dict[str, FieldSpec]:
     """All fields of a record, in storage order."""
     return dict(_fields(self))
 
   def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    out = dataclasses.asdict(self)
+    if not self.extra_parts:
+      del out["extra_parts"]        # datasets without extra parts: dataset.json as before
+    else:
+      out["extra_parts"] = [list(p) for p in self.extra_parts]
+    return out
 
   @classmethod
   def from_json(cls, obj: Mapping[str, Any], where: str = "") -> "LatentSchema":
@@ -136,6 +167,7 @@ def _fields(schema: LatentSchema) -> dict[str, FieldSpec]:
       "texture": ((g, g, schema.texture_channels), "float32"),
       "semantic": ((g, g, schema.semantic_channels), "float32"),
       "repa": ((g, g, schema.repa_dim), schema.repa_dtype),
+      **{n: ((g, g, c), "float32") for n, c in schema.extra_parts},
   }
   out = {}
   for suffix in (("", "_flip") if schema.has_flip else ("",)):

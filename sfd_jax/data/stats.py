@@ -5,7 +5,8 @@ dataset mean/std, computed once from ``num_samples`` (10,000) random *unflipped*
 records drawn without replacement; mean and std over (records, H, W), std with
 Bessel's correction (as ``torch.std``). Stored as ``stats.npz`` in the dataset dir
 with float32 arrays ``texture_mean, texture_std`` (Ct,) and
-``semantic_mean, semantic_std`` (Cs,).
+``semantic_mean, semantic_std`` (Cs,); a dataset with extra latent parts
+(``LatentSchema.extra_parts``) also has ``<name>_mean, <name>_std`` for each.
 
 The reference caches ``latents_stats.pt`` / ``latents_sv_stats.pt``: dicts with
 ``mean`` and ``std`` of shape [1, C, 1, 1]. ``load_reference_stats`` reads those
@@ -35,11 +36,30 @@ class LatentStats:
   texture_std: np.ndarray
   semantic_mean: np.ndarray
   semantic_std: np.ndarray
+  extra: tuple[tuple[str, np.ndarray, np.ndarray], ...] = ()   # (name, mean, std) per part
 
   def __post_init__(self):
     for k in _KEYS:
       object.__setattr__(self, k, np.asarray(getattr(self, k), np.float32))
+    object.__setattr__(self, "extra", tuple(
+        (str(n), np.asarray(m, np.float32), np.asarray(sd, np.float32))
+        for n, m, sd in self.extra))
     self.check(where="LatentStats")
+
+  def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) of a latent part by name."""
+    if name in ("texture", "semantic"):
+      return getattr(self, f"{name}_mean"), getattr(self, f"{name}_std")
+    for n, m, sd in self.extra:
+      if n == name:
+        return m, sd
+    raise KeyError(f"no statistics for latent part {name!r}")
+
+  def _arrays(self) -> dict[str, np.ndarray]:
+    out = {k: getattr(self, k) for k in _KEYS}
+    for n, m, sd in self.extra:
+      out[f"{n}_mean"], out[f"{n}_std"] = m, sd
+    return out
 
   def check(self, schema: LatentSchema | None = None, where: str = "stats") -> None:
     """Checks shapes (against ``schema`` when given) and that every std is > 0.
@@ -48,10 +68,15 @@ class LatentStats:
       DataFormatError: naming ``where``, the array and the expected vs found shape.
     """
     expected = {}
+    names = ["texture", "semantic"] + [n for n, _, _ in self.extra]
     if schema is not None:
-      expected = {"texture": schema.texture_channels, "semantic": schema.semantic_channels}
-    for part in ("texture", "semantic"):
-      mean, std = getattr(self, f"{part}_mean"), getattr(self, f"{part}_std")
+      expected = dict(schema.latent_parts())
+      missing = [n for n in expected if n not in names]
+      if missing:
+        raise DataFormatError(f"{where}: no statistics for latent part(s) {missing}; "
+                              "recompute them (sfd_jax.data.stats.compute_stats)")
+    for part in names:
+      mean, std = self.part(part)
       want = (expected.get(part, mean.shape[0] if mean.ndim == 1 else -1),)
       for name, a in ((f"{part}_mean", mean), (f"{part}_std", std)):
         if a.shape != want:
@@ -70,7 +95,7 @@ class LatentStats:
     """Writes ``stats.npz`` (atomically); returns the path."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **{k: getattr(self, k) for k in _KEYS})
+    np.savez(tmp, **self._arrays())
     os.replace(tmp, path)
     return path
 
@@ -100,11 +125,19 @@ def load_stats(path: str | os.PathLike, schema: LatentSchema | None = None) -> L
     raise DataFormatError(f"{path}: missing arrays {missing} (has {sorted(z)}); expected "
                           f"{list(_KEYS)} as written by LatentStats.save")
   arrays = {k: z[k] for k in _KEYS}
-  for k, a in arrays.items():
+  extra_names = [n for n, _ in schema.extra_parts] if schema is not None else sorted(
+      k[:-5] for k in z if k.endswith("_mean") and k not in _KEYS)
+  missing = [f"{n}_{s}" for n in extra_names for s in ("mean", "std") if f"{n}_{s}" not in z]
+  if missing:
+    raise DataFormatError(f"{path}: missing arrays {missing} (has {sorted(z)}) for the "
+                          "dataset's extra latent parts; recompute the statistics")
+  for k, a in list(arrays.items()) + [(f"{n}_{s}", z[f"{n}_{s}"]) for n in extra_names
+                                      for s in ("mean", "std")]:
     if a.ndim != 1:
       raise DataFormatError(f"{path}: '{k}' expected a vector, found shape {list(a.shape)}")
   try:
-    stats = LatentStats(**arrays)
+    stats = LatentStats(**arrays, extra=tuple((n, z[f"{n}_mean"], z[f"{n}_std"])
+                                              for n in extra_names))
   except DataFormatError as e:
     raise DataFormatError(f"{path}: {str(e).removeprefix('LatentStats: ')}") from e
   stats.check(schema, where=path)
@@ -154,15 +187,18 @@ def compute_stats(records, num_samples: int = 10_000, seed: int = 0,
   n = min(int(num_samples), len(records))
   idx = np.random.default_rng(seed).choice(len(records), size=n, replace=False)
   schema = records.schema
-  tex, sem = _Moments(schema.texture_channels), _Moments(schema.semantic_channels)
+  moments = {name: _Moments(c) for name, c in schema.latent_parts()}
   for start in range(0, n, chunk):
     recs = [records[int(i)] for i in idx[start:start + chunk]]
-    tex.update(np.stack([r["texture"] for r in recs]))
-    sem.update(np.stack([r["semantic"] for r in recs]))
+    for name, m in moments.items():
+      m.update(np.stack([r[name] for r in recs]))
     done = start + len(recs)
     if log_every and (done // log_every > start // log_every or done == n):
       print(f"stats: {done}/{n} records", flush=True)
-  return LatentStats(tex.mean, tex.std(), sem.mean, sem.std())
+  tex, sem = moments["texture"], moments["semantic"]
+  return LatentStats(tex.mean, tex.std(), sem.mean, sem.std(),
+                     extra=tuple((n, moments[n].mean, moments[n].std())
+                                 for n, _ in schema.extra_parts))
 
 
 # ------------------------------------------------------- reference stat files

@@ -33,7 +33,7 @@ from sfd_jax.core import images as images_lib
 from sfd_jax.core import progress
 from sfd_jax.core import errors
 from sfd_jax.core.errors import ConfigError
-from sfd_jax.diffusion import guidance, samplers
+from sfd_jax.diffusion import clocks, guidance, samplers
 from sfd_jax.parallel.multihost import gather, process_barrier
 
 
@@ -95,6 +95,9 @@ class SamplingOptions:
   last_step_size: float = 0.04
   sde_t_min: float = 0.04
   seed: int = 0
+  # the clock schedule (None: SFD's two parts from the model's delta_t / semantic_chans);
+  # set from the run's config.schedule by prepare() / the trainer, not a config field
+  schedule: clocks.Schedule | None = None
 
   @classmethod
   def from_config(cls, section, where: str = "config.sample") -> "SamplingOptions":
@@ -104,7 +107,7 @@ class SamplingOptions:
     given = section.to_dict() if hasattr(section, "to_dict") else dict(section)
     kw = {}
     for f in dataclasses.fields(cls):
-      if f.name not in given:
+      if f.name not in given or f.name == "schedule":   # the schedule is not a field here
         continue
       value, kind = given[f.name], type(f.default)
       try:
@@ -310,7 +313,7 @@ def guided_velocity(model, guide, opts: SamplingOptions) -> guidance.VelocityFn:
   return guidance.make_guided_velocity(
       model, guide, mode=opts.guidance, scale=opts.scale, scale_tex=scale_tex,
       scale_sem=scale_sem, interval_start=start, interval_end=end,
-      interval_mode=opts.cfg_interval_mode)
+      interval_mode=opts.cfg_interval_mode, schedule=opts.schedule)
 
 
 def generate(model, guide, decoder: LatentDecoder | None, indices: jax.Array,
@@ -322,22 +325,54 @@ def generate(model, guide, decoder: LatentDecoder | None, indices: jax.Array,
   are returned.
   """
   cfg = model.cfg
+  sch = opts.schedule
   fn = guided_velocity(model, guide, opts)
   z = noise_for(indices, opts.seed, (cfg.input_size, cfg.input_size, cfg.in_channels))
-  # Δt and the semantic channel count come from the model's config (fn.cfg).
+  # Δt and the semantic channel count come from the model's config (fn.cfg), unless the
+  # run has a clock schedule (opts.schedule; learned clocks read from the weights).
+  sched_kw = {} if sch is None else dict(
+      schedule=sch, clock_params=clocks.params_from_model(model, sch))
   out = samplers.sample(fn, z, labels, method=opts.method, num_steps=opts.num_steps,
                         atol=opts.atol, rtol=opts.rtol, shift=opts.timestep_shift, key=key,
-                        jump_ts=opts.jump_ts, max_steps=opts.max_steps, **opts.sde_kwargs())
+                        jump_ts=opts.jump_ts, max_steps=opts.max_steps, **opts.sde_kwargs(),
+                        **sched_kw)
+  if sch is None:
+    texture = slice(0, cfg.in_channels - cfg.semantic_chans)
+  else:
+    texture = sch.channel_slice("texture" if "texture" in sch.names else sch.names[0])
   if decoder is None:
     return out.x, out.nfe
-  return decoder.decode(out.x[..., :cfg.in_channels - cfg.semantic_chans]), out.nfe
+  return decoder.decode(out.x[..., texture]), out.nfe
 
 
-def check_decoder(main, decoder: LatentDecoder | None, field: str = "config.sample") -> None:
-  """The texture VAE and the statistics must fit the model's texture channels."""
+def schedule_of(config, checkpoint_path: str = "") -> clocks.Schedule | None:
+  """The clock schedule to sample with: ``config.schedule`` if the config has one, else
+  the one saved with the checkpoint's run config, else None (SFD's two parts from the
+  model). A bad section is a ``SamplingError`` naming the field."""
+  sources = [config]
+  if checkpoint_path and checkpoint.is_run(checkpoint_path):
+    try:
+      sources.append(checkpoint.read_config(checkpoint_path))
+    except checkpoint.CheckpointError:
+      pass
+  for src in sources:
+    sec = src.get("schedule") if hasattr(src, "get") else None
+    if sec is not None and sec.get("parts"):
+      try:
+        return clocks.from_config(src)
+      except clocks.ScheduleError as e:
+        raise SamplingError(str(e)) from e
+  return None
+
+
+def check_decoder(main, decoder: LatentDecoder | None, field: str = "config.sample",
+                  texture_channels: int | None = None) -> None:
+  """The texture VAE and the statistics must fit the model's texture channels (those of
+  the schedule's texture part when given)."""
   if decoder is None:
     return
-  tex = main.in_channels - main.semantic_chans
+  tex = (main.in_channels - main.semantic_chans if texture_channels is None
+         else texture_channels)
   vae_ch = getattr(getattr(decoder.vae, "config", None), "embed_dim", None)
   if vae_ch is not None and vae_ch != tex:
     raise SamplingError(
@@ -537,7 +572,10 @@ def prepare(config):
       check_guide(main_cfg, checkpoint.dit_config(s.guide_checkpoint,
                                                   "config.sample.guide_checkpoint"))
     decoder = load_decoder(config)
-    check_decoder(main_cfg, decoder)
+    sch = schedule_of(config, s.checkpoint)
+    tex_part = None if sch is None else sch.parts[
+        sch.names.index("texture") if "texture" in sch.names else 0].channels
+    check_decoder(main_cfg, decoder, texture_channels=tex_part)
     model = checkpoint.load_dit(s.checkpoint, "config.sample.checkpoint",
                                 step=_step(s, "checkpoint_step"))
     guide = None
@@ -548,6 +586,11 @@ def prepare(config):
     model, guide = with_compute_dtype(model, dtype), with_compute_dtype(guide, dtype)
   except checkpoint.CheckpointError as e:
     raise SamplingError(str(e)) from e
+  if sch is not None:
+    if sch.channels != model.cfg.in_channels:
+      raise SamplingError(f"config.schedule has {sch.channels} channels but the model in "
+                          f"config.sample.checkpoint has {model.cfg.in_channels}")
+    opts = dataclasses.replace(opts, schedule=sch)
   return model, guide, decoder, opts
 
 

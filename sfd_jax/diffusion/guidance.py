@@ -29,6 +29,12 @@ data, so its ``[guidance_low, guidance_high]`` is ``[1 − high, 1 − low]`` he
 batch layouts (used by the parity tests); ``make_guided_velocity`` builds the velocity
 function the samplers integrate.
 
+Any clock schedule (``make_guided_velocity(..., schedule=...)``): each part k is guided
+with its own scale (``Part.guidance_scale``, default the sampler's scale) and gated on its
+own clock t_k (``interval_parts``: the gated parts, default all); a K ≠ 2 part velocity
+function takes ``(x, (t_1, ..., t_K), None, y)``. SFD's two parts without per-part scales
+go through the two-part functions above, unchanged.
+
 For a synchronous (Δt = 0) model pass ``semantic_chans=0``: the whole latent is then one
 part, guided with the texture scale and gated on ``t_tex`` (= t), as the reference's
 non-semantic-first branch does.
@@ -228,13 +234,90 @@ def _model_default(model, attr: str, fallback):
   return getattr(cfg, attr, fallback)
 
 
+def _times_n(t_a, t_b, n: int):
+  """(t_a, t_b) of a velocity call as per-part [n] vectors."""
+  return tuple(_batch_times(t, n) for t in clocks.join_times(t_a, t_b))
+
+
+def combine_parts(v_cond: jax.Array, v_ref: jax.Array, times, schedule: clocks.Schedule, *,
+                  scales, interval_start: float | None = None, gated=None,
+                  interval_end: float | None = None) -> jax.Array:
+  """Per-part ``v_ref + s_k·(v_cond − v_ref)``; a gated part whose clock (first row) is
+  below ``interval_start`` or above ``interval_end`` uses ``v_cond``."""
+  v_cond = v_cond.astype(jnp.float32)
+  v_ref = v_ref.astype(jnp.float32)
+  scale = schedule.per_channel([jnp.asarray(s, jnp.float32) for s in scales])
+  guided = v_ref + scale * (v_cond - v_ref)
+  if interval_start is None and interval_end is None:
+    return guided
+  gated = [True] * schedule.num_parts if gated is None else gated
+
+  def outside(t):
+    t = jnp.ravel(jnp.asarray(t, jnp.float32))[0]
+    out = jnp.bool_(False)
+    if interval_start is not None:
+      out = out | (t < jnp.asarray(interval_start, jnp.float32))
+    if interval_end is not None:
+      out = out | (t > jnp.asarray(interval_end, jnp.float32))
+    return out
+  use = [outside(t) & bool(g) for t, g in zip(times, gated)]
+  return jnp.where(schedule.per_channel(use), v_cond, guided)
+
+
+def _schedule_guided(model, guide, schedule: clocks.Schedule, *, mode: str, scale: float,
+                     scale_tex, scale_sem, interval_start, interval_mode, interval_parts,
+                     null_label: int, interval_end=None) -> VelocityFn:
+  defaults = [scale] * schedule.num_parts
+  if schedule.num_parts == 2:
+    defaults = [scale if scale_tex is None else scale_tex,
+                scale if scale_sem is None else scale_sem]
+  scales = [d if p.guidance_scale is None else p.guidance_scale
+            for d, p in zip(defaults, schedule.parts)]
+  if interval_parts is None:
+    if schedule.num_parts == 2:
+      interval_parts = {"both": schedule.names, "tex": schedule.names[:1],
+                        "sem": schedule.names[1:]}[interval_mode]
+    else:
+      interval_parts = schedule.names
+  unknown = set(interval_parts) - set(schedule.names)
+  if unknown:
+    raise ValueError(f"interval_parts {sorted(unknown)} are not parts of the schedule "
+                     f"{schedule.names}")
+  gated = [n in interval_parts for n in schedule.names]
+  kw = dict(scales=scales, interval_start=interval_start, gated=gated,
+            interval_end=interval_end)
+
+  def call(fn, x, times, y):
+    return fn(x, *clocks.split_times(times), y)
+
+  if mode == "cfg":
+    def cfg_fn(x, t_a, t_b, y):
+      n = x.shape[0]
+      times = _times_n(t_a, t_b, n)
+      y = jnp.asarray(y, jnp.int32)
+      out = call(model, jnp.concatenate([x, x], axis=0),
+                 tuple(jnp.concatenate([t, t]) for t in times),
+                 jnp.concatenate([y, jnp.full_like(y, null_label)]))
+      return combine_parts(out[:n], out[n:], times, schedule, **kw)
+    return cfg_fn
+
+  def ag_fn(x, t_a, t_b, y):
+    times = _times_n(t_a, t_b, x.shape[0])
+    y = jnp.asarray(y, jnp.int32)
+    return combine_parts(call(model, x, times, y), call(guide, x, times, y), times,
+                         schedule, **kw)
+  return ag_fn
+
+
 def make_guided_velocity(model: VelocityFn, guide: VelocityFn | None = None, *,
                          mode: str = "none", scale: float = 1.0,
                          scale_tex: float | None = None, scale_sem: float | None = None,
                          interval_start: float | None = None, interval_mode: str = "both",
                          null_label: int | None = None,
                          semantic_chans: int | None = None,
-                         interval_end: float | None = None) -> VelocityFn:
+                         interval_end: float | None = None,
+                         schedule: clocks.Schedule | None = None,
+                         interval_parts: tuple[str, ...] | None = None) -> VelocityFn:
   """Returns ``fn(x, t_tex, t_sem, y) -> v`` (N rows in, N rows out) for the samplers.
 
   Guidance only switches on for ``scale > 1`` (the reference's ``using_cfg``; ``scale``
@@ -242,6 +325,8 @@ def make_guided_velocity(model: VelocityFn, guide: VelocityFn | None = None, *,
   conditional model. The guide is ignored unless ``mode="autoguidance"``. ``mode="autoguidance"``
   needs ``guide``. ``null_label`` defaults to ``model.cfg.num_classes`` and
   ``semantic_chans`` to the model's (0 for a synchronous model), else 1000 / 16.
+  ``schedule`` (with ``interval_parts``): per-part scales and gates for any clock
+  schedule (see the module docstring).
 
   The returned function carries the model's config as ``fn.cfg`` (so
   ``samplers.sample`` reads Δt and the semantic channel count from it) and closes over
@@ -269,9 +354,22 @@ def make_guided_velocity(model: VelocityFn, guide: VelocityFn | None = None, *,
   if mode == "none" or scale <= 1.0:
     def plain(x, t_tex, t_sem, y):
       n = x.shape[0]
+      if isinstance(t_tex, (tuple, list)):
+        return model(x, tuple(_batch_times(t, n) for t in t_tex), None,
+                     jnp.asarray(y, jnp.int32))
       return model(x, _batch_times(t_tex, n), _batch_times(t_sem, n),
                    jnp.asarray(y, jnp.int32))
     return with_cfg(plain)
+
+  if schedule is not None and (schedule.num_parts != 2 or interval_parts is not None or any(
+      p.guidance_scale is not None for p in schedule.parts)):
+    return with_cfg(_schedule_guided(
+        model, guide, schedule, mode=mode, scale=scale, scale_tex=scale_tex,
+        scale_sem=scale_sem, interval_start=interval_start, interval_mode=interval_mode,
+        interval_parts=interval_parts, null_label=null_label, interval_end=interval_end))
+  if schedule is not None:
+    semantic_chans = schedule.parts[1].channels
+    kw["semantic_chans"] = semantic_chans
 
   if mode == "cfg":
     def cfg_fn(x, t_tex, t_sem, y):

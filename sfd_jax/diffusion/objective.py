@@ -6,6 +6,24 @@ t_tex = max(τ − Δt, 0); the texture channels [0:C−S] follow t_tex and the 
 channels [C−S:C] follow t_sem.
 Clamped samples are still supervised on every channel.
 
+The clocks come from a :class:`sfd_jax.diffusion.clocks.Schedule` (``cfg.schedule``; None
+= SFD's two parts from ``delta_t``/``semantic_chans``/``semantic_weight``, bit-identical
+to the code before schedules existed): every part k follows its own clock t_k(τ) at the
+training draw τ = t·T, its channels get the path t_k·x₁ + (1 − t_k)·x₀ and the target
+x₁ − x₀, and its MSE weight is the part's ``loss_weight`` (which generalises
+``semantic_weight``).
+
+Learned clocks (parts with ``family="learned"``; their parameters φ are the denoiser's
+``clock_<part>`` parameters, passed as ``clock_params``) are trained with the same loss,
+*schedule-corrected*: inside a learned part's window its MSE is reweighted by
+w = p_τ(τ_base(t_k))·t_k'(τ) / (p_τ(τ)·rate), the ratio of the density of its local time
+t_k under the base (φ = 0) clock to that under the current clock, clipped to
+[0, ``clock_weight_max``]. So moving the clock does not change how much each local noise
+level of a part is trained; what φ can change is which *combinations* of per-part times
+the denoiser sees, and the gradient prefers the ones that make denoising easier. A
+kinetic-energy penalty ``clock_energy_weight``·Σ_k ∫ t_k'(τ)² dτ (minimal for the
+uniform clock) keeps the clocks from becoming steep (docs/clocks.md).
+
 Loss terms, each per example and then averaged over the batch:
 
 * ``mse``: mean over all H·W·C elements of w_c·(v̂ − u)², w_c = ``semantic_weight`` on the
@@ -46,6 +64,20 @@ class ObjectiveConfig:
   repa_mode: str = "cos"
   repa_weight: float = 1.0
   repa_requires_cosine: bool = False
+  schedule: clocks.Schedule | None = None    # None: SFD's two parts from the fields above
+  clock_energy_weight: float = 0.1           # learned clocks only (see the docstring)
+  clock_correction: bool = True
+  clock_weight_max: float = 10.0
+
+  def schedule_for(self, channels: int) -> clocks.Schedule:
+    """The schedule of a latent with ``channels`` channels."""
+    if self.schedule is not None:
+      if self.schedule.channels != channels:
+        raise ValueError(f"the schedule has {self.schedule.channels} channels, the latent "
+                         f"{channels}")
+      return self.schedule
+    return clocks.sfd_schedule(self.delta_t, self.semantic_chans, channels,
+                               self.semantic_weight)
 
   def __post_init__(self):
     if not 0.0 <= self.delta_t <= 1.0:
@@ -66,6 +98,12 @@ class ObjectiveConfig:
       raise ValueError(f"config.objective has unknown fields {sorted(unknown)}")
     o["semantic_chans"] = config.model.semantic_chans
     o["use_repa"] = bool(o.get("use_repa", True) and config.model.use_repa)
+    if "schedule" in o:
+      raise ValueError("config.objective.schedule is not a field: the schedule is the "
+                       "top-level section config.schedule")
+    section = config.get("schedule") if hasattr(config, "get") else None
+    if section is not None and section.get("parts"):
+      o["schedule"] = clocks.from_config(config)
     return cls(**o)
 
   @property
@@ -91,6 +129,47 @@ def interpolate(x0: jax.Array, x1: jax.Array, t_tex: jax.Array, t_sem: jax.Array
   return t * x1 + (1 - t) * x0, x1 - x0
 
 
+def interpolate_parts(x0: jax.Array, x1: jax.Array, times, schedule: clocks.Schedule):
+  """The per-part path for any schedule: ``times`` one [N] array per part."""
+  t = schedule.per_channel(times)[:, None, None, :]
+  return t * x1 + (1 - t) * x0, x1 - x0
+
+
+def _time_density_ratio(t_a, t_b, cfg: ObjectiveConfig) -> jax.Array:
+  """p(t_a) / p(t_b) of the training time sampler (uniform: 1)."""
+  if cfg.time_sampler == "uniform":
+    return jnp.ones_like(t_a)
+  eps = 1e-6
+
+  def log_p(t):
+    t = jnp.clip(t, eps, 1.0 - eps)
+    z = (jnp.log(t) - jnp.log1p(-t) - cfg.logit_mean) / cfg.logit_std
+    return -0.5 * z * z - jnp.log(t) - jnp.log1p(-t)
+  return jnp.exp(log_p(t_a) - log_p(t_b))
+
+
+def clock_correction(schedule: clocks.Schedule, t: jax.Array, times, clock_params,
+                     cfg: ObjectiveConfig) -> list[jax.Array]:
+  """Per-part [N] loss weights keeping each learned part's local-time density that of
+  its base clock (1 for the other parts and outside a learned part's window)."""
+  total = schedule.total
+  tau = t * jnp.float32(total)
+  out = []
+  for part, tk in zip(schedule.parts, times):
+    ck = part.clock
+    if not ck.learned:
+      out.append(jnp.ones_like(t))
+      continue
+    phi = None if clock_params is None else clock_params.get(part.name)
+    rate = ck.rate_at(tau, total, phi)
+    tau_base = jnp.float32(ck.start) + tk / jnp.float32(ck.rate)
+    ratio = _time_density_ratio(tau_base / jnp.float32(total), t, cfg)
+    w = jnp.clip(ratio * rate / jnp.float32(ck.rate), 0.0, cfg.clock_weight_max)
+    inside = (tau > jnp.float32(ck.start)) & (tau < jnp.float32(ck.end))
+    out.append(jnp.where(inside, w, 1.0))
+  return out
+
+
 def cosine_similarity(a: jax.Array, b: jax.Array, axis: int = -1) -> jax.Array:
   a = a.astype(jnp.float32)
   b = b.astype(jnp.float32)
@@ -101,12 +180,17 @@ def cosine_similarity(a: jax.Array, b: jax.Array, axis: int = -1) -> jax.Array:
   return num / jnp.sqrt(jnp.maximum(sq, COS_EPS * COS_EPS))
 
 
-def velocity_losses(pred: jax.Array, target: jax.Array,
-                    cfg: ObjectiveConfig) -> dict[str, jax.Array]:
-  """Per-example weighted MSE and cosine velocity loss; pred/target [N, H, W, C]."""
+def velocity_losses(pred: jax.Array, target: jax.Array, cfg: ObjectiveConfig,
+                    example_weights=None) -> dict[str, jax.Array]:
+  """Per-example weighted MSE and cosine velocity loss; pred/target [N, H, W, C].
+
+  The MSE weight of a channel is its part's ``loss_weight`` (SFD: 1 on texture,
+  ``semantic_weight`` on semantic), times ``example_weights`` (per part, [N]) if given."""
   pred = pred.astype(jnp.float32)
-  sem = clocks.semantic_channel_mask(pred.shape[-1], cfg.semantic_chans)
-  w = jnp.where(sem, cfg.semantic_weight, 1.0)
+  sch = cfg.schedule_for(pred.shape[-1])
+  w = sch.per_channel([jnp.float32(lw) for lw in sch.loss_weights])
+  if example_weights is not None:
+    w = w * sch.per_channel(example_weights)[:, None, None, :]
   mse = jnp.mean(w * jnp.square(pred - target), axis=(1, 2, 3))
   cos = jnp.mean(1.0 - cosine_similarity(pred, target, axis=-1), axis=(1, 2))
   return {"mse": mse, "cos": cos}
@@ -127,12 +211,14 @@ ApplyFn = Callable[..., tuple[jax.Array, jax.Array | None]]
 
 def training_losses(apply_fn: ApplyFn, x1: jax.Array, y: jax.Array, key: jax.Array,
                     cfg: ObjectiveConfig, repa_target: jax.Array | None = None,
-                    x0: jax.Array | None = None, t: jax.Array | None = None):
+                    x0: jax.Array | None = None, t: jax.Array | None = None,
+                    clock_params=None):
   """SFD training loss for a batch.
 
   Args:
     apply_fn: ``apply_fn(x_t, t_tex, t_sem, y, label_drop_key) -> (velocity, repa_proj)``
-      (``repa_proj`` may be None when REPA is off).
+      (``repa_proj`` may be None when REPA is off). For a schedule of K ≠ 2 parts it is
+      called as ``apply_fn(x_t, (t_1, ..., t_K), None, y, key)``.
     x1: clean composite latents [N, H, W, C] (normalised).
     y: labels [N].
     key: PRNG key of this step; noise, times and label dropout are split from it (draw
@@ -140,6 +226,7 @@ def training_losses(apply_fn: ApplyFn, x1: jax.Array, y: jax.Array, key: jax.Arr
       so every example — on any device — gets its own noise).
     repa_target: DINO features [N, T, F] or None.
     x0, t: optional fixed noise / times (tests, parity).
+    clock_params: ``{part: φ}`` of the learned clocks (None: φ = 0).
 
   Returns:
     (loss scalar, dict of batch-mean terms and the per-example tensors under "per_example").
@@ -150,14 +237,22 @@ def training_losses(apply_fn: ApplyFn, x1: jax.Array, y: jax.Array, key: jax.Arr
     x0 = jax.random.normal(k_noise, x1.shape, jnp.float32)
   if t is None:
     t = sample_times(k_time, n, cfg)
-  t_tex, t_sem = clocks.training_clocks(t, cfg.delta_t)
-  xt, ut = interpolate(x0, x1.astype(jnp.float32), t_tex, t_sem, cfg.semantic_chans)
-  pred, proj = apply_fn(xt, t_tex, t_sem, y, k_drop)
-  terms = velocity_losses(pred, ut, cfg)
+  sch = cfg.schedule_for(x1.shape[-1])
+  times = sch.training_times(t, clock_params)
+  xt, ut = interpolate_parts(x0, x1.astype(jnp.float32), times, sch)
+  pred, proj = apply_fn(xt, *clocks.split_times(times), y, k_drop)
+  learned = bool(sch.learned_parts)
+  corr = (clock_correction(sch, t, times, clock_params, cfg)
+          if learned and cfg.clock_correction else None)
+  terms = velocity_losses(pred, ut, cfg, example_weights=corr)
   total = jnp.mean(terms["mse"])
   metrics = {"loss_mse": jnp.mean(terms["mse"]), "loss_cos": jnp.mean(terms["cos"])}
   if cfg.use_cosine_loss:
     total = total + jnp.mean(terms["cos"])
+  if learned:
+    energy = sch.kinetic_energy(clock_params)
+    metrics["clock_energy"] = energy
+    total = total + jnp.float32(cfg.clock_energy_weight) * energy
   if cfg.repa_active and repa_target is not None:
     if proj is None:
       raise ValueError("REPA is on but the model returned no projection (use_repa=False?)")
@@ -165,6 +260,8 @@ def training_losses(apply_fn: ApplyFn, x1: jax.Array, y: jax.Array, key: jax.Arr
     metrics["loss_repa"] = jnp.mean(terms["repa"])
     total = total + metrics["loss_repa"]
   metrics["loss"] = total
-  metrics["per_example"] = {**terms, "t": t, "t_tex": t_tex, "t_sem": t_sem, "xt": xt,
-                            "ut": ut, "pred": pred}
+  per_example = {**terms, "t": t, "times": times, "xt": xt, "ut": ut, "pred": pred}
+  if len(times) == 2:
+    per_example["t_tex"], per_example["t_sem"] = times
+  metrics["per_example"] = per_example
   return total, metrics

@@ -23,6 +23,14 @@ Grids follow the reference exactly: ``num_steps`` counts grid *points*
 takes ``num_steps − 1`` steps with velocity and mask at the left point, and the
 optional timestep shift maps τ ↦ (1+Δt)·g(τ/(1+Δt)), g(u) = s·u / (1 + (s−1)·u).
 
+Any clock schedule (``sfd_jax.diffusion.clocks.Schedule``, argument ``schedule``; None =
+SFD's from ``delta_t``/``semantic_chans``) runs through the same solvers: the right-hand
+side is dx_k/dτ = t_k'(τ)·v_k(x, t(τ), y) over [0, T], the per-part rates replacing the
+phase mask (for offset clocks they *are* the mask, bit for bit), learned clocks read their
+parameters from ``clock_params``. The schedule's kinks are dopri5's jump times
+(``jump_ts``) and, with ``grid_kinks=True``, points of the fixed grids. A velocity function
+of a K ≠ 2 part schedule is called as ``fn(x, (t_1, ..., t_K), None, y)``.
+
 The SDE: the reference SFD code has no semantic-first SDE (its sampling script accepts
 mode "ODE" only). :func:`euler_maruyama` carries the reference's generic SDE sampler
 (SiT's ``Sampler.sample_sde``, ``transport/integrators.py``) over to the two clocks; see
@@ -41,8 +49,10 @@ import jax.numpy as jnp
 import numpy as np
 
 # The clock map and the phase mask (re-exported: ``samplers.clocks``, ``samplers.phase_mask``).
+from sfd_jax.diffusion import clocks as clocks_lib
 from sfd_jax.diffusion.clocks import (SEMANTIC_CHANS, clocks, phase_mask,  # noqa: F401
                                       semantic_channel_mask)
+from sfd_jax.diffusion.clocks import Schedule
 
 VelocityFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -126,28 +136,67 @@ def _round_to_float32(x: Fraction) -> np.float32:
   return min(cands, key=key)
 
 
-def shift_grid(grid: np.ndarray, shift: float, delta_t: float) -> np.ndarray:
-  """Timestep shift τ ↦ (1+Δt)·g(τ/(1+Δt)), g(u) = s·u/(1 + (s−1)·u), in float32 in the
-  reference's operation order. ``shift <= 0`` leaves the grid unchanged."""
+def shift_grid(grid: np.ndarray, shift: float, delta_t: float,
+               total: float | None = None) -> np.ndarray:
+  """Timestep shift τ ↦ T·g(τ/T), g(u) = s·u/(1 + (s−1)·u), T = 1 + Δt (or ``total``), in
+  float32 in the reference's operation order. ``shift <= 0`` leaves the grid unchanged."""
   if shift <= 0:
     return grid
-  total = np.float32(1.0 + delta_t)
+  span = 1.0 + delta_t if total is None else float(total)
+  scaled = span != 1.0
+  total = np.float32(span)
   u = grid.astype(np.float32)
-  if delta_t > 0:
+  if scaled:
     u = u / total
   g = (np.float32(shift) * u) / (np.float32(1.0) + np.float32(shift - 1.0) * u)
-  if delta_t > 0:
+  if scaled:
     g = g * total
   return g.astype(np.float32)
 
 
 def time_grid(num_steps: int, delta_t: float = 0.3, shift: float = 0.0,
-              end: float | None = None) -> np.ndarray:
-  """The reference's fixed grid over [0, 1 + Δt] (or [0, end]): float32 [num_steps]."""
+              end: float | None = None, total: float | None = None,
+              kinks: tuple[float, ...] = ()) -> np.ndarray:
+  """The reference's fixed grid over [0, T] (T = 1 + Δt or ``total``; or [0, end]):
+  float32 [num_steps], plus the schedule's ``kinks`` when given (sorted, unique)."""
   if num_steps < 2:
     raise ValueError(f"num_steps counts grid points and must be >= 2, got {num_steps}")
-  end = 1.0 + delta_t if end is None else end
-  return shift_grid(torch_linspace(0.0, end, num_steps), shift, delta_t)
+  span = 1.0 + delta_t if total is None else float(total)
+  end = span if end is None else end
+  grid = shift_grid(torch_linspace(0.0, end, num_steps), shift, delta_t, span)
+  if kinks:
+    grid = np.unique(np.concatenate([grid, np.asarray([k for k in kinks if 0 < k < end],
+                                                      np.float32)]))
+  return grid
+
+
+def resolve_schedule(schedule: Schedule | None, delta_t: float, semantic_chans: int,
+                     channels: int) -> Schedule:
+  """The schedule to integrate: the given one, or SFD's from Δt / semantic channels."""
+  if schedule is None:
+    return clocks_lib.sfd_schedule(delta_t, semantic_chans, channels)
+  if schedule.channels != channels:
+    raise ValueError(f"the schedule has {schedule.channels} channels, the latent {channels}")
+  return schedule
+
+
+def call_velocity(velocity_fn: VelocityFn, x: jax.Array, times, y) -> jax.Array:
+  """``velocity_fn`` at per-part times (scalars broadcast to [N]), in x's dtype."""
+  n = x.shape[0]
+  times = [jnp.full((n,), t) if jnp.ndim(t) == 0 else t for t in times]
+  v = velocity_fn(x, *clocks_lib.split_times(times), y)
+  if v.shape != x.shape:
+    raise ValueError(f"velocity function returned shape {v.shape}, expected {x.shape}")
+  return v.astype(x.dtype)
+
+
+def schedule_velocity(velocity_fn: VelocityFn, x: jax.Array, tau, y, schedule: Schedule,
+                      clock_params=None, side: str | None = None) -> jax.Array:
+  """t'(τ) ⊙ v(x, t(τ), y) per channel: the ODE's right-hand side for any schedule
+  (``side``: which one-sided rate at a kink, see ``Clock.rate_at``)."""
+  v = call_velocity(velocity_fn, x, schedule.times(tau, clock_params), y)
+  rates = schedule.per_channel(schedule.rates(tau, clock_params, side))
+  return v * rates.astype(x.dtype)
 
 
 def _call(velocity_fn: VelocityFn, x: jax.Array, tau, y, delta_t: float) -> jax.Array:
@@ -190,30 +239,38 @@ def _scan_grid(step_fn, z: jax.Array, grid: np.ndarray, return_trajectory: bool,
 
 
 def euler(velocity_fn: VelocityFn, z: jax.Array, y, *, grid: np.ndarray, delta_t: float,
-          semantic_chans: int = SEMANTIC_CHANS, return_trajectory: bool = False):
+          semantic_chans: int = SEMANTIC_CHANS, return_trajectory: bool = False,
+          schedule: Schedule | None = None, clock_params=None, one_sided: bool = False):
   """torchdiffeq's fixed-grid Euler: x_{k+1} = x_k + Δτ_k · m(τ_k) ⊙ v(x_k, τ_k).
 
+  ``one_sided``: rates of the piece each step starts (for grids holding the kinks).
   Returns (x, trajectory or None, nfe = len(grid) − 1)."""
-  rhs = lambda x, tau: masked_velocity(velocity_fn, x, tau, y, delta_t=delta_t,
-                                       semantic_chans=semantic_chans)
+  sch = resolve_schedule(schedule, delta_t, semantic_chans, z.shape[-1])
+  side = "right" if one_sided else None
+  rhs = lambda x, tau: schedule_velocity(velocity_fn, x, tau, y, sch, clock_params, side)
   x, traj = _scan_grid(lambda x, tau, dt, _: x + dt * rhs(x, tau), z, grid,
                        return_trajectory)
   return x, traj, len(grid) - 1
 
 
 def heun(velocity_fn: VelocityFn, z: jax.Array, y, *, grid: np.ndarray, delta_t: float,
-         semantic_chans: int = SEMANTIC_CHANS, return_trajectory: bool = False):
+         semantic_chans: int = SEMANTIC_CHANS, return_trajectory: bool = False,
+         schedule: Schedule | None = None, clock_params=None, one_sided: bool = False):
   """Heun (explicit trapezoid, torchdiffeq's ``heun2``) on the grid; the mask belongs to
   the right-hand side, so each stage uses the mask at its own time.
 
   k₁ = f(τ_k, x_k), k₂ = f(τ_{k+1}, x_k + Δτ·k₁), x_{k+1} = x_k + Δτ·(k₁ + k₂)/2.
+  ``one_sided``: k₁ with the rates of the piece the step starts, k₂ of the piece it ends
+  (second order across kinks that are grid points).
   Returns (x, trajectory or None, nfe = 2·(len(grid) − 1))."""
-  rhs = lambda x, tau: masked_velocity(velocity_fn, x, tau, y, delta_t=delta_t,
-                                       semantic_chans=semantic_chans)
+  sch = resolve_schedule(schedule, delta_t, semantic_chans, z.shape[-1])
+  s1, s2 = ("right", "left") if one_sided else (None, None)
+  rhs = lambda x, tau, side: schedule_velocity(velocity_fn, x, tau, y, sch, clock_params,
+                                               side)
 
   def step(x, tau, dt, tau_next):
-    k1 = rhs(x, tau)
-    k2 = rhs(x + dt * k1, tau_next)
+    k1 = rhs(x, tau, s1)
+    k2 = rhs(x + dt * k1, tau_next, s2)
     return x + dt * (0.5 * (k1 + k2))
 
   x, traj = _scan_grid(step, z, grid, return_trajectory, extra_xs=jnp.asarray(grid[1:]))
@@ -315,7 +372,7 @@ class _CountingController(diffrax.AbstractAdaptiveStepSizeController):
 def dopri5(velocity_fn: VelocityFn, z: jax.Array, y, *, delta_t: float,
            semantic_chans: int = SEMANTIC_CHANS, rtol: float = 1e-3, atol: float = 1e-6,
            jump_ts: bool = False, max_steps: int = 4096, save_grid: np.ndarray | None = None,
-           throw: bool = False):
+           throw: bool = False, schedule: Schedule | None = None, clock_params=None):
   """Adaptive Dormand–Prince 5(4) over [0, 1 + Δt] with diffrax.
 
   ``PIDController(rtol, atol)`` with the RMS norm over the whole batch (one shared step
@@ -330,16 +387,16 @@ def dopri5(velocity_fn: VelocityFn, z: jax.Array, y, *, delta_t: float,
   ``throw=False`` a failed solve (e.g. ``max_steps`` reached) is reported in
   ``stats["success"]`` instead of raising.
   """
-  t_end = 1.0 + delta_t
+  sch = resolve_schedule(schedule, delta_t, semantic_chans, z.shape[-1])
+  t_end = sch.total
 
   def rhs(tau, x):
-    return masked_velocity(velocity_fn, x, tau, y, delta_t=delta_t,
-                           semantic_chans=semantic_chans)
+    return schedule_velocity(velocity_fn, x, tau, y, sch, clock_params)
 
   dt0 = initial_step_size(rhs, 0.0, z, rtol=rtol, atol=atol)
   pid = diffrax.PIDController(rtol=rtol, atol=atol, norm=rms_norm)
   if jump_ts:
-    jumps = sorted({t for t in (delta_t, 1.0) if 0.0 < t < t_end})
+    jumps = list(sch.kinks)
     if jumps:
       pid = diffrax.ClipStepSizeController(pid, jump_ts=jnp.asarray(jumps, jnp.float32))
   if save_grid is not None:
@@ -402,7 +459,8 @@ def euler_maruyama(velocity_fn: VelocityFn, z: jax.Array, y, key: jax.Array, *,
                    num_steps: int, delta_t: float, semantic_chans: int = SEMANTIC_CHANS,
                    diffusion_form: str = "SBDM", diffusion_norm: float = 1.0,
                    last_step: str | None = "mean", last_step_size: float = 0.04,
-                   t_min: float = 0.04, return_trajectory: bool = False):
+                   t_min: float = 0.04, return_trajectory: bool = False,
+                   schedule: Schedule | None = None, clock_params=None):
   """Semantic-first Euler–Maruyama sampler.
 
   Reference rule (SiT's ``sample_sde``, linear path, velocity model): the SDE
@@ -429,6 +487,10 @@ def euler_maruyama(velocity_fn: VelocityFn, z: jax.Array, y, key: jax.Array, *,
 
   ``key`` draws one standard normal per element and step (``jax.random.split`` by step);
   with JAX's default threefry keys the draws do not depend on how x is sharded.
+
+  Any schedule: a part with rate t_k'(τ) follows the same SDE in its own time, i.e. in τ
+  its drift is scaled by t_k' and its noise variance by t_k' (dt_k = t_k'·dτ); for offset
+  clocks t_k' is the phase mask and nothing changes. The last step has size h in τ.
   Returns (x, trajectory or None, nfe).
   """
   if diffusion_form not in DIFFUSION_FORMS:
@@ -438,13 +500,13 @@ def euler_maruyama(velocity_fn: VelocityFn, z: jax.Array, y, key: jax.Array, *,
   h = 0.0 if last_step is None else float(last_step_size)
   if last_step is not None and not 0.0 < h < 1.0:
     raise ValueError(f"last_step_size must be in (0, 1), got {last_step_size}")
-  grid = time_grid(num_steps, delta_t, end=1.0 + delta_t - h)
-  channels = z.shape[-1]
-  sem = semantic_channel_mask(channels, semantic_chans)
+  sch = resolve_schedule(schedule, delta_t, semantic_chans, z.shape[-1])
+  grid = time_grid(num_steps, delta_t, end=sch.total - h, total=sch.total)
 
-  def per_channel_clock(tau):
-    t_tex, t_sem = clocks(tau, delta_t)
-    return jnp.where(sem, t_sem, t_tex)
+  def per_channel(tau):
+    times = sch.times(tau, clock_params)
+    rate = sch.per_channel(sch.rates(tau, clock_params))
+    return times, sch.per_channel(times), rate
 
   def last_rule(v, x, t):
     if last_step == "mean":
@@ -452,9 +514,10 @@ def euler_maruyama(velocity_fn: VelocityFn, z: jax.Array, y, key: jax.Array, *,
     return v
 
   def em_step(x, tau, dt, step_key):
-    v = _call(velocity_fn, x, tau, y, delta_t)
-    t = per_channel_clock(tau)
-    active = phase_mask(tau, delta_t, channels, semantic_chans) > 0
+    times, t, rate = per_channel(tau)
+    v = call_velocity(velocity_fn, x, times, y)
+    active = rate > 0
+    dt = dt * rate          # each part's own time step (exactly dt where the rate is 1)
     noisy = (t >= t_min) & (t < 1.0 - h)
     drift, w = _sde_drift(v, x, t, noisy, diffusion_form, diffusion_norm)
     if last_step is not None:
@@ -470,10 +533,10 @@ def euler_maruyama(velocity_fn: VelocityFn, z: jax.Array, y, key: jax.Array, *,
   nfe = num_steps - 1
   if last_step is not None:
     tau = jnp.asarray(grid[-1])
-    v = _call(velocity_fn, x, tau, y, delta_t)
-    t = per_channel_clock(tau)
-    active = phase_mask(tau, delta_t, channels, semantic_chans) > 0
-    x_last = jnp.where(active, x + jnp.float32(h) * last_rule(v, x, t), x)
+    times, t, rate = per_channel(tau)
+    v = call_velocity(velocity_fn, x, times, y)
+    active = rate > 0
+    x_last = jnp.where(active, x + (jnp.float32(h) * rate) * last_rule(v, x, t), x)
     if return_trajectory:
       traj = jnp.concatenate([traj, x_last[None]], axis=0)
     x = x_last
@@ -509,7 +572,8 @@ def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
            max_steps: int = 4096, return_trajectory: bool = False, throw: bool = False,
            diffusion_form: str = "SBDM", diffusion_norm: float = 1.0,
            last_step: str | None = "mean", last_step_size: float = 0.04,
-           sde_t_min: float = 0.04) -> SampleOutput:
+           sde_t_min: float = 0.04, schedule: Schedule | None = None, clock_params=None,
+           grid_kinks: bool = False) -> SampleOutput:
   """Integrates the semantic-first ODE (or SDE) from noise ``z`` [N, H, W, C] to data.
 
   Args:
@@ -530,6 +594,12 @@ def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
     return_trajectory: also return the states on the grid.
     diffusion_form, diffusion_norm, last_step, last_step_size, sde_t_min: SDE options
       (see :func:`euler_maruyama`).
+    schedule: the clock schedule (None: SFD's from ``delta_t``/``semantic_chans``); its
+      ``total`` replaces 1 + Δt.
+    clock_params: ``{part: φ}`` of its learned clocks.
+    grid_kinks: add the schedule's kinks to the Euler/Heun grid and use one-sided rates
+      there (keeps their order for clocks with kinks; off = the reference's grid and
+      phase mask).
   """
   if method not in METHODS:
     raise ValueError(f"sampling method {method!r} not in {METHODS}")
@@ -538,21 +608,26 @@ def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
     raise ValueError(f"delta_t must be in [0, 1], got {delta_t}")
   if z.ndim != 4:
     raise ValueError(f"z must be [N, H, W, C] (channels last), got shape {z.shape}")
-  if not 0 <= semantic_chans <= z.shape[-1]:
+  if schedule is None and not 0 <= semantic_chans <= z.shape[-1]:
     raise ValueError(f"semantic_chans={semantic_chans} must be in [0, {z.shape[-1]}]")
+  sch = resolve_schedule(schedule, delta_t, semantic_chans, z.shape[-1])
+  sched_kw = dict(schedule=sch, clock_params=clock_params)
   if method in ("euler", "heun"):
-    grid = time_grid(num_steps, delta_t, shift)
+    grid = time_grid(num_steps, delta_t, shift, total=sch.total,
+                     kinks=sch.kinks if grid_kinks else ())
     solver = euler if method == "euler" else heun
     x, traj, nfe = solver(velocity_fn, z, y, grid=grid, delta_t=delta_t,
                           semantic_chans=semantic_chans,
-                          return_trajectory=return_trajectory)
+                          return_trajectory=return_trajectory, one_sided=grid_kinks,
+                          **sched_kw)
     return SampleOutput(x, jnp.asarray(nfe, jnp.int32), traj)
   if method == "dopri5":
-    grid = time_grid(num_steps, delta_t, shift) if return_trajectory else None
+    grid = time_grid(num_steps, delta_t, shift, total=sch.total) if return_trajectory \
+        else None
     x, traj, nfe, stats = dopri5(velocity_fn, z, y, delta_t=delta_t,
                                  semantic_chans=semantic_chans, rtol=rtol, atol=atol,
                                  jump_ts=jump_ts, max_steps=max_steps, save_grid=grid,
-                                 throw=throw)
+                                 throw=throw, **sched_kw)
     return SampleOutput(x, nfe, traj, stats)
   if key is None:
     raise ValueError("method 'sde' needs a PRNG key (key=...)")
@@ -562,7 +637,7 @@ def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
       velocity_fn, z, y, key, num_steps=num_steps, delta_t=delta_t,
       semantic_chans=semantic_chans, diffusion_form=diffusion_form,
       diffusion_norm=diffusion_norm, last_step=last_step, last_step_size=last_step_size,
-      t_min=sde_t_min, return_trajectory=return_trajectory)
+      t_min=sde_t_min, return_trajectory=return_trajectory, **sched_kw)
   return SampleOutput(x, jnp.asarray(nfe, jnp.int32), traj)
 
 

@@ -17,6 +17,12 @@ Stages (each a folder of the workdir):
                samples/ (guided sampling with the EMA weights)
 and at the top: ``metrics.json``, ``samples.png`` (a row per class for each Δt),
 ``fid_vs_steps.png``.
+
+The clock sweep (``config.demo.clock_sweep``, ``configs/demo.py:clocks=1``, ``make
+demo-clocks``) replaces the Δt runs by one run per schedule and seed
+(``runs/<schedule>_s<seed>``) and reports, per schedule, mean ± std over the seeds of the
+demo FID and the class accuracy (``metrics.json`` ``summary.clock_sweep``) and a plot
+``clock_sweep.png``.
 """
 from __future__ import annotations
 
@@ -323,8 +329,55 @@ def run_config(cfg: ml_collections.ConfigDict, workdir: str,
   return c
 
 
+def _sweep(cfg):
+  return cfg.demo.get("clock_sweep") if "demo" in cfg else None
+
+
+def sweep_run_name(schedule: str, seed: int) -> str:
+  return f"{schedule}_s{seed}"
+
+
+def sweep_run_config(cfg: ml_collections.ConfigDict, workdir: str, schedule: str,
+                     seed: int) -> ml_collections.ConfigDict:
+  """The config of one clock-sweep run: the schedule's fields, the seed for training and
+  sampling, the run's own workdir."""
+  spec = cfg.demo.clock_sweep.schedules[schedule]
+  c = run_config(cfg, workdir, float(spec.get("delta_t", cfg.objective.delta_t)))
+  if spec.get("schedule") is not None:
+    c.schedule = copy.deepcopy(spec.schedule)
+  c.seed = int(seed)
+  c.sample.seed = int(seed)
+  c.sample.checkpoint = os.path.join(os.path.abspath(workdir), "runs",
+                                     sweep_run_name(schedule, seed))
+  return c
+
+
+def demo_runs(cfg, workdir: str) -> list[tuple[str, str, ml_collections.ConfigDict]]:
+  """(run name, label for logs, config) of every training run of the demo."""
+  sw = _sweep(cfg)
+  if sw is None:
+    return [(run_name(dt), f"Δt={dt:g}", run_config(cfg, workdir, dt))
+            for dt in cfg.demo.delta_ts]
+  return [(sweep_run_name(name, seed), f"{name} seed {seed}",
+           sweep_run_config(cfg, workdir, name, seed))
+          for name in sw.order for seed in sw.seeds]
+
+
 def _stage_train(cfg, workdir: str, d: str) -> dict[str, Any]:
   out = {}
+  if _sweep(cfg) is not None:
+    for name, label, rc in demo_runs(cfg, workdir):
+      log(f"  training {label}: {rc.num_train_steps} steps of batch {rc.batch_size}")
+      t0 = time.time()
+      res = sfd_training.train_and_evaluate(rc, rc.sample.checkpoint)
+      if res["step"] < int(rc.num_train_steps):
+        raise DemoInterrupted(f"training {label} stopped at step {res['step']} (signal); "
+                              "rerun the same command to resume")
+      hist = periodic_eval.read_history(rc.sample.checkpoint)
+      out[name] = {"seconds": round(time.time() - t0, 1),
+                   "final_loss": res["metrics"].get("loss"),
+                   "fid_history": [[h["step"], h.get("fid")] for h in hist]}
+    return out
   for dt in cfg.demo.delta_ts:
     rc = run_config(cfg, workdir, dt)
     log(f"  training Δt={dt:g}: {rc.num_train_steps} steps of batch {rc.batch_size}, "
@@ -358,6 +411,18 @@ def _stage_sample(cfg, workdir: str, d: str) -> dict[str, Any]:
   _, _, xh, yh = _load_data(workdir)
   out["real_holdout"] = {**hold, "num_images": int(len(xh)),
                          "class_accuracy": _class_accuracy(ex, xh, yh)}
+  if _sweep(cfg) is not None:
+    for name, label, rc in demo_runs(cfg, workdir):
+      res = generation.sample_from_config(rc, rc.sample.checkpoint)
+      n = int(rc.sample.num_images)
+      imgs = images_lib.load_pngs(images_lib.numbered_pngs(res["out_dir"], n))
+      labels = generation.balanced_labels(np.arange(n), n, int(rc.model.num_classes))
+      m = adm.compute_metrics(res["npz"], ref, ex)
+      m["class_accuracy"] = _class_accuracy(ex, imgs, labels)
+      m["num_images"] = n
+      out[name] = m
+      log(f"  {label}: FID {m['fid']:.2f}, class accuracy {m['class_accuracy']:.3f}")
+    return out
   for dt in cfg.demo.delta_ts:
     rc = run_config(cfg, workdir, dt)
     log(f"  sampling Δt={dt:g}: {rc.sample.num_images} images, {rc.sample.method} "
@@ -388,7 +453,48 @@ def class_grid(images: np.ndarray, num_classes: int, per_class: int) -> np.ndarr
   return images_lib.image_grid(np.concatenate(rows), cols=per_class, pad=1, pad_value=96)
 
 
+def sweep_summary(cfg, sample_res: dict[str, Any]) -> dict[str, Any]:
+  """Per schedule: the seeds' FID and class accuracy, their mean and std (ddof 1)."""
+  sw = cfg.demo.clock_sweep
+  out = {}
+  for name in sw.order:
+    row = {}
+    for metric in ("fid", "class_accuracy"):
+      vals = [float(sample_res[sweep_run_name(name, s)][metric]) for s in sw.seeds]
+      row[metric] = {"values": vals, "mean": float(np.mean(vals)),
+                     "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+    out[name] = row
+  return out
+
+
+def _stage_report_sweep(cfg, workdir: str, results: dict[str, Any]) -> dict[str, Any]:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  summ = sweep_summary(cfg, results["sample"])
+  names = list(cfg.demo.clock_sweep.order)
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+  for ax, metric, title in ((axes[0], "fid", "demo FID (lower is better)"),
+                            (axes[1], "class_accuracy", "class accuracy")):
+    means = [summ[n][metric]["mean"] for n in names]
+    stds = [summ[n][metric]["std"] for n in names]
+    ax.bar(names, means, yerr=stds, capsize=4, color="#6a8fc7")
+    for i, n in enumerate(names):
+      ax.plot([i] * len(summ[n][metric]["values"]), summ[n][metric]["values"], "k.", ms=4)
+    ax.set_title(f"{title}, mean ± std over {len(cfg.demo.clock_sweep.seeds)} seeds",
+                 fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+  if "real_holdout" in results["sample"]:
+    axes[0].axhline(results["sample"]["real_holdout"]["fid"], color="grey", ls="--", lw=1)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "clock_sweep.png"), dpi=120)
+  plt.close(fig)
+  return {"files": ["clock_sweep.png", "metrics.json"], "clock_sweep": summ}
+
+
 def _stage_report(cfg, workdir: str, d: str, results: dict[str, Any]) -> dict[str, Any]:
+  if _sweep(cfg) is not None:
+    return _stage_report_sweep(cfg, workdir, results)
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -476,6 +582,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                "comparable between the runs of this demo only. 'real_holdout' is the same "
                "metric for held-out real digits (fewer images, so its FID is biased up)."),
   }
+  if _sweep(config) is not None:
+    summary["clock_sweep"] = results["report"]["clock_sweep"]
   info = {"summary": summary, "stages": results, "seconds_this_run": timings,
           "total_seconds_this_run": round(time.time() - t_start, 1),
           "config": config.to_dict()}

@@ -94,6 +94,11 @@ class DiTConfig:
   scan_blocks: bool = False
   remat_policy: str = "none"      # one of REMAT_POLICIES
   attention_impl: str | None = None  # None/"auto" (models/attention.py), "xla", "cudnn"
+  # clock schedule (docs/clocks.md): the parts with their own timestep embedder, in
+  # channel order (empty: the rule above — two embedders iff semantic_first), and the
+  # parts with a learned clock: ((name, bins), ...) -> parameters clock_<name> [bins]
+  time_parts: tuple[str, ...] = ()
+  learned_clocks: tuple[tuple[str, int], ...] = ()
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -110,6 +115,15 @@ class DiTConfig:
       raise ValueError(f"repa_depth {self.repa_depth} must be in [1, depth={self.depth}]")
     if self.in_channels < self.semantic_chans:
       raise ValueError("semantic_chans larger than in_channels")
+    object.__setattr__(self, "time_parts", tuple(str(n) for n in self.time_parts))
+    object.__setattr__(self, "learned_clocks",
+                       tuple((str(n), int(b)) for n, b in self.learned_clocks))
+    for n in self.time_parts + tuple(n for n, _ in self.learned_clocks):
+      if not n.isidentifier():
+        raise ValueError(f"part name {n!r} must be an identifier")
+    if len(self.time_parts) > 2 and self.hidden_size < len(self.time_parts):
+      raise ValueError(f"hidden_size {self.hidden_size} is smaller than the number of "
+                       f"timestep embedders {len(self.time_parts)}")
 
   @property
   def head_dim(self) -> int:
@@ -133,6 +147,18 @@ class DiTConfig:
   def semantic_first(self) -> bool:
     """The reference's condition for two clocks: Δt > 0 and semantic channels."""
     return self.delta_t > 0 and self.semantic_chans > 0
+
+  @property
+  def num_time_embedders(self) -> int:
+    """1 (one full-width embedder), 2 (today's semantic/texture pair) or one per part."""
+    if self.time_parts:
+      return len(self.time_parts)
+    return 2 if self.semantic_first else 1
+
+  def time_embedder_widths(self) -> tuple[int, ...]:
+    """Widths in concatenation order (last part first): D//K each, the remainder last."""
+    k, d = self.num_time_embedders, self.hidden_size
+    return tuple([d // k] * (k - 1) + [d - (k - 1) * (d // k)])
 
   @property
   def num_tokens(self) -> int:
@@ -164,6 +190,7 @@ class DiTConfig:
       raise ValueError(f"config.model has unknown fields {sorted(unknown)}")
     m["attention_impl"] = m.get("attention_impl") or None
     m["delta_t"] = config.objective.delta_t
+    m.update(_schedule_layout(config))
     if variant == "custom":
       return cls(**m)
     return cls.variant(variant, **m)
@@ -231,6 +258,29 @@ class DiTConfig:
       if k in m:
         kw[k] = m[k]
     return cls.from_reference_kwargs(kw, **overrides)
+
+
+def _schedule_layout(config) -> dict[str, Any]:
+  """``time_parts`` / ``learned_clocks`` from a run config's ``schedule`` section (none:
+  {} — today's rule). Parts with identical clocks share one full-width embedder. (The
+  schedule itself is ``sfd_jax.diffusion.clocks``; the model only needs its layout.)"""
+  sec = config.get("schedule") if hasattr(config, "get") else None
+  if sec is None or not sec.get("parts"):
+    return {}
+  parts = sec.parts.to_dict() if hasattr(sec.parts, "to_dict") else dict(sec.parts)
+  order = sec.get("order") or [n for n in ("texture", "semantic") if n in parts] \
+      or list(parts)
+  order = [order] if isinstance(order, str) else list(order)
+  if sorted(order) != sorted(parts):
+    raise ValueError(f"config.schedule.order={order} must name each of config.schedule."
+                     f"parts ({sorted(parts)}) exactly once")
+  clock_keys = ("family", "start", "rate", "power", "shift", "knots", "bins")
+  clock = lambda f: tuple((k, str(f.get(k))) for k in clock_keys)
+  shared = len({clock(dict(parts[n])) for n in order}) == 1
+  learned = tuple((n, int(dict(parts[n]).get("bins", 8))) for n in order
+                  if dict(parts[n]).get("family") == "learned")
+  time_parts = (order[0],) if shared else tuple(order)
+  return {"time_parts": time_parts, "learned_clocks": learned}
 
 
 # ----------------------------------------------------------------------------------
@@ -471,7 +521,9 @@ class LightningDiT(nnx.Module):
 
   Call: ``model(x, t_tex, t_sem, y)`` with x ``[N, H, W, C]``, times ``[N]`` and labels
   ``[N]`` (``num_classes`` is the null label). A synchronous model (``delta_t == 0``) has a
-  single clock and uses ``t_tex`` (pass the same values for both). Returns the velocity
+  single clock and uses ``t_tex`` (pass the same values for both). A model of a K-part
+  schedule (``cfg.time_parts``, K ≥ 3) is called as ``model(x, (t_1, ..., t_K), None, y)``.
+  Returns the velocity
   ``[N, H, W, C]``; with ``return_repa=True`` also the REPA projection ``[N, T, repa_dim]``.
   ``label_drop_key`` turns on label dropout (training).
   """
@@ -482,11 +534,15 @@ class LightningDiT(nnx.Module):
     p = cfg.patch_size
     self.x_embedder = L.Dense(p * p * cfg.in_channels, d, ("channels", "embed"), dtype=dt,
                               param_dtype=pdt, rngs=rngs)
-    if cfg.semantic_first:
+    k = cfg.num_time_embedders
+    if k == 2:
       self.t_embedder_sem = TimestepEmbedder(d // 2, cfg=cfg, rngs=rngs)
       self.t_embedder_tex = TimestepEmbedder(d - d // 2, cfg=cfg, rngs=rngs)
-    else:
+    elif k == 1:
       self.t_embedder = TimestepEmbedder(d, cfg=cfg, rngs=rngs)
+    else:   # one per part, created (and concatenated) last part first, as the pair above
+      for name, width in zip(reversed(cfg.time_parts), cfg.time_embedder_widths()):
+        setattr(self, f"t_embedder_{name}", TimestepEmbedder(width, cfg=cfg, rngs=rngs))
     rows = cfg.num_classes + int(cfg.class_dropout_prob > 0)
     self.y_embedding = nnx.Param(
         L.normal(0.02)(rngs.params(), (rows, d), pdt), out_sharding=("vocab", "embed"))
@@ -500,6 +556,9 @@ class LightningDiT(nnx.Module):
     self.final_layer = FinalLayer(cfg, rngs=rngs)
     if cfg.use_repa:
       self.repa_projector = RepaProjector(cfg, rngs=rngs)
+    for name, bins in cfg.learned_clocks:   # φ of a learned clock (0: the base clock)
+      setattr(self, f"clock_{name}", nnx.Param(jnp.zeros((bins,), jnp.float32),
+                                               out_sharding=(None,)))
 
   # -- pieces ----------------------------------------------------------------------
 
@@ -515,11 +574,22 @@ class LightningDiT(nnx.Module):
     return self.x_embedder(tok)
 
   def embed_condition(self, t_tex, t_sem, y, label_drop_key=None):
+    """Times: (t_tex, t_sem) for two parts, or ``t_tex`` a tuple of one time per part
+    (channel order) and ``t_sem`` None."""
     cfg = self.cfg
-    if cfg.semantic_first:
-      t_emb = jnp.concatenate([self.t_embedder_sem(t_sem), self.t_embedder_tex(t_tex)], -1)
+    times = tuple(t_tex) if isinstance(t_tex, (tuple, list)) else (t_tex, t_sem)
+    k = cfg.num_time_embedders
+    if k == 2:
+      t_emb = jnp.concatenate([self.t_embedder_sem(times[1]), self.t_embedder_tex(times[0])],
+                              -1)
+    elif k == 1:
+      t_emb = self.t_embedder(times[0])
     else:
-      t_emb = self.t_embedder(t_tex)
+      if len(times) != k:
+        raise ValueError(f"the model has {k} clock parts {cfg.time_parts}, got "
+                         f"{len(times)} times")
+      t_emb = jnp.concatenate([getattr(self, f"t_embedder_{n}")(t) for n, t in
+                               zip(reversed(cfg.time_parts), reversed(times))], -1)
     y = jnp.asarray(y, jnp.int32)
     if label_drop_key is not None and cfg.class_dropout_prob > 0:
       drop = jax.random.uniform(label_drop_key, y.shape) < cfg.class_dropout_prob
@@ -566,7 +636,7 @@ class LightningDiT(nnx.Module):
     pins the token states at every block boundary; without it, under FSDP, XLA follows
     the weight sharding and keeps the *whole* batch on every device."""
     cfg = self.cfg
-    if t_sem is None:
+    if t_sem is None and not isinstance(t_tex, (tuple, list)):
       t_sem = t_tex
 
     def constrain(h):
@@ -593,7 +663,7 @@ class LightningDiT(nnx.Module):
     v = self.unpatchify(tok)
     if return_intermediates:
       inter = {"x_embed": x_emb, "y_emb": y_emb, "final_layer": tok, "repa": repa}
-      if cfg.semantic_first:
+      if cfg.num_time_embedders == 2:
         half = cfg.hidden_size // 2
         inter["t_emb_sem"], inter["t_emb_tex"] = t_emb[:, :half], t_emb[:, half:]
       else:

@@ -48,7 +48,7 @@ class NonFiniteLossError(errors.UserError, RuntimeError):
 
 
 # Config fields (and sections) whose change on resume changes what the saved state means.
-PROTECTED = ("model", "objective", "loss", "optimizer.name", "optimizer.schedule",
+PROTECTED = ("model", "objective", "schedule", "loss", "optimizer.name", "optimizer.schedule",
              "optimizer.grad_clip", "batch_size", "seed", "data.stats",
              "data.latent_multiplier", "data.flip", "data.image_size")
 # ... except these, which change how the same state is computed, not what it is.

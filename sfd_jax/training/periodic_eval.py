@@ -21,6 +21,7 @@ noisy FID: use it for trends, and ``--mode=eval`` for reported numbers.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -107,13 +108,18 @@ class PeriodicEvaluator:
       raise TrainEvalError("config.train_eval.every_steps > 0 needs decoded images: set "
                            "config.sample.texture_vae (a converted texture VAE directory)")
     if setup.model_cfg is not None:
-      generation.check_decoder(setup.model_cfg, self.decoder)
+      sch = getattr(setup.obj_cfg, "schedule", None)
+      tex = None if sch is None else sch.parts[
+          sch.names.index("texture") if "texture" in sch.names else 0].channels
+      generation.check_decoder(setup.model_cfg, self.decoder, texture_channels=tex)
     if te.features and not te.reference:
       raise TrainEvalError(f"config.train_eval.features={te.features!r} needs "
                            "config.train_eval.reference (an ADM-format .npz)")
     if te.reference and not os.path.exists(te.reference):
       raise TrainEvalError(f"config.train_eval.reference={te.reference!r} does not exist")
-    self.opts = generation.SamplingOptions.from_config(te, "config.train_eval")
+    self.opts = dataclasses.replace(
+        generation.SamplingOptions.from_config(te, "config.train_eval"),
+        schedule=getattr(setup.obj_cfg, "schedule", None))
     if te.guidance == "autoguidance":
       raise TrainEvalError("config.train_eval.guidance: 'autoguidance' needs a separate guide "
                            "model; use 'cfg' or 'none' during training")

@@ -30,6 +30,7 @@ from sfd_jax import parallel
 from sfd_jax.core import errors, trees
 from sfd_jax.data import schema as schema_lib
 from sfd_jax.data import stats as stats_lib
+from sfd_jax.diffusion import clocks as clocks_lib
 from sfd_jax.diffusion import objective as obj_lib
 from sfd_jax.diffusion import samplers
 from sfd_jax.diffusion.objective import ObjectiveConfig
@@ -98,6 +99,8 @@ def model_configs(config: ml_collections.ConfigDict) -> tuple[DiTConfig, Objecti
     raise errors.ConfigError(f"config.model does not describe a LightningDiT: {e}") from e
   try:
     obj_cfg = ObjectiveConfig.from_config(config)
+  except clocks_lib.ScheduleError as e:
+    raise errors.ConfigError(str(e)) from e
   except (ValueError, TypeError, KeyError) as e:
     text = str(e)
     if "delta_t must be in" in text:
@@ -123,13 +126,27 @@ def check_data(config: ml_collections.ConfigDict, model_cfg: DiTConfig) -> None:
         f"{where}: latents on a {sch.grid}×{sch.grid} grid, but config.model.input_size is "
         f"{model_cfg.input_size}; set --config.model.input_size={sch.grid} or use a dataset "
         "encoded for this model")
+  section = config.get("schedule")
+  if section is not None and section.get("parts"):
+    clock_sch = clocks_lib.from_config(config)
+    data_parts = sch.latent_parts()
+    want = tuple((p.name, p.channels) for p in clock_sch.parts)
+    if data_parts != want:
+      raise errors.DataError(
+          f"{where}: the dataset's latent parts {list(data_parts)} (name, channels) do not "
+          f"match config.schedule's {list(want)}; the schedule must name the stored parts "
+          "in their order (texture, semantic, then the extra parts)")
+  elif sch.extra_parts:
+    raise errors.DataError(
+        f"{where}: the dataset has extra latent parts {list(sch.extra_parts)}; give them "
+        "clocks in a config.schedule section (docs/clocks.md)")
   if sch.latent_channels != model_cfg.in_channels:
     raise errors.DataError(
         f"{where}: latents of {sch.texture_channels} texture + {sch.semantic_channels} "
         f"semantic = {sch.latent_channels} channels, but config.model.in_channels is "
         f"{model_cfg.in_channels}; set --config.model.in_channels={sch.latent_channels} "
         "(and model.semantic_chans) or use a dataset encoded for this model")
-  if sch.semantic_channels != model_cfg.semantic_chans:
+  if sch.semantic_channels != model_cfg.semantic_chans and not (section is not None and section.get("parts")):
     raise errors.DataError(
         f"{where}: {sch.semantic_channels} semantic channels, but config.model."
         f"semantic_chans is {model_cfg.semantic_chans}; set --config.model.semantic_chans="
@@ -200,9 +217,12 @@ def loss_and_metrics(setup: TrainSetup, model: LightningDiT, batch: dict[str, ja
                 return_repa=want_repa, activation_sharding=act)
     return out if want_repa else (out, None)
 
+  clock_params = None
+  if obj_cfg.schedule is not None and obj_cfg.schedule.learned_parts:
+    clock_params = clocks_lib.params_from_model(model, obj_cfg.schedule)
   loss, metrics = obj_lib.training_losses(
       apply_fn, batch["latent"], batch["label"], key, obj_cfg, repa_target=repa_target,
-      x0=batch.get("_x0"), t=batch.get("_t"))
+      x0=batch.get("_x0"), t=batch.get("_t"), clock_params=clock_params)
   metrics.pop("per_example")
   return loss, metrics
 

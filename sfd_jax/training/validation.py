@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sfd_jax import parallel
 from sfd_jax.data import records as records_lib
 from sfd_jax.data import stats as stats_lib
+from sfd_jax.diffusion import clocks as clocks_lib
 from sfd_jax.diffusion import objective as obj_lib
 
 
@@ -103,10 +104,12 @@ class ValidationLoss:
         out = model(xt, t_tex, t_sem, y, return_repa=repa, activation_sharding=act)
         return out if repa else (out, None)
 
+      clock_params = (clocks_lib.params_from_model(model, cfg.schedule)
+                      if cfg.schedule is not None else None)
       _, m = obj_lib.training_losses(
           apply_fn, batch["latent"], batch["label"], jax.random.key(0), cfg,
           repa_target=batch.get("repa"), x0=x0,
-          t=jnp.full((idx.shape[0],), t, jnp.float32))
+          t=jnp.full((idx.shape[0],), t, jnp.float32), clock_params=clock_params)
       per = m["per_example"]
       total = per["mse"]
       if cfg.use_cosine_loss:
