@@ -148,7 +148,10 @@ def test_clock_sweep_mean_std_and_plot(demo_run, tmp_path):
   import shutil
   wd, _, info, _ = demo_run
   sweep_wd = tmp_path / "clocks"
-  for stage in ("data", "feature_net", "texture_vae", "semvae", "latents"):
+  # the default demo's finished stages, train/sample/report included: the sweep must
+  # reuse the encoded data but run its own training, sampling and report
+  for stage in ("data", "feature_net", "texture_vae", "semvae", "latents", "train",
+                "sample", "report"):
     shutil.copytree(wd / stage, sweep_wd / stage)
   cfg = demo_config.get_config("fast=1,clocks=1,seeds=2")
   assert tuple(cfg.demo.clock_sweep.order) == ("sync", "sfd", "rate", "learned")

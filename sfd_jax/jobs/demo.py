@@ -570,9 +570,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   results["semvae"] = _stage(workdir, "semvae", lambda d: _stage_semvae(c, workdir, d), timings)
   results["latents"] = _stage(workdir, "latents", lambda d: _stage_latents(c, workdir, d),
                               timings)
-  results["train"] = _stage(workdir, "train", lambda d: _stage_train(c, workdir, d), timings)
-  results["sample"] = _stage(workdir, "sample", lambda d: _stage_sample(c, workdir, d), timings)
-  results["report"] = _stage(workdir, "report",
+  # The sweep's stages have their own names: it can share a workdir (and the data, VAE
+  # and latent stages) with the default demo without taking its results for its own.
+  sx = "_clocks" if _sweep(config) is not None else ""
+  results["train"] = _stage(workdir, "train" + sx, lambda d: _stage_train(c, workdir, d),
+                            timings)
+  results["sample"] = _stage(workdir, "sample" + sx, lambda d: _stage_sample(c, workdir, d),
+                             timings)
+  results["report"] = _stage(workdir, "report" + sx,
                              lambda d: _stage_report(c, workdir, d, results), timings)
   scored = {k: v for k, v in results["sample"].items() if isinstance(v, dict)}
   summary = {
