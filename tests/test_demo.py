@@ -157,6 +157,7 @@ def test_clock_sweep_mean_std_and_plot(demo_run, tmp_path):
   assert tuple(cfg.demo.clock_sweep.order) == ("sync", "sfd", "rate", "learned")
   cfg.demo.clock_sweep.order = ("sfd", "learned")
   cfg.train_eval.every_steps = 0
+  cfg.lock()                      # as main.py hands it over
   out = pipeline.run(cfg, str(sweep_wd))
   summ = out["summary"]["clock_sweep"]
   assert set(summ) == {"sfd", "learned"}

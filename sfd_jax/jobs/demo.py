@@ -344,7 +344,8 @@ def sweep_run_config(cfg: ml_collections.ConfigDict, workdir: str, schedule: str
   spec = cfg.demo.clock_sweep.schedules[schedule]
   c = run_config(cfg, workdir, float(spec.get("delta_t", cfg.objective.delta_t)))
   if spec.get("schedule") is not None:
-    c.schedule = copy.deepcopy(spec.schedule)
+    with c.unlocked():                 # main.py's configs are locked
+      c.schedule = copy.deepcopy(spec.schedule)
   c.seed = int(seed)
   c.sample.seed = int(seed)
   c.sample.checkpoint = os.path.join(os.path.abspath(workdir), "runs",
