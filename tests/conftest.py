@@ -23,6 +23,13 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def child_env(**overrides: str) -> dict[str, str]:
+  """The environment for a subprocess (main.py, a converter CLI): this process's (8 fake
+  CPU devices), plus the persistent compilation cache, plus ``overrides``."""
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1", **overrides)
+
+
 def parity_dir() -> pathlib.Path:
   env = os.environ.get("SFD_PARITY_DIR")
   if env:

@@ -32,12 +32,11 @@ def _tb_tags(directory):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-  from tests.conftest import CACHE_DIR, REPO
+  from tests.conftest import REPO, child_env
   wd = tmp_path_factory.mktemp("demo")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-                       "--xla_backend_optimization_level=0")
+  env = child_env(JAX_PLATFORMS="cpu",
+                  XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+                            "--xla_backend_optimization_level=0")
   t0 = time.time()
   proc = subprocess.run([sys.executable, str(REPO / "main.py"), "--mode=demo",
                          "--config=configs/demo.py:fast=1", f"--workdir={wd}"], cwd=REPO,

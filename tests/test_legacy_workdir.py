@@ -11,7 +11,6 @@ The checkpoints are read with Orbax directly (no sfd_jax checkpoint/training mod
 the test does not depend on where those live. See tests/fixtures/legacy_v1/README.md.
 """
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -23,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import sfd_jax  # noqa: F401
-from tests.conftest import CACHE_DIR, REPO
+from tests.conftest import REPO, child_env
 from tests.util import assert_close_ref, flat_dict
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "legacy_v1"
@@ -42,12 +41,7 @@ def _train_cmd(data, workdir):
 
 
 def _env():
-  env = dict(os.environ)
-  env["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
-  env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  return env
+  return child_env()
 
 
 def _run_both(cmds):

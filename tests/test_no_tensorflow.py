@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import CACHE_DIR, REPO
+from tests.conftest import REPO, child_env
 from tests.util import write_tiny_latents
 
 HIDE = """
@@ -25,9 +25,8 @@ def _env(tmp_path, hidden):
   site = tmp_path / "site"
   site.mkdir(exist_ok=True)
   (site / "sitecustomize.py").write_text(HIDE.format(hidden=set(hidden)))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
-             PYTHONPATH=os.pathsep.join([str(site), str(REPO)]))
+  env = child_env(JAX_PLATFORMS="cpu",
+                  PYTHONPATH=os.pathsep.join([str(site), str(REPO)]))
   return env
 
 

@@ -20,7 +20,7 @@ from sfd_jax.convert.common import assign, save_params
 from sfd_jax.diffusion import generation, guidance, samplers
 from sfd_jax.jobs import sample
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT
-from tests.conftest import CACHE_DIR, REPO
+from tests.conftest import REPO, child_env
 
 sys.path.insert(0, str(REPO))
 from configs import tiny as tiny_config  # noqa: E402  pylint: disable=wrong-import-position
@@ -143,9 +143,7 @@ def test_main_py_sample_flags(assets, tmp_path):
            "guidance": "autoguidance", "scale": 1.8, "cfg_scale_sem": 1.3,
            "cfg_interval_end": 0.8, "cfg_interval_mode": "sem", "labels": "random",
            "method": "sde", "last_step": "none"}
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = child_env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.run(
       [sys.executable, str(REPO / "main.py"), f"--config={REPO}/configs/tiny.py",
        "--mode=sample", f"--workdir={wd}", "--config.model.num_classes=10",

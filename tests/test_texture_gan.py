@@ -30,7 +30,7 @@ from sfd_jax.data import features as features_lib
 from sfd_jax.data import preprocess
 from sfd_jax.models import dinov2, texture_vae
 from sfd_jax.training import vae as vae_train
-from tests.conftest import CACHE_DIR, REPO
+from tests.conftest import REPO, child_env
 from tests.test_vae_train import Recorder, _images_dir
 
 STEPS, PREEMPT, KILL = 4, 2, 3   # checkpoints every 2 steps (tiny config: 4)
@@ -121,8 +121,7 @@ def test_gan_trains_and_resume_is_exact(dirs):
 
   # SIGKILL after step KILL (step 2 saved), through main.py.
   kill = os.path.join(dirs["root"], "sigkill")
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  env = child_env()
   cfg = (f"--config={REPO}/configs/tiny_vae.py:job=texture_gan,data={dirs['data']},"
          f"steps={STEPS},vf=features,vf_features={dirs['features']}")
   proc = subprocess.run(

@@ -22,27 +22,15 @@ from sfd_jax.training import sfd as ts
 from sfd_jax.checkpoint import restore_state_only
 from sfd_jax.diffusion.objective import ObjectiveConfig
 from sfd_jax.models.lightning_dit import DiTConfig
-from tests.conftest import CACHE_DIR, REPO
-from tests.util import write_tiny_latents
+from tests.conftest import REPO, child_env
+from tests.util import tiny, write_tiny_latents
 
 sys.path.insert(0, str(REPO))
-from configs import tiny as tiny_config  # noqa: E402  pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return write_tiny_latents(tmp_path_factory.mktemp("latents"))
-
-
-def tiny(data, **overrides):
-  c = tiny_config.get_config(f"data={data}")
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
 
 
 # ---------------------------------------------------------------- sharding
@@ -162,10 +150,7 @@ def _final_params(workdir, config):
 
 
 def _run_main(args, env_extra=None, check=True):
-  env = dict(os.environ)
-  env["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
-  env.update(env_extra or {})
+  env = child_env(**(env_extra or {}))
   proc = subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
   if check and proc.returncode != 0:

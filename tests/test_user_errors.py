@@ -31,25 +31,13 @@ import numpy as np
 import pytest
 
 import sfd_jax  # noqa: F401
-from tests.conftest import CACHE_DIR, REPO
-from tests.util import write_tiny_latents
+from tests.conftest import REPO, child_env
+from tests.util import tiny, write_tiny_latents
 
 sys.path.insert(0, str(REPO))
-from configs import tiny as tiny_config  # noqa: E402  pylint: disable=wrong-import-position
 
 STEPS = 4           # the saved run: checkpoints at steps 2 and 4
 MAIN = "main.py"
-
-
-def tiny(data, **overrides):
-  c = tiny_config.get_config(f"data={data}")
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
 
 
 # ------------------------------------------------------------------ saved data
@@ -374,14 +362,9 @@ def _cases(s: Saved) -> list[Case]:
 
 
 def _env():
-  env = dict(os.environ)
-  env["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
-  env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  # as tests/conftest.py sets it in this process, so that the children's train steps are
-  # the programs the fixture compiled (persistent-cache hits)
-  env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+  # matmul precision as tests/conftest.py sets it in this process, so that the children's
+  # train steps are the programs the fixture compiled (persistent-cache hits)
+  env = child_env(JAX_DEFAULT_MATMUL_PRECISION="highest")
   env.pop("SFD_JAX_TRACEBACK", None)   # the default output of a user error: no traceback
   return env
 

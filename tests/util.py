@@ -50,3 +50,17 @@ def write_tiny_latents(directory, n=64, grid=4, repa_dim=16, num_classes=10, see
   st = stats_lib.compute_stats(records.LatentRecords(directory), num_samples=n)
   st.save(stats_lib.stats_path(directory))
   return str(directory)
+
+
+def tiny(data, **overrides):
+  """configs/tiny.py on the dataset ``data`` with dotted-path ``overrides``
+  (``tiny(d, **{"optimizer.lr": 1e-3})``)."""
+  from configs import tiny as tiny_config  # pylint: disable=import-outside-toplevel
+  c = tiny_config.get_config(f"data={data}")
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c

@@ -71,6 +71,18 @@ def _batch_times(t, n: int) -> jax.Array:
   return t
 
 
+def _outside_interval(t, start, end) -> jax.Array:
+  """Whether a clock (its first row: every row shares it) lies below ``start`` or above
+  ``end`` of the guidance interval (None: that side is open)."""
+  t = jnp.ravel(jnp.asarray(t, jnp.float32))[0]
+  out = jnp.bool_(False)
+  if start is not None:
+    out = out | (t < jnp.asarray(start, jnp.float32))
+  if end is not None:
+    out = out | (t > jnp.asarray(end, jnp.float32))
+  return out
+
+
 def semantic_channel_mask(channels: int, semantic_chans: int) -> jax.Array:
   """[C] bool, True on the last ``semantic_chans`` channels (range-checked)."""
   if not 0 <= semantic_chans <= channels:
@@ -104,19 +116,10 @@ def combine(v_cond: jax.Array, v_ref: jax.Array, t_tex, t_sem, *, scale_tex: flo
   guided = v_ref + scale * (v_cond - v_ref)
   if interval_start is None and interval_end is None:
     return guided
-  t_tex0 = jnp.ravel(jnp.asarray(t_tex, jnp.float32))[0]
-  t_sem0 = jnp.ravel(jnp.asarray(t_sem, jnp.float32))[0]
-
-  def outside(t):
-    out = jnp.bool_(False)
-    if interval_start is not None:
-      out = out | (t < jnp.asarray(interval_start, jnp.float32))
-    if interval_end is not None:
-      out = out | (t > jnp.asarray(interval_end, jnp.float32))
-    return out
-
-  gate_tex = outside(t_tex0) & (interval_mode in ("both", "tex"))
-  gate_sem = outside(t_sem0) & (interval_mode in ("both", "sem"))
+  gate_tex = (_outside_interval(t_tex, interval_start, interval_end)
+              & (interval_mode in ("both", "tex")))
+  gate_sem = (_outside_interval(t_sem, interval_start, interval_end)
+              & (interval_mode in ("both", "sem")))
   use_cond = jnp.where(sem, gate_sem, gate_tex)
   return jnp.where(use_cond, v_cond, guided)
 
@@ -251,16 +254,8 @@ def combine_parts(v_cond: jax.Array, v_ref: jax.Array, times, schedule: clocks.S
   if interval_start is None and interval_end is None:
     return guided
   gated = [True] * schedule.num_parts if gated is None else gated
-
-  def outside(t):
-    t = jnp.ravel(jnp.asarray(t, jnp.float32))[0]
-    out = jnp.bool_(False)
-    if interval_start is not None:
-      out = out | (t < jnp.asarray(interval_start, jnp.float32))
-    if interval_end is not None:
-      out = out | (t > jnp.asarray(interval_end, jnp.float32))
-    return out
-  use = [outside(t) & bool(g) for t, g in zip(times, gated)]
+  use = [_outside_interval(t, interval_start, interval_end) & bool(g)
+         for t, g in zip(times, gated)]
   return jnp.where(schedule.per_channel(use), v_cond, guided)
 
 

@@ -50,10 +50,6 @@ from sfd_jax.metrics import features
 from sfd_jax.models import feature_net as feat_lib
 from sfd_jax.training import periodic_eval, sfd as sfd_training
 
-STAGES = ("data", "feature_net", "texture_vae", "semvae", "latents", "train", "sample",
-          "report")
-
-
 class DemoInterrupted(RuntimeError):
   pass
 
@@ -412,33 +408,29 @@ def _stage_sample(cfg, workdir: str, d: str) -> dict[str, Any]:
   _, _, xh, yh = _load_data(workdir)
   out["real_holdout"] = {**hold, "num_images": int(len(xh)),
                          "class_accuracy": _class_accuracy(ex, xh, yh)}
-  if _sweep(cfg) is not None:
-    for name, label, rc in demo_runs(cfg, workdir):
-      res = generation.sample_from_config(rc, rc.sample.checkpoint)
-      n = int(rc.sample.num_images)
-      imgs = images_lib.load_pngs(images_lib.numbered_pngs(res["out_dir"], n))
-      labels = generation.balanced_labels(np.arange(n), n, int(rc.model.num_classes))
-      m = adm.compute_metrics(res["npz"], ref, ex)
-      m["class_accuracy"] = _class_accuracy(ex, imgs, labels)
-      m["num_images"] = n
-      out[name] = m
-      log(f"  {label}: FID {m['fid']:.2f}, class accuracy {m['class_accuracy']:.3f}")
-    return out
-  for dt in cfg.demo.delta_ts:
-    rc = run_config(cfg, workdir, dt)
-    log(f"  sampling Δt={dt:g}: {rc.sample.num_images} images, {rc.sample.method} "
-        f"{rc.sample.num_steps} steps, {rc.sample.guidance} scale {rc.sample.scale}")
-    res = generation.sample_from_config(rc, rc.sample.checkpoint)
-    n = int(rc.sample.num_images)
-    imgs = images_lib.load_pngs(images_lib.numbered_pngs(res["out_dir"], n))
-    labels = generation.balanced_labels(np.arange(n), n, int(rc.model.num_classes))
-    m = adm.compute_metrics(res["npz"], ref, ex)
-    m["class_accuracy"] = _class_accuracy(ex, imgs, labels)
-    m["num_images"] = n
-    out[run_name(dt)] = m
-    log(f"  Δt={dt:g}: FID {m['fid']:.2f}, class accuracy {m['class_accuracy']:.3f}, "
-        f"precision {m['precision']:.3f}, recall {m['recall']:.3f}")
+  sweep = _sweep(cfg) is not None
+  for name, label, rc in demo_runs(cfg, workdir):
+    if not sweep:
+      log(f"  sampling {label}: {rc.sample.num_images} images, {rc.sample.method} "
+          f"{rc.sample.num_steps} steps, {rc.sample.guidance} scale {rc.sample.scale}")
+    out[name] = m = _sample_and_score(rc, ref, ex)
+    extra = "" if sweep else (f", precision {m['precision']:.3f}, "
+                              f"recall {m['recall']:.3f}")
+    log(f"  {label}: FID {m['fid']:.2f}, class accuracy {m['class_accuracy']:.3f}{extra}")
   return out
+
+
+def _sample_and_score(rc, ref: str, ex) -> dict[str, Any]:
+  """Samples one run with the sampling job; its metrics against ``ref`` and the feature
+  net's class accuracy on the (class-balanced) samples."""
+  res = generation.sample_from_config(rc, rc.sample.checkpoint)
+  n = int(rc.sample.num_images)
+  imgs = images_lib.load_pngs(images_lib.numbered_pngs(res["out_dir"], n))
+  labels = generation.balanced_labels(np.arange(n), n, int(rc.model.num_classes))
+  m = adm.compute_metrics(res["npz"], ref, ex)
+  m["class_accuracy"] = _class_accuracy(ex, imgs, labels)
+  m["num_images"] = n
+  return m
 
 
 # ---------------------------------------------------------------- report

@@ -67,12 +67,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if samples_npz:
     if not os.path.exists(samples_npz):
       raise EvalError(f"config.eval.samples_npz={samples_npz!r} does not exist")
-    adm.check_batch_file(samples_npz, "config.eval.samples_npz")
-    with np.load(samples_npz) as z:
-      if "arr_0" not in z.files:
-        raise EvalError(f"config.eval.samples_npz={samples_npz!r} has no 'arr_0' "
-                        f"(found {z.files}): expected ADM-format uint8 images [N, H, W, 3]")
-      num_images = int(z["arr_0"].shape[0])
+    adm.check_batch_file(samples_npz, "config.eval.samples_npz")   # headers only
+    keys = adm.npz_keys(samples_npz)
+    if "arr_0" not in keys:
+      raise EvalError(f"config.eval.samples_npz={samples_npz!r} has no 'arr_0' "
+                      f"(found {keys}): expected ADM-format uint8 images [N, H, W, 3]")
+    num_images = int(adm.npz_array_info(samples_npz)[0][0])
     result, sample_info = {"npz": samples_npz, "out_dir": None}, {"samples_npz": samples_npz}
   else:
     generation.validate_config(config)
@@ -93,8 +93,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
              if os.path.exists(f)]
     grid_images = images_lib.load_pngs(files) if files else None
   else:
-    with np.load(samples_npz) as z:
-      grid_images = z["arr_0"][:int(e.grid_images)]
+    n_grid = int(e.grid_images)      # the first images only, streamed from the archive
+    grid_images = (next(adm.iter_npz_batches(samples_npz, batch_size=n_grid), None)
+                   if n_grid else None)
   from sfd_jax.core import writers as writers_lib  # pylint: disable=import-outside-toplevel
   writer = writers_lib.create_writer(eval_dir)
   step = int(e.get("step", 0))
