@@ -595,3 +595,58 @@ def test_internal_errors_keep_their_traceback():
   assert errors.user_error(ZeroDivisionError("x")) is None
   assert isinstance(errors.user_error(OSError(28, "No space left on device", "/x")),
                     errors.ResourceError)
+
+
+def test_failed_library_tasks_log_one_line():
+  """asyncio's "Task exception was never retrieved" for a failed Orbax write (logged by
+  asyncio whenever the task is collected, so in CI sometimes before the error line and
+  sometimes not at all) keeps its first line and loses the traceback; the same record
+  for an exception raised in our own code keeps its traceback."""
+  import logging  # pylint: disable=import-outside-toplevel
+  from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
+
+  def record_for(filename):
+    code = compile("def write():\n  raise ValueError('OUT_OF_RANGE: Failed writing')\n",
+                   filename, "exec")
+    scope = {}
+    exec(code, scope)  # pylint: disable=exec-used
+    try:
+      scope["write"]()
+    except ValueError:
+      exc_info = sys.exc_info()
+    return logging.LogRecord(
+        "asyncio", logging.ERROR, "/usr/lib/python3/asyncio/base_events.py", 1771,
+        "Task exception was never retrieved\nfuture: <Task finished>", (), exc_info)
+
+  flt = errors._OneLineLibraryErrors()  # pylint: disable=protected-access
+  lib = record_for("/site-packages/orbax/checkpoint/_src/serialization/serialization.py")
+  assert flt.filter(lib)
+  assert lib.exc_info is None and lib.getMessage() == "Task exception was never retrieved"
+  ours = record_for("/repo/sfd_jax/training/loop.py")
+  assert flt.filter(ours)
+  assert ours.exc_info is not None and "future:" in ours.getMessage()
+
+
+def test_failed_library_coroutines_print_nothing():
+  """A failed Orbax restore leaves its read coroutines to the garbage collector, which
+  reports each one ("Exception ignored in: <coroutine ...>" + traceback) through
+  ``sys.unraisablehook``; those are dropped, any other unraisable exception is not."""
+  from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
+  seen = []
+  hook = errors._quiet_unraisable(seen.append)  # pylint: disable=protected-access
+
+  def unraisable_from(filename):
+    code = compile("def read():\n  raise Exception('Encountered error while reading')\n",
+                   filename, "exec")
+    scope = {}
+    exec(code, scope)  # pylint: disable=exec-used
+    try:
+      scope["read"]()
+    except Exception as e:  # pylint: disable=broad-except
+      return type("U", (), {"exc_value": e, "object": None})()
+
+  hook(unraisable_from("/site-packages/orbax/checkpoint/_src/serialization/x.py"))
+  assert not seen
+  ours = unraisable_from("/repo/sfd_jax/checkpoint/manager.py")
+  hook(ours)
+  assert seen == [ours]

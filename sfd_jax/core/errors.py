@@ -455,13 +455,47 @@ class _QuietStream:
       self._stream.flush()
 
 
+_LIBRARIES = ("orbax", "tensorstore")
+
+
+def _raised_in_library(exc) -> bool:
+  tb = getattr(exc, "__traceback__", None)
+  while tb is not None:
+    if any(lib in tb.tb_frame.f_code.co_filename for lib in _LIBRARIES):
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _from_library(record) -> bool:
+  """The record was logged by Orbax / TensorStore, or carries an exception raised inside
+  them (asyncio's "Task exception was never retrieved" for a failed Orbax write task is
+  logged from asyncio itself, some time later, whenever the task is collected)."""
+  path = getattr(record, "pathname", "") or ""
+  if any(lib in path for lib in _LIBRARIES):
+    return True
+  return _raised_in_library(record.exc_info[1] if record.exc_info else None)
+
+
+def _quiet_unraisable(previous):
+  """A ``sys.unraisablehook`` that drops "Exception ignored in: <coroutine ...>" reports
+  for exceptions raised inside Orbax / TensorStore (a failed restore leaves its read
+  coroutines to the garbage collector, which prints a traceback for each array; the entry
+  point reports the error itself, once). Everything else goes to ``previous``."""
+  def hook(unraisable):
+    if _raised_in_library(unraisable.exc_value):
+      return
+    previous(unraisable)
+  return hook
+
+
 class _OneLineLibraryErrors:
-  """A logging filter: ERROR records of Orbax / TensorStore keep their first line and
-  lose their traceback (the entry point reports the error itself, once)."""
+  """A logging filter: ERROR records of Orbax / TensorStore (or with an exception raised
+  inside them) keep their first line and lose their traceback (the entry point reports
+  the error itself, once)."""
 
   def filter(self, record) -> bool:
-    path = getattr(record, "pathname", "") or ""
-    if record.levelno >= 40 and ("orbax" in path or "tensorstore" in path):
+    if record.levelno >= 40 and _from_library(record):
       try:
         msg = record.getMessage()
       except Exception:  # pylint: disable=broad-except
@@ -479,6 +513,7 @@ def quiet_library_noise() -> None:
   import atexit  # pylint: disable=import-outside-toplevel
   sys.stderr = _QuietStream(sys.stderr)
   atexit.register(sys.stderr.flush_pending)
+  sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
   import logging  # pylint: disable=import-outside-toplevel
   flt = _OneLineLibraryErrors()
   for logger in (logging.getLogger(), logging.getLogger("absl")):
