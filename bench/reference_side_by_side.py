@@ -244,6 +244,7 @@ def _jax_sample(size: str, batch: int, steps: int, scale: float):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
+  from sfd_jax.core import jit as jit_lib  # pylint: disable=import-outside-toplevel
   from sfd_jax.diffusion import guidance as guidance_lib  # pylint: disable=import-outside-toplevel
   from sfd_jax.diffusion import samplers  # pylint: disable=import-outside-toplevel
   from sfd_jax.models import layers as L  # pylint: disable=import-outside-toplevel
@@ -268,12 +269,15 @@ def _jax_sample(size: str, batch: int, steps: int, scale: float):
   g = cfg.input_size
   z = jax.random.normal(jax.random.key(2), (batch, g, g, cfg.in_channels))
   y = jax.random.randint(jax.random.key(3), (batch,), 0, cfg.num_classes)
-  compiled = jax.jit(run).lower(state, z, y).compile()
+  # The XLA options the sample job uses (on CPU: Eigen dots; sfd_jax.core.jit).
+  options = dict(jit_lib.inference_options())
+  compiled = jax.jit(run).lower(state, z, y).compile(compiler_options=options or None)
 
   def call():
     return float(compiled(state, z, y))   # waits for the result
 
-  return call, {"params": L.param_count(model), "backend": jax.default_backend()}
+  return call, {"params": L.param_count(model), "backend": jax.default_backend(),
+                "compiler_options": options}
 
 
 # ----------------------------------------------------------------------------------
@@ -415,6 +419,7 @@ def main(argv=None) -> None:
                 "model": model_config(args.size), "ratio_median": ratio,
                 "ratio_min": ratio_min, "ratio_pairs_median": pair_ratio,
                 "ratio_cpu_median": cpu_ratio,
+                "jax_compiler_options": jax_info.get("compiler_options", {}),
                 "loadavg_end": load},
       out_dir=args.out, tag=f"{args.mode}_{args.size}_{tag}",
       notes=[f"Ratio reference / sfd_jax {unit} time: {ratio:.2f} on medians, "
@@ -423,7 +428,8 @@ def main(argv=None) -> None:
              f"{cpu_ratio:.2f} (less sensitive to other jobs on the machine, but it also "
              "counts threads that spin while waiting).",
              f"Model {model_config(args.size)}; float32; {args.warmup} warm-up calls of each "
-             f"side, then {args.iters} interleaved pairs. Load average at the end: {load}."])
+             f"side, then {args.iters} interleaved pairs. Load average at the end: {load}.",
+             f"sfd_jax XLA compiler options: {jax_info.get('compiler_options') or 'none'}."])
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.model.param_dtype = "float32"
   c.model.scan_blocks = True      # lax.scan over blocks (same params as unrolled)
   c.model.remat_policy = "none"   # none | full | dots | dots_no_batch | save_attn_out
-  c.model.attention_impl = ""     # "" = auto, "xla", "cudnn"
+  c.model.attention_impl = ""     # "" = auto, "xla", "xla_heads", "cudnn"
 
   # --- objective (sfd_jax.diffusion.objective.ObjectiveConfig) ----------------------
   c.objective = ml_collections.ConfigDict()
@@ -221,6 +221,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   # (logical axis, mesh axis or None = replicated) pairs; empty = parallel.DEFAULT_RULES
   c.sharding_rules = ()
   c.strict_sharding = False       # True: a weight dim that does not divide is an error
+  c.compiler_options = ml_collections.ConfigDict()  # XLA options of init / train step / eval
 
   # --- sampling / evaluation (filled by the sampling issue) ---------------------------
   c.sample = ml_collections.ConfigDict()
@@ -241,6 +242,8 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.sample.stats = ""             # latent stats for decoding (default: data.stats / data.path)
   c.sample.seed = 0
   c.sample.texture_vae = ""       # converted texture VAE dir (decode); "" = write latents
+  # XLA options of the sampling program; empty = defaults (on CPU: Eigen dots, core/jit.py)
+  c.sample.compiler_options = ml_collections.ConfigDict()
   sampling_fields(c.sample)
 
   # --- evaluation (sfd_jax.jobs.evaluate) --------------------------------------------
@@ -271,6 +274,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.train_eval.preprocess = "adm" # inception resize mode (see c.eval.preprocess)
   c.train_eval.feature_batch_size = 200
   c.train_eval.reference = ""     # ADM-format .npz: images arr_0 and/or mu/sigma
+  c.train_eval.compiler_options = ml_collections.ConfigDict()  # as c.sample.compiler_options
   sampling_fields(c.train_eval)
 
   # --- export (sfd_jax.jobs.export; --mode=export) ----------------------------------

@@ -33,7 +33,8 @@ H100 = FakeDevice("gpu", "NVIDIA H100 80GB HBM3", "9.0")
     (FakeDevice("gpu", "A100", "8.0"), jnp.bfloat16, 64, "cudnn"),
     (FakeDevice("gpu", "?", None), jnp.bfloat16, 64, "xla"),
     (FakeDevice("tpu", "TPU v5p"), jnp.bfloat16, 64, "xla"),
-    (FakeDevice("cpu", "cpu"), jnp.bfloat16, 64, "xla"),
+    (FakeDevice("cpu", "cpu"), jnp.bfloat16, 64, "xla_heads"),
+    (FakeDevice("cpu", "cpu"), jnp.float32, 72, "xla_heads"),
 ])
 def test_auto_selection(device, dtype, head_dim, want):
   for auto in (None, "", "auto"):
@@ -48,11 +49,43 @@ def test_explicit_choice_is_kept_and_validated():
     attn_lib.select_impl("flash", head_dim=64, dtype=jnp.bfloat16, device=H100)
 
 
-def test_auto_on_cpu_equals_xla():
-  q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 2, 8)) for i in range(3))
-  a = attn_lib.dot_product_attention(q, k, v, impl=None)
+def _qkv(dtype=jnp.float32, shape=(2, 16, 2, 8)):
+  return tuple(jax.random.normal(jax.random.key(i), shape).astype(dtype) for i in range(3))
+
+
+def test_explicit_xla_is_jax_nn():
+  q, k, v = _qkv()
+  a = attn_lib.dot_product_attention(q, k, v, impl="xla")
   b = jax.nn.dot_product_attention(q, k, v, scale=8 ** -0.5, implementation="xla")
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 2, 8), (3, 256, 4, 64), (1, 9, 3, 72)])
+def test_heads_major_matches_jax_nn_in_float32(shape):
+  """auto on CPU (heads-major) = jax.nn's XLA attention to float32 rounding, values and
+  gradients."""
+  q, k, v = _qkv(shape=shape)
+  w = jax.random.normal(jax.random.key(9), shape)
+  ref = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+      q, k, v, scale=shape[-1] ** -0.5, implementation="xla")
+  ours = lambda q, k, v: attn_lib.dot_product_attention(q, k, v, impl=None)  # noqa: E731
+  assert attn_lib.select_impl(None, head_dim=shape[-1], dtype=q.dtype) == "xla_heads"
+  np.testing.assert_allclose(np.asarray(jax.jit(ours)(q, k, v)),
+                             np.asarray(jax.jit(ref)(q, k, v)), rtol=1e-6, atol=1e-6)
+  grads = [jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * w), (0, 1, 2)))(q, k, v)
+           for f in (ours, ref)]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_heads_major_keeps_the_half_precision_dtypes():
+  """bf16 in: bf16 out, with float32 logits/softmax as jax.nn (same values)."""
+  q, k, v = _qkv(jnp.bfloat16, (2, 32, 2, 64))
+  a = attn_lib.heads_major_attention(q, k, v, scale=0.125)
+  b = jax.nn.dot_product_attention(q, k, v, scale=0.125, implementation="xla")
+  assert a.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                             rtol=1e-2, atol=1e-2)
 
 
 def _saved_residuals(remat: str) -> str:

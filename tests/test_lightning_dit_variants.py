@@ -117,7 +117,9 @@ def test_texture_only_baseline_converts_and_samples(tmp_path):
     fn = guidance.make_guided_velocity(nnx.merge(g, p), mode="cfg", scale=1.5)
     return samplers.sample(fn, generation.noise_for(idx, 0, (4, 4, 32)), y, method="euler",
                            num_steps=5, delta_t=0.0, semantic_chans=0).x
-  want = jax.jit(direct)(p, jnp.arange(4, dtype=jnp.int32), jnp.asarray(np.load(out["labels"])))
+  from sfd_jax.core import jit as jit_lib   # the job's XLA options (CPU: Eigen dots)
+  want = jax.jit(direct, compiler_options=dict(jit_lib.inference_options()) or None)(
+      p, jnp.arange(4, dtype=jnp.int32), jnp.asarray(np.load(out["labels"])))
   np.testing.assert_array_equal(got, np.asarray(want))
   assert np.isfinite(got).all() and got.std() > 0
 

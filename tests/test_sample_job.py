@@ -1,4 +1,5 @@
 """Sampling and evaluation jobs end to end on tiny random networks (CPU)."""
+import json
 import os
 import pathlib
 import random
@@ -96,6 +97,11 @@ def test_sampling_job_outputs(sampled):
   random.seed(42)
   random.shuffle(order)
   np.testing.assert_array_equal(arr, imgs[order])   # the reference's shuffled packing
+  # On CPU the sampling program is compiled with Eigen dots (core/jit.py), and says so.
+  from sfd_jax.core import jit as jit_lib  # pylint: disable=import-outside-toplevel
+  with open(wd / "sample_info.json") as f:
+    info = json.load(f)
+  assert info["compiler_options"] == dict(jit_lib.CPU_INFERENCE_OPTIONS)
 
 
 def test_balanced_labels_and_noise_are_per_index():

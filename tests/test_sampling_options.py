@@ -17,6 +17,7 @@ from sfd_jax import checkpoint
 from sfd_jax.checkpoint import Checkpointer
 from sfd_jax.convert import lightning_dit as dit_conv
 from sfd_jax.convert.common import assign, save_params
+from sfd_jax.core import jit as jit_lib
 from sfd_jax.diffusion import generation, guidance, samplers
 from sfd_jax.jobs import sample
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT
@@ -87,8 +88,10 @@ def _direct(assets, labels, *, mode="none", scale=1.0, method="euler", num_steps
                            semantic_chans=16, key=key, **kw).x
 
   key = jax.random.fold_in(jax.random.key(seed + 1), 0)   # batch 0's key
-  out = jax.jit(run)(p_main, p_guide, jnp.arange(N, dtype=jnp.int32),
-                     jnp.asarray(labels, jnp.int32), key)
+  # Compiled with the sample job's XLA options (on CPU: Eigen dots), so bit for bit.
+  options = dict(jit_lib.inference_options()) or None
+  out = jax.jit(run, compiler_options=options)(p_main, p_guide, jnp.arange(N, dtype=jnp.int32),
+                                               jnp.asarray(labels, jnp.int32), key)
   return np.asarray(out)
 
 

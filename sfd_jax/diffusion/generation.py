@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sfd_jax import checkpoint, parallel
 from sfd_jax.core import images as images_lib
+from sfd_jax.core import jit as jit_lib
 from sfd_jax.core import progress
 from sfd_jax.core import errors
 from sfd_jax.core.errors import ConfigError
@@ -447,12 +448,14 @@ def _write(out_dir: str, rows: np.ndarray, start: int, ext: str) -> None:
 
 def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: SamplingOptions,
                         out_dir: str, *, num_images: int, batch_size: int,
-                        devices=None) -> dict[str, Any]:
+                        devices=None, compiler_options=()) -> dict[str, Any]:
   """Samples ``num_images`` (labels as ``opts.labels``) into ``out_dir``; resumes;
   packs the npz and writes the labels of the N samples, in index order, to
   ``labels_<N>.npy``.
 
   ``batch_size`` is global; the batch is split over ``devices`` (default: all).
+  ``compiler_options``: XLA options of the sampling program as (name, value) pairs;
+  none given: ``core.jit.inference_options``' defaults (on CPU, Eigen dots).
   """
   os.makedirs(out_dir, exist_ok=True)
   cfg = model.cfg
@@ -476,7 +479,10 @@ def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: Sampl
     dec = LatentDecoder.merge(s_dec, pd) if pd is not None else None
     return generate(nnx.merge(g_model, pm), gd, dec, indices, labels, key, opts)
 
-  gen = jax.jit(generate_batch, out_shardings=(batch_sh, rep))
+  options = dict(jit_lib.inference_options(tuple(compiler_options)))
+  if options:
+    logging.info("sampling: XLA compiler options %s", options)
+  gen = jax.jit(generate_batch, out_shardings=(batch_sh, rep), compiler_options=options or None)
   ext = "png" if decoder is not None else "npy"
   t0, done_images, total_nfe = time.time(), 0, 0
   num_batches = -(-n // bs)
@@ -507,7 +513,8 @@ def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: Sampl
                  round(total_nfe / max(1, -(-done_images // bs))))
   process_barrier("sampling_done")
   result = {"num_images": n, "out_dir": out_dir, "images_per_sec_this_run":
-            done_images / max(time.time() - t0, 1e-9), "format": ext}
+            done_images / max(time.time() - t0, 1e-9), "format": ext,
+            "compiler_options": options}
   if jax.process_index() == 0:
     labels_path = os.path.join(out_dir, f"labels_{n}.npy")
     np.save(labels_path, sample_labels(np.arange(n), n, cfg.num_classes, opts,
@@ -607,7 +614,7 @@ def sample_from_config(config, workdir: str, devices=None) -> dict[str, Any]:
   result = sample_to_directory(
       model, guide, decoder, opts, os.path.join(workdir, "samples"),
       num_images=int(config.sample.num_images), batch_size=int(config.sample.batch_size),
-      devices=devices)
+      devices=devices, compiler_options=jit_lib.compiler_options(config.sample))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "sample_info.json"), "w") as f:
       json.dump({**result, "config": config.sample.to_dict()}, f, indent=2, default=str)

@@ -93,7 +93,8 @@ class DiTConfig:
   param_dtype: str = "float32"
   scan_blocks: bool = False
   remat_policy: str = "none"      # one of REMAT_POLICIES
-  attention_impl: str | None = None  # None/"auto" (models/attention.py), "xla", "cudnn"
+  # None/"auto" (models/attention.py), "xla", "xla_heads", "cudnn"
+  attention_impl: str | None = None
   # clock schedule (docs/clocks.md): the parts with their own timestep embedder, in
   # channel order (empty: the rule above — two embedders iff semantic_first), and the
   # parts with a learned clock: ((name, bins), ...) -> parameters clock_<name> [bins]

@@ -34,6 +34,7 @@ from absl import logging
 
 from sfd_jax import parallel
 from sfd_jax.core import images as images_lib
+from sfd_jax.core import jit as jit_lib
 from sfd_jax.core.errors import ConfigError
 from sfd_jax.diffusion import generation
 from sfd_jax.metrics import adm
@@ -139,9 +140,10 @@ class PeriodicEvaluator:
                                  generation.LatentDecoder.merge(s_dec, pd), indices, labels,
                                  key, opts)[0]
 
+    options = dict(jit_lib.inference_options(jit_lib.compiler_options(self.te)))
     self._gen = jax.jit(gen, in_shardings=(setup.state_shardings["ema"], rep, self.batch_sh,
                                            self.batch_sh, rep),
-                        out_shardings=self.batch_sh)
+                        out_shardings=self.batch_sh, compiler_options=options or None)
 
   def _features(self):
     te = self.te

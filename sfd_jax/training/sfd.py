@@ -16,7 +16,7 @@ patch embedder's input channels are expanded, everything else keeps its random i
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sfd_jax import parallel
 from sfd_jax.core import errors, trees
+from sfd_jax.core import jit as jit_lib
 from sfd_jax.data import schema as schema_lib
 from sfd_jax.data import stats as stats_lib
 from sfd_jax.diffusion import clocks as clocks_lib
@@ -178,13 +179,16 @@ def check_data(config: ml_collections.ConfigDict, model_cfg: DiTConfig) -> None:
 def build_setup(model_cfg: DiTConfig, obj_cfg: ObjectiveConfig, mesh: Mesh,
                 tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                 rules=parallel.DEFAULT_RULES, ema_decay: float = 0.9999, seed: int = 0,
-                strict_sharding: bool = False) -> TrainSetup:
-  """Sharded setup of a LightningDiT with an EMA copy (``params``/``opt_state``/``ema``)."""
+                strict_sharding: bool = False,
+                compiler_options: Mapping[str, Any] | None = None) -> TrainSetup:
+  """Sharded setup of a LightningDiT with an EMA copy (``params``/``opt_state``/``ema``);
+  ``compiler_options``: XLA options of its init / step / eval programs."""
   part = Part(build=lambda: LightningDiT(model_cfg, rngs=nnx.Rngs(seed)), tx=tx,
               schedule=schedule, ema_key="ema")
   return state_lib.build_setup([part], mesh, rules=rules, seed=seed,
                                strict_sharding=strict_sharding, model_cfg=model_cfg,
-                               obj_cfg=obj_cfg, ema_decay=ema_decay)
+                               obj_cfg=obj_cfg, ema_decay=ema_decay,
+                               compiler_options=compiler_options)
 
 
 def build(config: ml_collections.ConfigDict, devices=None) -> TrainSetup:
@@ -196,7 +200,8 @@ def build(config: ml_collections.ConfigDict, devices=None) -> TrainSetup:
   setup = build_setup(model_cfg, obj_cfg, mesh, tx, schedule,
                       rules=config.get("sharding_rules") or parallel.DEFAULT_RULES,
                       ema_decay=config.ema_decay, seed=config.seed,
-                      strict_sharding=config.get("strict_sharding", False))
+                      strict_sharding=config.get("strict_sharding", False),
+                      compiler_options=dict(jit_lib.compiler_options(config)))
   for note in setup.sharding_notes:
     logging.warning("sharding: %s", note)
   return setup
