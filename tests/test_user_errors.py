@@ -597,6 +597,18 @@ def test_internal_errors_keep_their_traceback():
                     errors.ResourceError)
 
 
+def _raised_in(filename: str, message: str) -> Exception:
+  """An exception whose traceback has a frame in ``filename`` (a library's path)."""
+  scope = {}
+  exec(compile(f"def fail():\n  raise ValueError({message!r})\n", filename, "exec"),  # pylint: disable=exec-used
+       scope)
+  try:
+    scope["fail"]()
+  except ValueError as e:
+    return e
+  raise AssertionError("unreachable")
+
+
 def test_failed_library_tasks_log_one_line():
   """asyncio's "Task exception was never retrieved" for a failed Orbax write (logged by
   asyncio whenever the task is collected, so in CI sometimes before the error line and
@@ -606,17 +618,11 @@ def test_failed_library_tasks_log_one_line():
   from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
 
   def record_for(filename):
-    code = compile("def write():\n  raise ValueError('OUT_OF_RANGE: Failed writing')\n",
-                   filename, "exec")
-    scope = {}
-    exec(code, scope)  # pylint: disable=exec-used
-    try:
-      scope["write"]()
-    except ValueError:
-      exc_info = sys.exc_info()
+    exc = _raised_in(filename, "OUT_OF_RANGE: Failed writing")
     return logging.LogRecord(
         "asyncio", logging.ERROR, "/usr/lib/python3/asyncio/base_events.py", 1771,
-        "Task exception was never retrieved\nfuture: <Task finished>", (), exc_info)
+        "Task exception was never retrieved\nfuture: <Task finished>", (),
+        (type(exc), exc, exc.__traceback__))
 
   flt = errors._OneLineLibraryErrors()  # pylint: disable=protected-access
   lib = record_for("/site-packages/orbax/checkpoint/_src/serialization/serialization.py")
@@ -636,14 +642,8 @@ def test_failed_library_coroutines_print_nothing():
   hook = errors._quiet_unraisable(seen.append)  # pylint: disable=protected-access
 
   def unraisable_from(filename):
-    code = compile("def read():\n  raise Exception('Encountered error while reading')\n",
-                   filename, "exec")
-    scope = {}
-    exec(code, scope)  # pylint: disable=exec-used
-    try:
-      scope["read"]()
-    except Exception as e:  # pylint: disable=broad-except
-      return type("U", (), {"exc_value": e, "object": None})()
+    exc = _raised_in(filename, "Encountered error while reading")
+    return type("U", (), {"exc_value": exc, "object": None})()
 
   hook(unraisable_from("/site-packages/orbax/checkpoint/_src/serialization/x.py"))
   assert not seen

@@ -31,8 +31,9 @@ def jitted(fn, static_argnums: tuple[int, ...] = (),
 # XLA:CPU hands dots to YNNPACK fusions by default. For the inference programs (sampling
 # with guidance, texture-VAE decoding) its Eigen path measured 25-30 % faster on the
 # project's 2-core CPU at the benchmark sizes, while the train step was as fast or
-# faster with YNNPACK (docs/benchmarks.md, "XLA:CPU dot backend"). An empty fusion-type
-# list turns the YNNPACK fusions off for one compilation.
+# faster with YNNPACK (docs/benchmarks.md, "CPU: heads-major attention and Eigen dots
+# for inference"). An empty fusion-type list turns the YNNPACK fusions off for one
+# compilation.
 CPU_INFERENCE_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
 
 
