@@ -159,10 +159,7 @@ def _torch_worker(args) -> None:
   for line in sys.stdin:
     if line.strip() != "call":
       break
-    c0, t0 = time.process_time(), time.perf_counter()
-    value = call()
-    print(json.dumps({"t": time.perf_counter() - t0, "cpu": time.process_time() - c0,
-                      "value": value}), file=out, flush=True)
+    print(json.dumps(_timed(call)), file=out, flush=True)
 
 
 class _TorchProcess:
@@ -328,9 +325,10 @@ def interleave(ref_call, jax_call, *, warmup: int, iters: int, log=print):
 
 
 def _timed(fn) -> dict:
+  """One call of ``fn``: wall and process CPU seconds, and what it returned."""
   c0, t0 = time.process_time(), time.perf_counter()
-  fn()
-  return {"t": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+  value = fn()
+  return {"t": time.perf_counter() - t0, "cpu": time.process_time() - c0, "value": value}
 
 
 def main(argv=None) -> None:

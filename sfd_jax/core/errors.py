@@ -458,10 +458,14 @@ class _QuietStream:
 _LIBRARIES = ("orbax", "tensorstore")
 
 
+def _library_file(path: str) -> bool:
+  return any(lib in path for lib in _LIBRARIES)
+
+
 def _raised_in_library(exc) -> bool:
   tb = getattr(exc, "__traceback__", None)
   while tb is not None:
-    if any(lib in tb.tb_frame.f_code.co_filename for lib in _LIBRARIES):
+    if _library_file(tb.tb_frame.f_code.co_filename):
       return True
     tb = tb.tb_next
   return False
@@ -471,10 +475,8 @@ def _from_library(record) -> bool:
   """The record was logged by Orbax / TensorStore, or carries an exception raised inside
   them (asyncio's "Task exception was never retrieved" for a failed Orbax write task is
   logged from asyncio itself, some time later, whenever the task is collected)."""
-  path = getattr(record, "pathname", "") or ""
-  if any(lib in path for lib in _LIBRARIES):
-    return True
-  return _raised_in_library(record.exc_info[1] if record.exc_info else None)
+  return (_library_file(getattr(record, "pathname", "") or "")
+          or _raised_in_library(record.exc_info[1] if record.exc_info else None))
 
 
 def _quiet_unraisable(previous):

@@ -10,8 +10,8 @@ dtype (``select_impl``); ``"xla"``, ``"xla_heads"`` and ``"cudnn"`` force one:
   q/k/v transposed once to ``[N, heads, T, hd]``, two batched dots with the batch
   dimensions leading, softmax in float32, one transpose back. Same dtypes and precision
   as ``"xla"``; float32 outputs agreed bit for bit in the benchmark runs and gradients to
-  float32 rounding (the tests allow 1e-6 / 1e-5). On the 2-core CPU the forward is ≈ 2× faster at the tiny/S benchmark sizes
-  (docs/benchmarks.md).
+  float32 rounding (the tests allow 1e-6 / 1e-5). On the 2-core CPU the forward is ≈ 2×
+  faster at the tiny/S benchmark sizes (docs/benchmarks.md).
 * ``"cudnn"``: the fused flash-attention kernel behind ``jax.nn.dot_product_attention``.
 
 ``"auto"`` chooses ``"cudnn"`` on NVIDIA GPUs of compute capability ≥ 8.0 when q/k/v
