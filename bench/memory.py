@@ -67,9 +67,10 @@ def batch_sharded_blocks(mesh):
   sharding = NamedSharding(mesh, P(parallel.BATCH_AXES))
   original = lightning_dit.Block.__call__
 
-  def constrained(self, x, c, rope):
+  def constrained(self, x, c, rope, attention_sharding=None):
     x = jax.lax.with_sharding_constraint(x, sharding)
-    return jax.lax.with_sharding_constraint(original(self, x, c, rope), sharding)
+    return jax.lax.with_sharding_constraint(original(self, x, c, rope, attention_sharding),
+                                            sharding)
 
   lightning_dit.Block.__call__ = constrained
   try:

@@ -31,7 +31,7 @@ from bench.flops import forward_flops
 EMA_DECAY = 0.9999   # the recipe's (configs/common.py base_config)
 
 REMATS = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
-ATTENTION = ("auto", "xla", "xla_heads", "cudnn")
+ATTENTION = ("auto", "xla", "xla_heads", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,7 +93,7 @@ class DiTConfig:
   param_dtype: str = "float32"
   scan_blocks: bool = False
   remat_policy: str = "none"      # one of REMAT_POLICIES
-  # None/"auto" (models/attention.py), "xla", "xla_heads", "cudnn"
+  # None/"auto" (models/attention.py), "xla", "xla_heads", "cudnn", "splash"
   attention_impl: str | None = None
   # clock schedule (docs/clocks.md): the parts with their own timestep embedder, in
   # channel order (empty: the rule above — two embedders iff semantic_first), and the
@@ -401,7 +401,9 @@ class Attention(nnx.Module):
     self.k_norm = _qk_norm(cfg, rngs)
     self.proj = L.Dense(d, d, ("heads", "embed"), dtype=dt, param_dtype=pdt, rngs=rngs)
 
-  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
+               sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+    """``sharding``: the activations' sharding (places the splash kernel per device)."""
     n, t, _ = x.shape
     qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -409,7 +411,8 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = attn_lib.dot_product_attention(q, k, v.astype(q.dtype), impl=self.impl)
+    out = attn_lib.dot_product_attention(q, k, v.astype(q.dtype), impl=self.impl,
+                                         sharding=sharding)
     # The residual the "save_attn_out" remat policy keeps (everything else is recomputed).
     out = checkpoint_name(out, "attn_out")
     return self.proj(out.reshape(n, t, -1))
@@ -458,7 +461,8 @@ class Block(nnx.Module):
                                     dtype=_dtype(cfg.dtype), param_dtype=pdt,
                                     kernel_init=L.zeros, rngs=rngs)
 
-  def __call__(self, x: jax.Array, c: jax.Array, rope) -> jax.Array:
+  def __call__(self, x: jax.Array, c: jax.Array, rope,
+               sharding: jax.sharding.Sharding | None = None) -> jax.Array:
     mod = self.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32)
     # [N, 6D] -> [N, 6, D] then index (not jnp.split): with the 6D axis sharded over
     # "tensor", XLA's CPU SPMD partitioner mis-partitions the gradient of split slices on
@@ -470,7 +474,7 @@ class Block(nnx.Module):
     else:
       mod = mod.reshape(mod.shape[0], 6, -1)
       sh_a, sc_a, g_a, sh_m, sc_m, g_m = (mod[:, i] for i in range(6))
-    h = self.attn(modulate(self.norm1(x), sh_a, sc_a), rope)
+    h = self.attn(modulate(self.norm1(x), sh_a, sc_a), rope, sharding)
     x = x + g_a[:, None, :] * h
     h = self.mlp(modulate(self.norm2(x), sh_m, sc_m))
     return x + g_m[:, None, :] * h
@@ -604,7 +608,8 @@ class LightningDiT(nnx.Module):
     x = tok.reshape(n, g, g, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(n, g * p, g * p, cfg.out_channels)
 
-  def _run_blocks(self, x, c, rope, start: int, stop: int, collect=None, constrain=None):
+  def _run_blocks(self, x, c, rope, start: int, stop: int, collect=None, constrain=None,
+                  sharding=None):
     """Applies blocks[start:stop] to x (scanned or unrolled)."""
     if stop <= start:
       return x
@@ -613,7 +618,7 @@ class LightningDiT(nnx.Module):
 
     def one(x, block_state):
       blk = nnx.merge(graphdef, block_state)
-      return constrain(blk(x, c, rope))
+      return constrain(blk(x, c, rope, sharding))
 
     if cfg.remat_policy != "none":
       one = jax.checkpoint(one, policy=_remat_policy(cfg.remat_policy))
@@ -657,9 +662,10 @@ class LightningDiT(nnx.Module):
     collect = [] if return_intermediates else None
     want_repa = (return_repa or return_intermediates) and cfg.use_repa
     split = cfg.repa_depth if want_repa else 0
-    h = self._run_blocks(h, c, rope, 0, split, collect, constrain)
+    h = self._run_blocks(h, c, rope, 0, split, collect, constrain, activation_sharding)
     repa = constrain(self.repa_projector(h).astype(jnp.float32)) if want_repa else None
-    h = self._run_blocks(h, c, rope, split, cfg.depth, collect, constrain)
+    h = self._run_blocks(h, c, rope, split, cfg.depth, collect, constrain,
+                         activation_sharding)
     tok = self.final_layer(h, c).astype(jnp.float32)
     v = self.unpatchify(tok)
     if return_intermediates:
