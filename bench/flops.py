@@ -13,7 +13,9 @@ norms, RoPE, softmax and other elementwise work are left out):
 * train step = 3 × forward (forward + backward, model FLOPs; recomputation under a
   remat policy is extra hardware work and is not counted, as is usual for MFU).
 
-``python -m bench.flops`` prints the table for B, XL and XXL and, unless ``--no-xla``,
+The counter itself is ``sfd_jax.planning.flops`` (``--mode=plan`` compares it with the
+compiled TPU programs); this script re-exports it. ``python -m bench.flops`` prints the
+table for B, XL and XXL and, unless ``--no-xla``,
 compares each with ``jax.jit(forward).lower(...).compile().cost_analysis()["flops"]`` of
 the unrolled float32 forward (compile only, abstract inputs: nothing is allocated).
 XLA counts while-loop bodies once, so the check always uses ``scan_blocks=False``.
@@ -24,57 +26,8 @@ import argparse
 import dataclasses
 
 from bench import common
-
-TIMESTEP_FREQ_DIM = 256   # sinusoidal features of the timestep embedders
-
-
-@dataclasses.dataclass(frozen=True)
-class FlopCount:
-  """Forward FLOPs of one image, by part."""
-  blocks_linear: float      # qkv, projection, SwiGLU of all blocks, all tokens
-  attention: float          # scores and weighted sum of all blocks, all tokens
-  adaln: float              # block and final adaLN modulations (per image)
-  embedders: float          # patch embedder + final Linear (per token), t-embedders
-  repa: float               # REPA projector (0 when not counted)
-
-  @property
-  def total(self) -> float:
-    return self.blocks_linear + self.attention + self.adaln + self.embedders + self.repa
-
-  @property
-  def train_step(self) -> float:
-    """Forward + backward model FLOPs of one training example (3 × forward)."""
-    return 3.0 * self.total
-
-  def as_dict(self) -> dict[str, float]:
-    return {**dataclasses.asdict(self), "total": self.total, "train_step": self.train_step}
-
-
-def forward_flops(cfg, *, repa: bool = True) -> FlopCount:
-  """Analytic forward FLOPs per image of a ``DiTConfig`` (see the module docstring).
-
-  Args:
-    cfg: ``sfd_jax.models.lightning_dit.DiTConfig``.
-    repa: count the REPA projector (training forward); only if ``cfg.use_repa``.
-  """
-  d, h, t = cfg.hidden_size, cfg.mlp_hidden, cfg.num_tokens
-  p2 = cfg.patch_size ** 2
-  per_token_linear = 2 * (d * 3 * d + d * d + d * 2 * h + h * d)
-  blocks_linear = cfg.depth * t * per_token_linear
-  attention = cfg.depth * t * 4 * t * d
-  adaln = cfg.depth * 2 * d * 6 * d + 2 * d * 2 * d
-  if cfg.semantic_first:
-    widths = (d // 2, d - d // 2)
-  else:
-    widths = (d,)
-  t_embed = sum(2 * (TIMESTEP_FREQ_DIM * w + w * w) for w in widths)
-  embedders = t * 2 * (p2 * cfg.in_channels * d + d * p2 * cfg.out_channels) + t_embed
-  repa_flops = 0
-  if repa and cfg.use_repa:
-    p, r = cfg.repa_projector_dim, cfg.repa_dim
-    repa_flops = t * 2 * (d * p + p * p + p * r)
-  return FlopCount(float(blocks_linear), float(attention), float(adaln), float(embedders),
-                   float(repa_flops))
+from sfd_jax.planning.flops import (TIMESTEP_FREQ_DIM, FlopCount,  # noqa: F401
+                                   forward_flops)
 
 
 def xla_forward_flops(cfg, *, batch: int = 2, repa: bool = True) -> float:

@@ -9,7 +9,8 @@ Configs that other configs build on keep their bodies here: ``base_config`` / ``
 (SFD training), ``semvae_config``, ``texture_vae_config`` (with its GAN recipes) and
 ``encode_config``; the blocks they repeat are ``adamw`` (optimizer), ``loop_fields`` (run
 length, logging, checkpoints), ``sampling_fields`` (guidance, labels and solver options of
-sampling sections), ``mesh_config``, ``vae_run_fields`` and ``texture_gan_loss``.
+sampling sections), ``mesh_config``, ``plan_fields`` (``--mode=plan``), ``vae_run_fields``
+and ``texture_gan_loss``.
 """
 import ml_collections
 
@@ -104,6 +105,28 @@ def mesh_config(data: int, fsdp: int, tensor: int = 1) -> ml_collections.ConfigD
   return m
 
 
+def plan_fields(**fields) -> ml_collections.ConfigDict:
+  """``config.plan``: ``--mode=plan`` (compile for a TPU topology without TPUs;
+  ``sfd_jax.planning.plan``, docs/scale.md); ``fields`` replace defaults."""
+  p = ml_collections.ConfigDict()
+  p.topology = "v5p:2x2x2"        # GENERATION:AxB[xC]: v4 / v5p (3-D), v5e / v6e (2-D)
+  p.num_slices = 1                # > 1: multi-slice (slices joined over DCN)
+  p.programs = "auto"             # auto (what the config runs) | train,sample | vae_train | encode
+  p.batch_sizes = ""              # global batches of the train step, e.g. "256,512" ("": config's)
+  p.remat_policies = ""           # DiT remat policies to compile, e.g. "none,full" ("": config's)
+  p.search_max_batch = True       # per policy / program: the largest global batch that fits
+  p.search_compiles = 4           # compiles per search after the first
+  p.search_limit = 16384          # largest global batch tried
+  p.search_tolerance = 0.05       # stop when the fitting / failing batches are this close
+  p.hbm_gib = 0.0                 # HBM per chip (0: what the TPU compiler makes available)
+  p.guide_variant = "B"           # autoguidance: the guide's size (the paper's B/1)
+  p.decoder_preset = "f16d32"     # sample.texture_vae set: the decoder's architecture
+  p.feature_tokens = 256          # SemVAE: tokens per input (DINOv2 at 224 px, patch 14)
+  p.attention_baseline = "xla"    # splash chosen: also compile with this one ("": no)
+  p.update(fields)
+  return p
+
+
 def vae_run_fields(arg, *, data: str, batch_size: int, num_train_steps: int,
                    checkpoint_every_steps: int, keep_period: int, extra_options=None):
   """``(opts, config)`` of a VAE training config: its options ``data`` (default ``data``),
@@ -121,6 +144,7 @@ def vae_run_fields(arg, *, data: str, batch_size: int, num_train_steps: int,
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 2000       # with data.eval_path set
   c.eval.max_examples = 0         # 0 = the whole evaluation set
+  c.plan = plan_fields()          # --mode=plan
   return opts, c
 
 
@@ -163,7 +187,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.model.param_dtype = "float32"
   c.model.scan_blocks = True      # lax.scan over blocks (same params as unrolled)
   c.model.remat_policy = "none"   # none | full | dots | dots_no_batch | save_attn_out
-  c.model.attention_impl = ""     # "" = auto, "xla", "xla_heads", "cudnn"
+  c.model.attention_impl = ""     # "" = auto, "xla", "xla_heads", "cudnn", "splash" (TPU)
 
   # --- objective (sfd_jax.diffusion.objective.ObjectiveConfig) ----------------------
   c.objective = ml_collections.ConfigDict()
@@ -285,6 +309,9 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.export.formats = "orbax,safetensors"  # subset of orbax, safetensors, npz
   c.export.dst = ""               # "" = <workdir>/export/<step>-<weights>-<dtype>
   c.export.overwrite = False      # replace an earlier export in dst
+
+  # --- ahead-of-time TPU plan (--mode=plan; docs/scale.md) -------------------------
+  c.plan = plan_fields()
 
   if recipe == "80ep":            # later release: configs/sfd/lightningdit_xl/train_80ep_lr2e-4
     c.optimizer.lr = 2e-4
@@ -522,4 +549,5 @@ def encode_config(arg=None) -> ml_collections.ConfigDict:
   c.job.compression = "uncompressed"
   c.job.debug_stop_after_shards = -1   # testing: stop after writing this many shards
   c.job.compiler_options = ml_collections.ConfigDict()  # XLA options of the jitted steps
+  c.plan = plan_fields()          # --mode=plan (the encode program on one host's chips)
   return c

@@ -5,7 +5,8 @@
 
 Modes (one job module each, ``sfd_jax/jobs/``): train (default), sample, eval, export,
 encode (images → latent dataset), extract (SemVAE training features), train_semvae,
-train_texture_vae, demo. Launched as several
+train_texture_vae, demo, plan (compile for a TPU topology without TPUs: HBM per chip, what
+fits; docs/scale.md). Launched as several
 processes (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID
 set), it initialises ``jax.distributed`` first; on one process it runs as is.
 
@@ -36,6 +37,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "train_texture_vae": ("train_vae", "run_texture_vae"),
     "eval_tokenizer": ("eval_tokenizer", "run"),
     "demo": ("demo", "run"),
+    "plan": ("plan", "run"),
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (path[:args])",

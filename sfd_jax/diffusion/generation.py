@@ -35,6 +35,7 @@ from sfd_jax.core import progress
 from sfd_jax.core import errors
 from sfd_jax.core.errors import ConfigError
 from sfd_jax.diffusion import clocks, guidance, samplers
+from sfd_jax.models import attention
 from sfd_jax.parallel.multihost import gather, process_barrier
 
 
@@ -500,7 +501,8 @@ def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: Sampl
     ind = jax.device_put(jnp.asarray(idx, jnp.int32), batch_sh)
     lab = jax.device_put(jnp.asarray(labels), batch_sh)
     key = jax.random.fold_in(jax.random.key(opts.seed + 1), b)
-    imgs, nfe = gen(p_model, p_guide, p_dec, ind, lab, key)
+    with attention.use_mesh(mesh):   # the splash kernel (TPU) is placed per device
+      imgs, nfe = gen(p_model, p_guide, p_dec, ind, lab, key)
     _write(out_dir, gather(imgs)[:len(real)], start, ext)
     done_images += len(real)
     total_nfe += int(nfe)

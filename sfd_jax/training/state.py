@@ -277,18 +277,27 @@ def freeze(setup: TrainSetup, nets: Mapping[str, nnx.Module]) -> dict[str, Froze
 
   Each weight is sharded as a parameter of the same logical axes would be (replicated
   where a rule maps to no mesh axis); built from host copies with
-  ``jax.make_array_from_callback``, so it works on several processes.
+  ``jax.make_array_from_callback``, so it works on several processes. A network built
+  with ``nnx.eval_shape`` (no weights) gets abstract weights (``ShapeDtypeStruct``s
+  with their shardings): enough to lower and compile the step, e.g. for another device
+  kind (``sfd_jax.planning``).
   """
   out = {}
   for name, net in nets.items():
     graphdef, state = nnx.split(net)
-    host = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+    pure = nnx.to_pure_dict(state)
+    abstract_net = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(pure))
+    host = pure if abstract_net else jax.tree.map(np.asarray, pure)
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
     shardings = parallel.tree_shardings(host, specs, [tuple(r) for r in setup.rules],
                                         setup.mesh)
-    weights = jax.tree.map(
-        lambda a, sh: jax.make_array_from_callback(a.shape, sh, lambda idx, a=a: a[idx]),
-        host, shardings)
+    if abstract_net:
+      weights = jax.tree.map(
+          lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), host, shardings)
+    else:
+      weights = jax.tree.map(
+          lambda a, sh: jax.make_array_from_callback(a.shape, sh, lambda idx, a=a: a[idx]),
+          host, shardings)
     abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state)
     out[name] = FrozenNet(graphdef, abstract, weights, shardings)
   return out

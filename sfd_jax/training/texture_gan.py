@@ -236,8 +236,13 @@ class GANTrainer:
 
 
 def build(cfg: ml_collections.ConfigDict, mesh: Mesh, model_cfg,
-          compiler_options=None) -> GANTrainer:
-  """Parts, shardings, frozen networks and the jitted two-optimizer step of ``cfg``."""
+          compiler_options=None, frozen_nets: dict[str, nnx.Module] | None = None
+          ) -> GANTrainer:
+  """Parts, shardings, frozen networks and the jitted two-optimizer step of ``cfg``.
+
+  ``frozen_nets``: the frozen networks to use instead of those of ``frozen_networks``
+  (e.g. ``nnx.eval_shape`` instances to compile the step without weights).
+  """
   seed = int(cfg.seed)
   gcfg = loss_config(cfg.loss)
   vf = vf_settings(cfg, model_cfg)
@@ -261,7 +266,8 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh, model_cfg,
       parts, mesh, rules=cfg.get("sharding_rules") or parallel.DEFAULT_RULES, seed=seed,
       strict_sharding=bool(cfg.get("strict_sharding", False)), model_cfg=model_cfg,
       obj_cfg=gcfg, ema_decay=ema if ema > 0 else None, compiler_options=compiler_options)
-  frozen = state_lib.freeze(core, frozen_networks(cfg, gcfg, vf))
+  nets = frozen_networks(cfg, gcfg, vf) if frozen_nets is None else frozen_nets
+  frozen = state_lib.freeze(core, nets)
   step = step_lib.make_train_step(core, make_losses(core, gcfg, vf), frozen=frozen)
   return GANTrainer(core, step, gcfg, vf)
 

@@ -234,13 +234,15 @@ class VAESetup:
     return create_train_state(self.core, given)
 
 
-def _make_setup(kind: str, cfg: ml_collections.ConfigDict, mesh: Mesh) -> VAESetup:
+def _make_setup(kind: str, cfg: ml_collections.ConfigDict, mesh: Mesh,
+                frozen_nets=None) -> VAESetup:
   model_cfg = model_config(cfg, kind)
   seed = int(cfg.seed)
   options = cfg.get("compiler_options")
   options = options.to_dict() if options else None
   if kind == "texture_vae" and texture_gan.uses_gan_objective(cfg.loss):
-    gan = texture_gan.build(cfg, mesh, model_cfg, compiler_options=options)
+    gan = texture_gan.build(cfg, mesh, model_cfg, compiler_options=options,
+                            frozen_nets=frozen_nets)
     core, step = gan.core, gan.step
   else:
     tx, schedule = optim.make_optimizer(cfg.optimizer)
@@ -271,16 +273,21 @@ def _cached_setup(kind: str, fingerprint: str, mesh: Mesh) -> VAESetup:
   return _make_setup(kind, ml_collections.ConfigDict(json.loads(fingerprint)), mesh)
 
 
-def build_setup(config: ml_collections.ConfigDict, kind: str, devices=None) -> VAESetup:
+def build_setup(config: ml_collections.ConfigDict, kind: str, devices=None,
+                frozen_nets=None) -> VAESetup:
   """Mesh, optimizer, shardings and jitted functions for ``config`` (validated).
 
   Setups are cached per (model, loss, optimizer, seed, sharding) settings and mesh, so
   a second run in the same process (a resume, a test) reuses the compiled step.
+  ``frozen_nets``: the GAN recipe's frozen networks to use instead of loading them
+  (``texture_gan.build``; not cached).
   """
   if kind not in KINDS:
     raise ValueError(f"model kind {kind!r} not one of {KINDS}")
   mesh = parallel.make_mesh(config.mesh.to_dict(), devices)
   parallel.check_batch(int(config.batch_size), mesh)
+  if frozen_nets is not None:
+    return _make_setup(kind, config, mesh, frozen_nets)
   fingerprint = json.dumps({
       "model": config.model.to_dict(), "loss": config.loss.to_dict(),
       "optimizer": config.optimizer.to_dict(), "seed": int(config.seed),
