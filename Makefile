@@ -33,6 +33,7 @@ demo-clocks: setup
 	$(VENV)/bin/python main.py --config=configs/demo.py:clocks=1 --mode=demo --workdir=$(WORKDIR)_clocks
 
 test: setup
+	@bash .ci/run tpu-compiler
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 clean-demo:
