@@ -529,6 +529,8 @@ def make_plan(config, workdir: str) -> dict[str, Any]:
         report["problems"].append(str(e))
         _write(workdir, report)
     search = None
+    if not rows:          # it could not be built at its configured batch (problem noted)
+      continue
     if program.searchable and s.search_max_batch:
       search = search_max_batch(program, rows, compile_at, s, capacity)
       report["searches"].append(search)
