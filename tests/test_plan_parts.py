@@ -1,10 +1,12 @@
-"""The optimized-HLO reader of --mode=plan (sfd_jax.planning.hlo): loop trip counts,
-collectives, matmul FLOPs, whole-batch arrays. No TPU compiler needed."""
+"""The parts of --mode=plan that need no TPU compiler: the optimized-HLO reader
+(sfd_jax.planning.hlo: loop trip counts, collectives, matmul FLOPs, whole-batch arrays),
+the largest-batch search, topology names and config.plan checks."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
-from sfd_jax.planning import hlo
+from sfd_jax.planning import hlo, plan, programs, tpu
 
 # A hand-written per-device module: a loop counter stepping by 2 up to 8 (4 trips) whose
 # body does a dot and an async all-reduce; an all-gather, a padded convolution and a
@@ -103,3 +105,69 @@ def test_array_shapes_of_a_result_type():
   assert hlo.arrays("(bf16[2,3]{1,0}, u32[], f32[5]{0})") == [
       ("bf16", (2, 3)), ("u32", ()), ("f32", (5,))]
   assert hlo.nbytes("(bf16[2,3]{1,0}, s32[4])") == 2 * 3 * 2 + 4 * 4
+
+
+def _program(batch=256, unit=8):
+  return programs.Program(name="train", title="t", batch=batch, batch_field="config.batch_size",
+                          batch_unit=unit, lower=None, settings={"remat": "none"})
+
+
+def _settings(**kw):
+  return plan.Settings(**{**plan.DEFAULTS, "programs": ("train",), "batch_sizes": (),
+                          "remat_policies": (), **kw})
+
+
+@pytest.mark.parametrize("per_row,fixed,cap,want", [
+    (0.1, 1.3, 95.74, 944),      # XL-like on v5p: fits up to (95.74 - 1.3) / 0.1 = 944.4
+    (0.1, 1.3, 15.75, 144),      # the same on v5e: 144.5 -> 144 (multiple of 8)
+    (0.5, 2.0, 15.75, 24),       # nothing fits at 256: halves, then extrapolates down
+])
+def test_search_finds_the_largest_batch_with_few_compiles(per_row, fixed, cap, want):
+  """A linear memory model (what the compiled steps show): the search brackets the
+  boundary within the tolerance and the batch it reports fits."""
+  compiled = []
+
+  def compile_at(b):
+    compiled.append(b)
+    total = fixed + per_row * b
+    fits = total <= cap
+    row = {"fits": fits, "compiled": fits, "total_gib": total, "temp_gib": total - fixed}
+    if not fits:   # the compiler rejects it, saying what it asked for
+      row = {"fits": False, "compiled": False, "required_temp_gib": total - fixed}
+    return row
+
+  s = _settings(search_compiles=6, search_tolerance=0.05)
+  out = plan.search_max_batch(_program(), {}, compile_at, s, cap)
+  best = max(b for b in compiled if fixed + per_row * b <= cap)
+  assert out["max_batch"] == best and best % 8 == 0
+  assert want * 0.95 <= best <= want
+  assert out["first_failing"] - best <= max(8, 0.05 * best) + 8
+  assert out["compiles"] == len(compiled) <= 6
+
+
+def test_topology_names():
+  t = tpu.parse_topology("v5p:2x2x4", 2)
+  assert (t.chips, t.chip.device_kind, t.label) == (32, "TPU v5", "v5p:2x2x4 x2 slices")
+  assert tpu.parse_topology(" v6e : 4x4 ").name == "v6e:4x4"
+  for bad, text in [("v5e:2x2x2", "TPU v5e slices have 2 dimensions"),
+                    ("tpu-v5p-8", "expected GENERATION:AxB[xC]"),
+                    ("v9:2x2", "unknown TPU generation 'v9'")]:
+    with pytest.raises(tpu.PlanError, match=text.replace("[", r"\[").replace("]", r"\]")):
+      tpu.parse_topology(bad)
+  with pytest.raises(tpu.PlanError, match="num_slices must be an integer >= 1"):
+    tpu.parse_topology("v5e:2x2", 0)
+
+
+def test_plan_settings_are_checked():
+  config = ml_collections.ConfigDict({"plan": dict(plan.DEFAULTS)})
+  assert plan.settings(config, "sfd").programs == ("train", "sample")
+  assert plan.settings(config, "encode").programs == ("encode",)
+  config.plan.batch_sizes = "256, 512"
+  assert plan.settings(config, "sfd").batch_sizes == (256, 512)
+  config.plan.programs = "encode"
+  with pytest.raises(tpu.PlanError, match=r"\['encode'\] are not programs of this config"):
+    plan.settings(config, "sfd")
+  config.plan.programs = "auto"
+  config.plan.batch_sizes = "256,x"
+  with pytest.raises(tpu.PlanError, match="config.plan.batch_sizes='256,x'"):
+    plan.settings(config, "sfd")
