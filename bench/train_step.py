@@ -4,7 +4,7 @@
       --per-device-batch 256,128,64 --dtype bfloat16
 
 Each run ``VARIANT[:REMAT[:ATTENTION]][@B1/B2]`` (remat: none | full | dots | dots_no_batch |
-save_attn_out; attention: auto | xla | cudnn) builds the real train state and step
+save_attn_out; attention: auto | xla | xla_heads | cudnn | splash) builds the real train state and step
 (``sfd_jax.training.sfd``: AdamW, EMA, semantic-first loss with cosine and REPA terms) on a
 mesh over all local devices (``--mesh``, FSDP by default), then:
 

@@ -21,13 +21,18 @@ dtype (``select_impl``); ``"xla"``, ``"xla_heads"``, ``"cudnn"`` and ``"splash"`
   takes any head dimension as its full minor block (XL's 72 compiles on v4, v5e, v5p and
   v6e), so nothing is padded. Under a mesh it runs per device inside ``shard_map``
   (batch over the batch mesh axes, heads over ``tensor`` when they divide); off TPU it
-  runs in Pallas interpret mode (slow: tests and debugging only).
+  runs in Pallas interpret mode (slow: tests and debugging only). Memory: for the
+  backward pass it keeps q, k, v, the output and the softmax statistics, the latter 128
+  lanes wide in float32 ([heads, T, 128] per example); for XL at 32 rows per chip that is
+  1.8 GiB more HBM per chip than the XLA path (docs/scale.md, plan of XL on v5p:2x2x2).
 
 ``"auto"`` chooses ``"cudnn"`` on NVIDIA GPUs of compute capability ≥ 8.0 when q/k/v
 are bfloat16 or float16 and the head dimension is a multiple of 8 and at most 128 —
 cuDNN's constraints; LightningDiT's head_dim 64 (S, B, L, XXL) and 72 (XL) qualify in
 bf16. On TPUs it chooses ``"splash"`` when the kernel supports the shapes
-(``splash_unsupported``: sequence a multiple of 128, head_dim ≤ 256, bf16/f32) and the
+(``splash_unsupported``: sequence a multiple of 128, head_dim ≤ 256, bf16/f32; not bf16
+under ``jax_default_matmul_precision="highest"``, whose f32 contraction Mosaic rejects
+for bf16 operands) and the
 mesh is known — passed as the activation sharding (the trainer does), set with
 ``use_mesh`` (the sampling program) or with ``jax.set_mesh`` (the in-training
 evaluation) — so that the kernel can be placed per device; otherwise ``"xla"``. On CPUs it chooses ``"xla_heads"``. Everywhere else (float32 or
