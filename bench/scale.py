@@ -182,10 +182,12 @@ def write_doc(reports: list[dict]) -> None:
             "batch is where the line through the two measured batches nearest the "
             "boundary reaches the chip's HBM, until the largest batch that fits and the "
             "smallest that does not are within 5 %, or 3 more compiles are spent; 'first "
-            "not fitting' is the smallest batch seen to fail (`–`: none tried).", "",
+            "not fitting' is the smallest batch seen to fail (`–`: the compiles were spent "
+            "on batches that fit, so the largest one is a lower bound; 'of HBM' says how "
+            "close it is).", "",
             "| model | remat | topology | chips | largest fitting batch | per chip "
-            "| its live total GiB | first not fitting | compiles |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| its live total GiB | of HBM | first not fitting | compiles |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
   searches = [(rep, s) for rep in main for s in rep.get("searches", [])]
   searches.sort(key=lambda x: (x[0]["config"], x[1]["remat"] or "",
                                order.get(x[0]["topology"]["name"], 99)))
@@ -194,8 +196,10 @@ def write_doc(reports: list[dict]) -> None:
     variant = rep["config"].split()[-1]
     fit = "none" if s["max_batch"] is None else str(s["max_batch"])
     per = "–" if s["per_chip_max_batch"] is None else f"{s['per_chip_max_batch']:g}"
+    total = s.get("max_batch_total_gib")
+    share = "–" if total is None else f"{total / rep['capacity_gib'] * 100:.0f} %"
     lines.append(f"| {variant} | {s['remat']} | {t['name']} | {t['chips']} | {fit} | {per} "
-                 f"| {_gib(s.get('max_batch_total_gib'))} "
+                 f"| {_gib(total)} | {share} "
                  f"| {s['first_failing'] if s['first_failing'] else '–'} | {s['compiles']} |")
   for rep in reports:
     if not rep["settings"].get("attention_baseline"):
