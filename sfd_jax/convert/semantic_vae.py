@@ -30,6 +30,7 @@ import numpy as np
 
 from sfd_jax.convert import common
 from sfd_jax.models.semantic_vae import SemanticVAE, SemVAEConfig
+from sfd_jax.core import runner
 
 MODEL_KIND = "semantic_vae"
 STATE_DICT_ENTRIES = ("model_state_dict",)
@@ -150,5 +151,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-  from sfd_jax.core import errors  # pylint: disable=g-import-not-at-top
-  errors.run_cli(main, "python -m sfd_jax.convert.semantic_vae")
+  runner.run_cli(main, "python -m sfd_jax.convert.semantic_vae")

@@ -141,7 +141,7 @@ class LatentSchema:
   def to_json(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     if not self.extra_parts:
-      del out["extra_parts"]        # datasets without extra parts: dataset.json as before
+      del out["extra_parts"]        # datasets without extra parts have no such entry
     else:
       out["extra_parts"] = [list(p) for p in self.extra_parts]
     return out

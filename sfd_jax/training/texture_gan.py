@@ -8,7 +8,7 @@ Parts (``training.state.Part``), updated in this order on the same global batch:
 1. the autoencoder — ``params``, ``opt_state`` (and ``ema`` with ``config.ema_decay`` >
    0). A ``TextureVAE``; with the VF loss a ``ProjectedTextureVAE`` whose extra
    ``linear_proj`` is trained with it (the reference's reverse projection). Loss:
-   ``diffusion.gan_losses.generator_loss`` (L1 + LPIPS nll with the never-trained
+   ``training.gan_losses.generator_loss`` (L1 + LPIPS nll with the never-trained
    ``logvar``, KL, adaptive-weighted adversarial term, adaptive-weighted VF term);
 2. the PatchGAN discriminator (with ``loss.use_gan``) — ``disc_params``,
    ``disc_opt_state`` (``config.disc_optimizer``) and ``disc_stats`` (its BatchNorm
@@ -38,8 +38,7 @@ instead, so the foundation model is not in the step.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +50,7 @@ from sfd_jax import parallel
 from sfd_jax.convert import lpips as lpips_convert
 from sfd_jax.convert import networks
 from sfd_jax.data import preprocess
-from sfd_jax.diffusion import gan_losses
+from sfd_jax.training import gan_losses
 from sfd_jax.models import discriminator as disc_lib
 from sfd_jax.models import texture_vae
 from sfd_jax.training import optim
@@ -181,7 +180,7 @@ def make_losses(setup: state_lib.TrainSetup, gcfg: gan_losses.GANLossConfig,
       return logits, nnx.to_pure_dict(nnx.state(disc, nnx.BatchStat))
     return run
 
-  @step_lib.returns_grads
+  @step_lib.OwnGradients
   def generator(model, batch, key, ctx):
     images = preprocess.uint8_to_m11(batch["image"])
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -270,10 +269,3 @@ def autoencoder_params(params: dict) -> dict:
   """The ``TextureVAE`` parameters of the autoencoder part (``linear_proj`` dropped)."""
   return {k: v for k, v in params.items() if k != "linear_proj"}
 
-
-def num_params(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
-__all__ = ("OBJECTIVES", "uses_gan_objective", "loss_config", "build", "GANTrainer",
-           "autoencoder_params", "frozen_networks", "make_losses")
