@@ -35,6 +35,7 @@ import sys
 from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -290,6 +291,20 @@ def expand(spec: Mapping, name: str = "sweep") -> list[tuple[tuple[str, Any], ..
         raise SweepError(f"sweep '{name}': field(s) {twice} set by both 'list' and 'product'")
       runs.append(item + point)
   return runs
+
+
+def mean_std(results: Mapping[str, Mapping[str, float]], groups: Mapping[str, Sequence[str]],
+             metrics: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+  """Per group of runs (e.g. the seeds of one setting) and metric: the runs' values,
+  their mean and their standard deviation (ddof 1; 0 for a single run)."""
+  out: dict[str, dict[str, dict[str, Any]]] = {}
+  for group, names in groups.items():
+    out[group] = {}
+    for metric in metrics:
+      vals = [float(results[n][metric]) for n in names]
+      out[group][metric] = {"values": vals, "mean": float(np.mean(vals)),
+                            "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+  return out
 
 
 def value_token(v: Any) -> str:

@@ -228,6 +228,14 @@ def validate_job_config(config, section: str) -> None:
   e.check_fields(config, rules)
 
 
+def write_folder(root: str, images: np.ndarray, labels: np.ndarray) -> None:
+  """uint8 [N, H, W, 3] images as ``root/<label>/<index>.png``: an image folder the
+  sources above read (class ``c`` is label ``c`` for labels 0..9)."""
+  for i, (img, label) in enumerate(zip(images, labels)):
+    os.makedirs(os.path.join(root, str(label)), exist_ok=True)
+    Image.fromarray(np.asarray(img)).save(os.path.join(root, str(label), f"{i:06d}.png"))
+
+
 class Subset:
   """The first ``limit`` elements of a source (all when ``limit`` <= 0)."""
 
