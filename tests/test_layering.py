@@ -146,6 +146,22 @@ def test_package_follows_the_declared_order():
   assert findings(REPO / PKG) == []
 
 
+def test_diffusion_is_math_without_io():
+  """``sfd_jax/diffusion/`` reads and writes no files and imports no checkpoint, convert or
+  data module: runs to files are ``sfd_jax.sampling``."""
+  root = REPO / PKG
+  known = set(_modules(root))
+  bad = []
+  for path in sorted((root / "diffusion").glob("*.py")):
+    text = path.read_text(encoding="utf-8")
+    bad += [f"{path.name}: {s}" for s in ("open(", "np.save", "savez", "PIL", ".save(")
+            if s in text]
+    bad += [f"{path.name} imports {t}" for t in sorted(_imports(
+        path, f"{PKG}.diffusion.{path.stem}", known))
+            if _package(t) in ("checkpoint", "convert", "data")]
+  assert bad == []
+
+
 def test_configs_import_nothing_from_the_package():
   bad = []
   for path in sorted((REPO / "configs").glob("*.py")):

@@ -10,8 +10,9 @@ automatically; a flat state dict (``.npz``/``.safetensors``) works as well.
 
 A ``.pt`` is read without PyTorch by the restricted unpickler (``safe_pickle``): the
 optimizer / scheduler state and config next to the weights are read as inert data and no
-code from the file runs. ``allow_pickle=True`` (``--allow-pickle``) keeps the old full
-``torch.load`` (needs PyTorch; only for trusted files, e.g. the legacy non-zip format).
+code from the file runs. ``allow_pickle=True`` (``--allow-pickle``) uses a full
+``torch.load`` instead (needs PyTorch; only for trusted files, e.g. the pre-1.6 non-zip
+torch format).
 
 CLI::
 

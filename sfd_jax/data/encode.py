@@ -1,44 +1,16 @@
-"""Images → stored datasets through frozen networks: the latent dataset the SFD trainer
-reads (``encode_images``: ``--mode=encode``, the demo's encode stage) and the feature
-datasets of the Semantic VAE and the VF loss (``extract_features``: ``--mode=extract``).
-The jobs load the networks; the demo passes its own.
+"""Images → stored datasets through frozen networks (docs/encode.md): the latent dataset
+the SFD trainer reads (``encode_images``: ``--mode=encode``, the demo's encode stage) and
+the feature datasets of the Semantic VAE and the VF loss (``extract_features``:
+``--mode=extract``). The jobs load the networks; the demo passes its own (its feature net
+has DINOv2's interface).
 
-Encoding, per image (SPEC §2.1–§2.3; the reference's ``extract_features.py``):
-
-1. ADM centre crop to ``image_size`` (256) after RGB conversion, pixels → [-1, 1];
-   the flipped view is the horizontal flip of that crop.
-2. Texture latent: a *sample* of the texture VAE posterior, for both views.
-3. DINOv2 ``x_norm_patchtokens`` of both views with the extraction preprocessing
-   (``preprocess.dino_extraction_input``: ImageNet normalisation, then PyTorch's
-   non-antialiased bicubic resize to ``dino_size`` = 224): the REPA target (float16)
-   and the SemVAE input.
-4. Semantic latent: a *sample* of the SemVAE posterior of those tokens, row-major
-   tokens laid out as a [G, G, Cs] grid.
-5. One record per image in the trainer's schema (``sfd_jax.data.schema``):
-   ``texture``, ``semantic``, ``repa`` and their ``_flip`` views, ``label``.
-
-Randomness: image ``i`` (its global index in the source) draws its four posterior
-noises from ``fold_in(key(seed), i)``, so the dataset does not depend on the batch
-size, the device or process count, or on interruptions (the reference seeds
-``42 + rank`` and cannot be reproduced bit for bit anyway). Once every shard is
-finished, process 0 writes ``dataset.json`` and ``stats.npz`` (per-channel statistics of
-``min(stats_samples, N)`` random unflipped records).
-
-Feature extraction: every image goes through the SemVAE *training* preprocessing —
-torchvision ``Resize(256, bicubic)`` on the short side, ``CenterCrop(224)``, ImageNet
-normalisation (``preprocess.semvae_training_dino_input``) — then DINOv2
-``x_norm_patchtokens`` ([256, 768] for ViT-B/14 at 224 px), stored as float16 feature
-records (``sfd_jax.data.features``). This is *not* the preprocessing of encoding (SPEC
-§2.3, §12.13); both are kept as the reference has them. ``extract.recipe = "vf"``
-extracts the VA-VAE's VF-loss targets instead: the texture-VAE trainer's ADM centre crop
-(``extract.image_size``), bilinear resize to ``extract.vf_size`` without ImageNet
-normalisation (``preprocess.vf_foundation_input``), one record per image in source order
-(the trainer pairs record i with image i).
-
-Both run on ``sfd_jax.data.images.run_sharded_job``: shards of ``records_per_shard``
-images, process ``p`` of ``P`` writes shards ``s ≡ p (mod P)`` with its batch spread
-over its local devices, shards are written atomically and marked finished (a rerun
-keeps them), unreadable images are reported by name, skipped and listed.
+Encoding (SPEC §2.1–§2.3) samples both posteriors for the ADM crop and its flip (image
+``i`` draws its noises from ``fold_in(key(seed), i)``: independent of batch, devices and
+interruptions) and stores DINOv2's ``x_norm_patchtokens`` as the REPA target; extraction
+uses the SemVAE *training* preprocessing (Resize(256) + CenterCrop(224), SPEC §3.3), or
+with ``extract.recipe = "vf"`` the VA-VAE's VF targets (one record per image in source
+order). Both run on ``data.images.run_sharded_job``: atomic, resumable shards, process
+``p`` of ``P`` writing shards ``s ≡ p (mod P)``, unreadable images reported and skipped.
 """
 from __future__ import annotations
 

@@ -27,11 +27,12 @@ Clock families (``config.schedule.parts.<name>.family``):
   in the denoiser as the parameter ``clock_<part>`` and is trained with it
   (``sfd_jax.diffusion.objective``, docs/clocks.md).
 
-Bit-identity with the semantic-first code that came before: an ``offset``/``rate`` clock
-skips the clamp that cannot act inside [0, T] (start = 0: no lower clamp; start + 1/rate
-≥ T: no upper clamp), so the semantic clock is ``min(τ, 1)`` and the texture clock
-``max(τ − Δt, 0)`` with the same float32 operations, and the rates are today's phase
-mask (texture iff τ ≥ Δt, semantic iff τ ≤ 1). The old functions below are thin wrappers.
+SFD's clocks bit for bit: an ``offset``/``rate`` clock skips the clamp that cannot act
+inside [0, T] (start = 0: no lower clamp; start + 1/rate ≥ T: no upper clamp), so the
+semantic clock is ``min(τ, 1)`` and the texture clock ``max(τ − Δt, 0)`` with the float32
+operations of ``clocks``, and the rates are ``phase_mask`` (texture iff τ ≥ Δt, semantic
+iff τ ≤ 1); ``clocks``, ``phase_mask`` and ``semantic_channel_mask`` are SFD's two-part
+schedule written out.
 """
 from __future__ import annotations
 
@@ -525,9 +526,9 @@ def from_section(section, *, where: str = "config.schedule") -> Schedule:
 
 def from_config(config) -> Schedule:
   """The run's schedule: ``config.schedule`` when the config has one, else SFD's two
-  parts from today's fields (``objective.delta_t``, ``objective.semantic_weight``,
-  ``model.semantic_chans``, ``model.in_channels``). With ``config.schedule`` the parts' channels must add up to
-  ``model.in_channels``."""
+  parts from ``objective.delta_t``, ``objective.semantic_weight``,
+  ``model.semantic_chans`` and ``model.in_channels``. With ``config.schedule`` the parts'
+  channels must add up to ``model.in_channels``."""
   model = _get(config, "model")
   obj = _get(config, "objective")
   channels = int(_get(model, "in_channels", 48)) if model is not None else 48
@@ -546,7 +547,7 @@ def from_config(config) -> Schedule:
 
 def split_times(times):
   """Per-part times → the velocity-function arguments (t_a, t_b): two parts are passed as
-  today's (t_tex, t_sem); any other number as (tuple of times, None)."""
+  SFD's (t_tex, t_sem); any other number as (tuple of times, None)."""
   times = tuple(times)
   if len(times) == 2:
     return times

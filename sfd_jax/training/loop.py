@@ -1,4 +1,5 @@
-"""The one training loop (every trainer: the SFD DiT, the Semantic VAE, the texture VAE).
+"""The one training loop of every trainer (the SFD DiT, the two autoencoders, the demo's
+feature net).
 
 ``train(task, workdir)`` reads top to bottom:
 

@@ -1,41 +1,27 @@
-"""The trainer of the small networks: the Semantic VAE, the texture VAE and the demo's
-feature net (``model_kind``), on the training core like the DiT trainer.
+"""The trainer of the small networks on the training core (``model_kind``): the Semantic
+VAE, the texture VAE and the demo's feature net (docs/encode.md, docs/texture_vae.md).
 
   python main.py --mode=train_semvae --config=configs/semvae_ch16.py --workdir=runs/semvae
   python main.py --mode=train_texture_vae --config=configs/texture_vae_f16d32.py --workdir=runs/tvae
 
-The state builder (``training.state``), the step builder (``training.step``) and the
-loop (``training.loop``: resume from the workdir, else ``init_from``, else a random
-init; global batch → jitted step → logging, evaluation, checkpoint, preemption check).
-
-* State ``{"step", "params", "opt_state", "nonfinite"}`` (a GAN run adds
-  ``disc_params``, ``disc_opt_state``, ``disc_stats``; ``config.ema_decay`` > 0 adds
-  ``ema``); ``params`` is the pure dict of the model's ``nnx.Param`` values, sharded by
-  ``config.sharding_rules`` (default: ``parallel.DEFAULT_RULES``) over ``config.mesh``.
-* Step: pure function of (state, global batch), donated state, randomness
-  ``fold_in(key(seed), step)``; a rerun continues exactly (n steps straight and k steps
-  + resume to n give identical parameters).
-* Data: ``sfd_jax.data.vae_pipeline``.
-
-Models and losses (``sfd_jax.training.vae_losses``):
+Like the DiT trainer: ``training.state`` builds the sharded state (``params``,
+``opt_state``, ``nonfinite``, optional ``ema``; a GAN run adds ``disc_*``),
+``training.step`` the donated step with randomness ``fold_in(key(seed), step)``,
+``training.loop`` resumes exactly, logs, evaluates and checkpoints; the data is
+``data.vae_pipeline``. Models and losses (``training.vae_losses``):
 
 * ``"semvae"`` — ``SemanticVAE`` on pre-extracted DINOv2 patch features, ``semvae_loss``
-  (MSE + token-axis cosine + 1e-7·KL), AdamW lr 5e-5, weight decay 0.01, warm-up 500
-  steps from 0.01×, constant, cosine to 0.1× over the last 199.5k of 1M steps, batch 64
-  (SPEC §3.4).
+  (MSE + token-axis cosine + 1e-7·KL; the reference recipe is configs/semvae_ch16.py);
 * ``"texture_vae"`` — ``TextureVAE`` on images with the ADM centre crop;
-  ``config.loss.name``: ``"l1_kl"`` (``texture_vae_loss``: L1 + KL, Adam lr 1e-4,
-  β = (0.5, 0.9), SPEC §4.3; ``register_generator_term`` adds generator-loss terms
-  with frozen parameters, listed in ``config.loss.extra_terms``) or ``"ldm"`` (the LDM /
-  VA-VAE recipe with a PatchGAN discriminator as a second part: ``training.texture_gan``).
+  ``config.loss.name``: ``"l1_kl"`` (``texture_vae_loss``; ``register_generator_term``
+  adds generator-loss terms listed in ``config.loss.extra_terms``) or ``"ldm"`` (the LDM /
+  VA-VAE GAN recipe: ``training.texture_gan``);
 * ``"feature_net"`` — the demo's ``DemoFeatureNet`` classifier on labelled images:
   cross-entropy on ImageNet-normalised crops shifted by up to ``config.loss.max_shift``
   pixels (one random shift per batch).
 
-Evaluation (``config.data.eval_path`` and ``config.eval.every_steps``): one pass over the
-evaluation set with the posterior mean — SemVAE: MSE, per-token cosine over channels (the
-reference's evaluation metric) and token-axis cosine; texture VAE: L1 and PSNR; feature
-net: accuracy.
+Evaluation (``config.data.eval_path``, every ``config.eval.every_steps``) with the
+posterior mean: SemVAE MSE and cosines, texture VAE L1 and PSNR, feature-net accuracy.
 """
 from __future__ import annotations
 
