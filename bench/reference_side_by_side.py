@@ -214,6 +214,7 @@ def _jax_train(size: str, batch: int):
   from sfd_jax.diffusion.objective import ObjectiveConfig  # pylint: disable=import-outside-toplevel
   from sfd_jax.training import optim  # pylint: disable=import-outside-toplevel
   from sfd_jax.training import sfd as ts  # pylint: disable=import-outside-toplevel
+  from sfd_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
 
   from bench.train_step import random_batch  # pylint: disable=import-outside-toplevel
 
@@ -223,7 +224,7 @@ def _jax_train(size: str, batch: int):
   tx, schedule = optim.make_optimizer(config_common.base_config("B").optimizer)
   mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   setup = ts.build_setup(cfg, obj, mesh, tx, schedule, ema_decay=0.9999, seed=0)
-  box = {"state": ts.create_train_state(setup)}
+  box = {"state": state_lib.create_train_state(setup)}
   step = ts.make_train_step(setup)
   batch_arrays = random_batch(setup, batch)
 

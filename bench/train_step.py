@@ -164,6 +164,7 @@ def bench_run(spec: RunSpec, batches: list[int], args, env) -> dict:
   """Finds the largest per-device batch that fits and times it; returns one row."""
   import jax  # pylint: disable=import-outside-toplevel
   from sfd_jax.training import sfd as ts  # pylint: disable=import-outside-toplevel
+  from sfd_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
 
   row = {"run": spec.name, "variant": spec.variant,
          "remat": spec.remat, "attention": spec.attention, "dtype": args.dtype,
@@ -193,7 +194,7 @@ def bench_run(spec: RunSpec, batches: list[int], args, env) -> dict:
       continue
     state = None
     try:
-      state = ts.create_train_state(setup)
+      state = state_lib.create_train_state(setup)
       batch = random_batch(setup, gb)
       box = {"state": state}
 

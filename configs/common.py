@@ -66,7 +66,6 @@ def loop_fields(c: ml_collections.ConfigDict, *, batch_size: int, num_train_step
   # resume with changed model/objective/loss/optimizer-structure/batch/seed/normalisation
   # fields: "" refuses (listing them), "all" or "objective.delta_t,model.depth" allows
   c.allow_config_change = ""
-  c.debug_preempt_at_step = -1    # testing: send ourselves SIGTERM after this step
   c.writer = "auto"               # auto (clu if TensorFlow is installed, else tensorboardX)
                                   # | clu | tensorboardx | log
   c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="sfd_jax", entity="",
@@ -137,7 +136,6 @@ def vae_run_fields(arg, *, data: str, batch_size: int, num_train_steps: int,
   c.seed = 0                      # init, noise stream fold_in(key(seed), step), data order
   loop_fields(c, batch_size=batch_size, num_train_steps=num_train_steps,
               checkpoint_every_steps=checkpoint_every_steps, keep_period=keep_period)
-  c.debug_kill_at_step = -1       # testing: SIGKILL ourselves after this step (saves done)
   c.mesh = mesh_config(data=-1, fsdp=1)  # small models: data parallel over all devices
   c.strict_sharding = False
   c.compiler_options = ml_collections.ConfigDict()  # XLA options of init / step / eval
@@ -211,7 +209,6 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   # --- schedule of the run (4M steps = 800 epochs of ImageNet at batch 256) ---------
   loop_fields(c, batch_size=256, num_train_steps=4_000_000, checkpoint_every_steps=10_000,
               keep_period=80_000, profile_steps=5)
-  c.debug_kill_at_step = -1       # testing: SIGKILL ourselves after this step (saves done)
   c.init_from_mode = "exact"      # exact | shape_check (the reference's weight_init)
   c.init_from_patch_channels = -1  # shape_check: input channels copied (-1 = all; ref: 16)
 
@@ -335,7 +332,7 @@ def semvae_config(arg=None) -> ml_collections.ConfigDict:
       dtype="bfloat16",           # compute (the reference trains with bf16 autocast)
       param_dtype="float32"))
 
-  # --- loss (sfd_jax.diffusion.semvae_loss.semvae_loss) ------------------------------
+  # --- loss (sfd_jax.training.vae_losses.semvae_loss) ------------------------------
   c.loss = ml_collections.ConfigDict()
   c.loss.mse_weight = 1.0
   c.loss.l1_weight = 0.0
@@ -393,7 +390,7 @@ def texture_vae_config(arg=None, recipe: str = "l1_kl") -> ml_collections.Config
       dtype="float32",            # the LDM recipe trains in fp32
       param_dtype="float32"))
 
-  # --- loss (sfd_jax.diffusion.vae_losses.texture_vae_loss) --------------------------
+  # --- loss (sfd_jax.training.vae_losses.texture_vae_loss) --------------------------
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "l1_kl"           # l1_kl | ldm (LPIPSWithDiscriminator, see texture_gan_loss)
   c.loss.kl_weight = 1e-6
@@ -456,7 +453,7 @@ def tokenizer_eval_fields(images: str = "", *, lpips: str = "") -> ml_collection
 def texture_gan_loss(loss: ml_collections.ConfigDict, recipe: str, *, lpips: str = "",
                      dinov2: str = "") -> ml_collections.ConfigDict:
   """Adds the ``LPIPSWithDiscriminator`` fields of ``recipe`` ("ldm" | "vavae") to
-  ``config.loss`` (``sfd_jax.diffusion.gan_losses.GANLossConfig`` + the frozen networks)."""
+  ``config.loss`` (``sfd_jax.training.gan_losses.GANLossConfig`` + the frozen networks)."""
   loss.name = "ldm"               # l1_kl | ldm (sfd_jax.training.texture_gan)
   loss.kl_weight = 1e-6
   loss.logvar_init = 0.0          # the reference's logvar: never trained, stays here

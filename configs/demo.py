@@ -6,18 +6,45 @@
                                       SFD Δt 0.3, a rate clock and a learned clock × 3 seeds
 
 Images: the 1,797 8×8 digits (17 grey levels) upsampled to 16×16 RGB; every 6th image
-is held out. Networks (all trained by the demo, nothing downloaded):
+is held out. Networks (all trained by the demo with the trainers of the package, nothing
+downloaded):
   feature net (stand-in for DINOv2 and for the FID Inception) → 4×4 tokens of width 64;
   texture VAE f4 → 4×4×4 texture latent; Semantic VAE 64 → 4 channels per token;
   composite latent 4×4×8 = [texture 4 | semantic 4];
   LightningDiT width 64, depth 4, patch 1, REPA on the feature tokens after block 2,
   trained with Δt = 0.3 (SFD) and Δt = 0 (synchronous baseline) for the same steps.
-The whole file is also a valid training config: the demo fills the data/VAE paths from
-its workdir, so ``--mode=train|sample|eval`` work on the demo's stages afterwards.
+``demo.feature_net``, ``demo.texture_vae`` and ``demo.semvae`` are configs of their
+trainers (``--mode=train_*``), ``demo.encode`` one of ``--mode=encode`` / ``extract``; the
+demo fills in the paths. The whole file is also a valid training config: the demo fills
+the data/VAE paths from its workdir, so ``--mode=train|sample|eval`` work on the demo's
+stages afterwards.
 """
 import ml_collections
 
 from configs import common
+
+
+def _small_run(*, steps: int, batch: int, lr: float, model: dict, loss: dict, seed: int,
+               weight_decay: float = 0.0) -> ml_collections.ConfigDict:
+  """A config of the small-network trainer: Adam(W), warm-up then cosine to 0.1×, one
+  checkpoint and one evaluation at the end, data parallel over the local devices."""
+  _, c = common.vae_run_fields(None, data="", batch_size=batch, num_train_steps=steps,
+                               checkpoint_every_steps=steps, keep_period=0)
+  c.seed = seed
+  c.log_every_steps = max(1, steps // 4)
+  c.keep_checkpoints = 1
+  c.eval.every_steps = steps
+  c.model = ml_collections.ConfigDict(dict(model, dtype="float32", param_dtype="float32"))
+  c.loss = ml_collections.ConfigDict(loss)
+  warmup = min(50, max(steps // 10, 1))
+  c.optimizer = common.adamw(lr=lr, weight_decay=weight_decay,
+                             schedule="warmup_constant_cosine", warmup_steps=warmup,
+                             warmup_init_factor=0.0, total_steps=steps,
+                             decay_steps=steps - warmup, final_factor=0.1)
+  c.data = ml_collections.ConfigDict(dict(
+      source="folder", path="", eval_path="", image_size=16, random_flip=False,
+      num_workers=0, read_threads=2, prefetch_batches=2))
+  return c
 
 
 def get_config(arg=None):
@@ -61,19 +88,40 @@ def get_config(arg=None):
   d.delta_ts = (0.3, 0.0)             # SFD vs the synchronous baseline, same budget
   d.samples_per_class = 50            # final sampling: 10 classes × 50
   d.grid_per_class = 10
-  d.feature_net = ml_collections.ConfigDict(dict(
-      steps=200, batch_size=64, lr=2e-3, widths=(32, 64, 64), embed_dim=64))
-  d.texture_vae = ml_collections.ConfigDict(dict(
-      steps=300, batch_size=32, lr=2e-3, ch=16, ch_mult=(1, 2, 2), z_channels=4,
-      kl_weight=1e-6))
-  d.semvae = ml_collections.ConfigDict(dict(
-      steps=300, batch_size=64, lr=1e-3, bottleneck_dim=4, hidden_dim=64, num_heads=4,
-      num_blocks=2, kl_weight=1e-6))
+  # the networks: configs of sfd_jax.training.vae (kinds feature_net, texture_vae, semvae)
+  d.feature_net = _small_run(
+      steps=200, batch=64, lr=2e-3, weight_decay=1e-4, seed=0, loss=dict(max_shift=1),
+      model=dict(image_size=16, widths=(32, 64, 64), embed_dim=64, num_classes=10,
+                 spatial_channels=4))
+  d.texture_vae = _small_run(
+      steps=300, batch=32, lr=2e-3, seed=1,
+      loss=dict(name="l1_kl", kl_weight=1e-6, pixel_reduction="mean", extra_terms=""),
+      model=dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks_enc=1, num_res_blocks_dec=1,
+                 attn_resolutions=(), z_channels=4, embed_dim=4, resolution=16,
+                 num_groups=8))
+  d.semvae = _small_run(
+      steps=300, batch=64, lr=1e-3, seed=2,
+      loss=dict(mse_weight=1.0, l1_weight=0.0, cos_weight=1.0, kl_weight=1e-6,
+                cos_axis="token"),
+      model=dict(input_dim=64, bottleneck_dim=4, hidden_dim=64, num_heads=4, num_blocks=2))
+  # --mode=encode / extract on the digit folders, with the feature net as DINOv2
+  e = d.encode = common.encode_config()
+  e.seed = 3
+  e.encode.update(image_size=16, dino_size=16, per_device_batch=32, records_per_shard=500,
+                  stats_samples=10_000)
+  e.extract.update(resize=16, crop=16, per_device_batch=32, records_per_shard=500)
+  e.job.update(decode_threads=2, log_every_batches=1000)
 
   if fast:                            # the test suite's variant: every stage, tiny budgets
-    d.feature_net.update(steps=20, batch_size=32)
-    d.texture_vae.update(steps=12, batch_size=8)
-    d.semvae.update(steps=12, batch_size=16)
+    d.feature_net.update(num_train_steps=20, batch_size=32)
+    d.texture_vae.update(num_train_steps=12, batch_size=8)
+    d.semvae.update(num_train_steps=12, batch_size=16)
+    for net in (d.feature_net, d.texture_vae, d.semvae):
+      steps = net.num_train_steps
+      net.update(checkpoint_every_steps=steps, log_every_steps=steps // 4)
+      net.eval.every_steps = steps
+      net.optimizer.update(warmup_steps=2, total_steps=steps, decay_steps=steps - 2)
+    e.encode.per_device_batch = e.extract.per_device_batch = 4
     d.samples_per_class = 4
     d.grid_per_class = 4
     c.model.update(hidden_size=64, depth=2)
@@ -93,14 +141,15 @@ def get_config(arg=None):
 
 def clock_sweep(num_seeds: int) -> ml_collections.ConfigDict:
   """The schedules of ``make demo-clocks``; each trained and sampled with seeds
-  0..num_seeds-1 (``config.seed`` and ``config.sample.seed``). A schedule is either
-  today's fields (``delta_t``) or a ``config.schedule`` section (docs/clocks.md)."""
+  0..num_seeds-1 (``config.seed`` and ``config.sample.seed``). A schedule is a set of
+  sweep overrides (``sfd_jax.sweep.apply_overrides``): fields of the objective, or a
+  ``config.schedule`` section (docs/clocks.md)."""
   s = ml_collections.ConfigDict()
   s.seeds = tuple(range(num_seeds))
   s.order = ("sync", "sfd", "rate", "learned")
   s.schedules = ml_collections.ConfigDict(dict(
-      sync=dict(delta_t=0.0),                      # synchronous, one timestep embedder
-      sfd=dict(delta_t=0.3),                       # SFD: semantic 0.3 ahead
+      sync=dict(objective=dict(delta_t=0.0)),      # synchronous, one timestep embedder
+      sfd=dict(objective=dict(delta_t=0.3)),       # SFD: semantic 0.3 ahead
       # semantic clock 1.5× as fast (done at τ = 2/3), texture starts at 0.3
       rate=dict(schedule=dict(total=1.3, parts=dict(
           texture=dict(channels=4, family="offset", start=0.3),

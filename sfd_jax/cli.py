@@ -20,10 +20,12 @@ import importlib
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sfd_jax.core import errors
+from sfd_jax.core import paths, runner
+from sfd_jax.parallel import distributed
 
 # mode -> (job module under sfd_jax.jobs, its entry function fn(config, workdir))
 JOBS: dict[str, tuple[str, str]] = {
@@ -49,10 +51,7 @@ _MODE = flags.DEFINE_enum("mode", "train", list(JOBS), "job to run")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from sfd_jax.parallel import distributed  # pylint: disable=import-outside-toplevel
   distributed.maybe_initialize()
-  import jax  # pylint: disable=import-outside-toplevel
-  from sfd_jax.core import paths  # pylint: disable=import-outside-toplevel
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   if config is None:
     raise app.UsageError("--config is required")
@@ -80,12 +79,9 @@ def _config_import_root(argv: list[str]) -> str | None:
   if not path:
     return None
   path = path.split(":", 1)[0]
-  d = os.path.dirname(os.path.abspath(path))
-  if not os.path.isfile(os.path.join(d, "__init__.py")):
+  if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(path)), "__init__.py")):
     return None
-  while os.path.isfile(os.path.join(d, "__init__.py")):
-    d = os.path.dirname(d)
-  return d
+  return paths.package_root(path)
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -95,7 +91,7 @@ def run(argv: list[str] | None = None) -> None:
   if root and root not in sys.path:
     sys.path.insert(0, root)
   flags.mark_flags_as_required(["config", "workdir"])
-  errors.run_main(main, argv=argv)   # user errors: one line, exit 2 (docs/errors.md)
+  runner.run_main(main, argv=argv)   # user errors: one line, exit 2 (docs/errors.md)
 
 
 if __name__ == "__main__":

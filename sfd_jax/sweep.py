@@ -34,7 +34,14 @@ import subprocess
 import sys
 from typing import Any, Iterable, Mapping, Sequence
 
-from sfd_jax.core.errors import EXIT_CODE, ArgumentParser, ConfigError, format_line, run_cli
+import ml_collections
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from sfd_jax.core import paths
+from sfd_jax.core.errors import ConfigError, format_line
+from sfd_jax.core.runner import EXIT_CODE, ArgumentParser, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEPS_FILE = os.path.join("configs", "sweeps.py")
@@ -70,37 +77,29 @@ class Run:
 
 
 def load_config(config_arg: str):
-  """Loads ``path.py[:arg]`` the way ``--config`` does (``get_config(arg)``).
-
-  The directory above the config's package (e.g. the repository root for
-  ``configs/x.py``) is put on ``sys.path`` so ``from configs import common`` works.
-  """
-  path, _, arg = config_arg.partition(":")
+  """Loads ``path.py[:arg]`` with the config-file flag main.py's ``--config`` uses, the
+  directory above the config's package on ``sys.path`` (``from configs import common``)."""
+  path, colon, arg = config_arg.partition(":")
   path = os.path.abspath(path)
   if not os.path.isfile(path):
     raise SweepError(f"config file not found: {path}")
-  root = _package_root(path)
+  root = paths.package_root(path)
   if root not in sys.path:
     sys.path.insert(0, root)
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                  lock_config=False)
   try:
-    module = _load_file(path, "_sfd_sweep_config_")
+    flag_values(["sweep", f"--config={path}{colon}{arg}"])
+    config = flag_values["config"].value
+    config.keys()        # a load error ml_collections deferred is raised here
   except Exception as e:  # pylint: disable=broad-except  (the file's own error)
-    raise SweepError(f"config file {path} cannot be imported ({type(e).__name__}: {e})") from e
-  if not hasattr(module, "get_config"):
-    raise SweepError(f"{path} has no get_config()")
-  try:
-    return module.get_config(arg) if arg else module.get_config()
-  except Exception as e:  # pylint: disable=broad-except
-    raise SweepError(f"--config={config_arg}: get_config({arg!r}) failed "
-                     f"({type(e).__name__}: {e}); check the options after ':'") from e
-
-
-def _package_root(path: str) -> str:
-  """The directory above the package holding ``path`` (the repository for configs/x.py)."""
-  root = os.path.dirname(os.path.abspath(path))
-  while os.path.isfile(os.path.join(root, "__init__.py")):
-    root = os.path.dirname(root)
-  return root
+    cause = e.__cause__ or e
+    last = (str(cause).strip().splitlines() or [""])[-1]
+    raise SweepError(f"--config={config_arg}: cannot load the config file "
+                     f"({type(cause).__name__}: {last}); check the file and the options "
+                     "after ':'") from e
+  return config
 
 
 def _load_file(path: str, prefix: str):
@@ -114,7 +113,7 @@ def _load_file(path: str, prefix: str):
 def default_sweeps_file(config_arg: str | None = None) -> str:
   """``configs/sweeps.py`` of the config file's repository (the directory above its
   package), else of the current directory, else of this repository."""
-  roots = [_package_root(config_arg.partition(":")[0])] if config_arg else []
+  roots = [paths.package_root(config_arg.partition(":")[0])] if config_arg else []
   candidates = [os.path.join(r, SWEEPS_FILE) for r in roots + [os.getcwd(), REPO]]
   return next((c for c in candidates if os.path.isfile(c)), candidates[0])
 
@@ -136,7 +135,6 @@ def named_sweep(name: str, sweeps_file: str | None = None) -> dict:
 
 def _lookup(config, field: str):
   """(parent ConfigDict, leaf key) of a dotted field; errors name the field."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
   parts = field.split(".")
   node, walked = config, []
   for i, key in enumerate(parts):
@@ -183,24 +181,42 @@ def coerce(value: Any, current: Any, field: str) -> Any:
 
 
 def apply_overrides(config, overrides: Iterable[tuple[str, Any]]):
-  """A copy of ``config`` with the dotted-field overrides applied (checked)."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
+  """A copy of ``config`` with the dotted-field overrides applied (checked). A mapping
+  value sets the fields of a section (``("objective", {"delta_t": 0.0})``), or adds a
+  section the config does not have (``("schedule", {...})``: in-process runs only, such
+  a value has no ``--config`` flag)."""
   out = ml_collections.ConfigDict(config.to_dict())
   for field, value in overrides:
-    parent, key = _lookup(out, field)
-    current = parent[key]
-    if isinstance(current, ml_collections.ConfigDict):
-      raise SweepError(f"config field '{field}' is a section; sweep one of its fields")
-    value = coerce(value, current, field)
-    if not _is_scalar(value):
-      raise SweepError(f"'{field}': sweep values must be numbers, booleans or strings, "
-                       f"got {value!r}")
-    try:
-      parent[key] = value
-    except (TypeError, ValueError) as e:
-      raise SweepError(f"config field '{field}' ({type(current).__name__}) cannot be set to "
-                       f"{value!r}: {e}") from e
+    _apply(out, field, value)
   return out
+
+
+def _apply(out, field: str, value: Any) -> None:
+  if isinstance(value, Mapping):
+    head, _, key = field.rpartition(".")
+    parent = _lookup(out, head)[0][head.rpartition(".")[2]] if head else out
+    if key not in parent:
+      parent[key] = ml_collections.ConfigDict(dict(value))
+    elif not isinstance(parent[key], ml_collections.ConfigDict):
+      raise SweepError(f"config field '{field}' is a {type(parent[key]).__name__}, not a "
+                       "section")
+    else:
+      for k, v in value.items():
+        _apply(out, f"{field}.{k}", v)
+    return
+  parent, key = _lookup(out, field)
+  current = parent[key]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise SweepError(f"config field '{field}' is a section; sweep one of its fields")
+  value = coerce(value, current, field)
+  if not _is_scalar(value):
+    raise SweepError(f"'{field}': sweep values must be numbers, booleans or strings, "
+                     f"got {value!r}")
+  try:
+    parent[key] = value
+  except (TypeError, ValueError) as e:
+    raise SweepError(f"config field '{field}' ({type(current).__name__}) cannot be set to "
+                     f"{value!r}: {e}") from e
 
 
 def _is_scalar(v) -> bool:
@@ -277,6 +293,20 @@ def expand(spec: Mapping, name: str = "sweep") -> list[tuple[tuple[str, Any], ..
   return runs
 
 
+def mean_std(results: Mapping[str, Mapping[str, float]], groups: Mapping[str, Sequence[str]],
+             metrics: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+  """Per group of runs (e.g. the seeds of one setting) and metric: the runs' values,
+  their mean and their standard deviation (ddof 1; 0 for a single run)."""
+  out: dict[str, dict[str, dict[str, Any]]] = {}
+  for group, names in groups.items():
+    out[group] = {}
+    for metric in metrics:
+      vals = [float(results[n][metric]) for n in names]
+      out[group][metric] = {"values": vals, "mean": float(np.mean(vals)),
+                            "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+  return out
+
+
 def value_token(v: Any) -> str:
   """A filesystem-safe, stable spelling of a swept value (0.30 → '0.3', 1.0 → '1')."""
   if isinstance(v, bool):
@@ -347,6 +377,8 @@ def make_runs(config, sweep: str | Mapping, workdir_root: str = "runs",
 def _typed(config, overrides) -> tuple[tuple[str, Any], ...]:
   out = []
   for field, value in overrides:
+    if isinstance(value, Mapping):
+      raise SweepError(f"'{field}': a section value has no --config flag; sweep its fields")
     parent, key = _lookup(config, field)
     out.append((field, coerce(value, parent[key], field)))
   return tuple(out)

@@ -51,7 +51,8 @@ def _preload() -> None:
   import sfd_jax.jobs.sample  # noqa: F401
   import sfd_jax.jobs.train  # noqa: F401
   import sfd_jax.jobs.train_vae  # noqa: F401
-  import sfd_jax.core.errors  # noqa: F401
+  import sfd_jax.core.runner  # noqa: F401
+  import sfd_jax.checkpoint.export  # noqa: F401
   from ml_collections import config_flags  # noqa: F401
   from absl import app  # noqa: F401
   import logging  # pylint: disable=import-outside-toplevel

@@ -6,7 +6,6 @@ devices with XLA's backend optimisation level 0 (the suite's cost is compilation
 variant trains a handful of steps, so slower kernels do not matter).
 """
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
+from sfd_jax.core import images as images_lib
 from sfd_jax.jobs import demo as pipeline
 from sfd_jax.training import periodic_eval as train_eval
 
@@ -110,7 +110,7 @@ def test_grid_selection_rows_of_classes():
 def test_class_grid_rows_follow_balanced_labels():
   imgs = np.zeros((40, 2, 2, 3), np.uint8)
   imgs[:, 0, 0, 0] = (np.arange(40) * 10) // 40          # pixel = class
-  g = pipeline.class_grid(imgs, 10, 3)
+  g = images_lib.class_grid(imgs, 10, 3)
   assert g.shape == (10 * 3 + 1, 3 * 3 + 1, 3)                 # 2-px tiles, 1-px borders
   assert [int(g[1 + 3 * r, 1, 0]) for r in range(10)] == list(range(10))
   assert int(g[0, 0, 0]) == 96

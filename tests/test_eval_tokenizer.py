@@ -4,6 +4,7 @@ The metrics of a set against itself (rFID ≈ 0, PSNR inf, SSIM 1, LPIPS 0), SSI
 a direct evaluation of its formula, and the job end to end on CPU with random networks
 (a tiny texture VAE, LPIPS with narrow VGG widths, the demo's feature net for rFID).
 """
+import dataclasses
 import json
 import os
 
@@ -16,7 +17,8 @@ from PIL import Image
 
 import sfd_jax  # noqa: F401  (package set-up)
 from configs import common
-from sfd_jax.convert import feature_net as feat_io
+from sfd_jax.convert import common as convert_common
+from sfd_jax.convert import networks
 from sfd_jax.convert import lpips as lpips_convert
 from sfd_jax.jobs import eval_tokenizer
 from sfd_jax.metrics import adm
@@ -30,7 +32,10 @@ SIZE = 32
 def feature_dir(tmp_path_factory):
   net = feature_net.DemoFeatureNet(feature_net.FeatureNetConfig(image_size=SIZE),
                                    rngs=nnx.Rngs(0))
-  return feat_io.save_feature_net(str(tmp_path_factory.mktemp("featnet")), net)
+  return convert_common.save_params(str(tmp_path_factory.mktemp("featnet")),
+                            nnx.to_pure_dict(nnx.state(net, nnx.Param)),
+                            meta={"kind": "demo_feature_net",
+                                  "config": dataclasses.asdict(net.config)}, force=True)
 
 
 def _images(n, seed=0):
@@ -73,7 +78,7 @@ def test_ssim_matches_its_definition():
 
 def test_metrics_of_a_set_against_itself(feature_dir):
   images = _images(12)
-  extractor = adm.FeatureExtractor.from_model(feat_io.load_feature_net(feature_dir),
+  extractor = adm.FeatureExtractor.from_model(networks.load_feature_net(feature_dir),
                                               batch_size=6)
   lp = lpips_convert.random_lpips(0, width=0.125)
   acc = rec.ReconstructionMetrics(extractor)

@@ -11,7 +11,8 @@ from flax import nnx
 
 import sfd_jax  # noqa: F401
 from sfd_jax import checkpoint as ckpt_lib
-from sfd_jax.convert import export as export_lib
+from sfd_jax.core.errors import CheckpointError
+from sfd_jax.checkpoint import export as export_lib
 from sfd_jax.jobs import export
 from sfd_jax.convert import lightning_dit as conv
 from sfd_jax.convert.common import load_state_dict, save_params
@@ -50,7 +51,7 @@ def test_reference_layout_round_trip(parity, tmp_path, fixture, prefix, kwargs):
   _assert_same_state_dict(export_lib.to_reference_state_dict(params, cfg), ref,
                           f"{fixture}:{prefix or 'main'}")
 
-  # ... and through the files: converted dir -> `python -m sfd_jax.convert.export` -> files.
+  # ... and through the files: converted dir -> `python -m sfd_jax.checkpoint.export` -> files.
   save_params(tmp_path / "conv", params, conv.config_to_meta(cfg))
   assert export_lib.main(["--src", str(tmp_path / "conv"), "--dst", str(tmp_path / "out"),
                       "--formats", "safetensors,npz"]) == 0
@@ -211,7 +212,7 @@ def test_bf16_export_halves_size_and_loads(trained, tmp_path):
 
 def test_export_errors(trained, tmp_path):
   config, workdir = trained["config"], trained["workdir"]
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"no checkpoint at step 4.*\[3, 5\]"):
+  with pytest.raises(CheckpointError, match=r"no checkpoint at step 4.*\[3, 5\]"):
     export.run(_export_config(config, step=4, dst=str(tmp_path / "a")), workdir)
   with pytest.raises(export_lib.ExportError, match="config.export.weights='raw'"):
     export.run(_export_config(config, weights="raw"), workdir)
@@ -219,7 +220,7 @@ def test_export_errors(trained, tmp_path):
     export.run(_export_config(config, formats="orbax,onnx"), workdir)
   with pytest.raises(export_lib.ExportError, match=r"unknown fields \['formt'\]"):
     export.run(_export_config(config, formt="npz"), workdir)
-  with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint directory"):
+  with pytest.raises(CheckpointError, match="no checkpoint directory"):
     export.run(config, str(tmp_path / "empty"))
   dst = str(tmp_path / "taken")
   os.makedirs(dst)

@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 import sfd_jax  # noqa: F401
-from sfd_jax.convert import export, lightning_dit as dit_conv
+from sfd_jax.checkpoint import export
+from sfd_jax.convert import lightning_dit as dit_conv
 from sfd_jax.convert.common import ConversionError
 from sfd_jax.diffusion import generation, samplers
 from sfd_jax.jobs import sample

@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 import sfd_jax  # noqa: F401
-from sfd_jax.convert import export, lightning_dit as dit_conv, safe_pickle
+from sfd_jax.checkpoint import export
+from sfd_jax.convert import lightning_dit as dit_conv, safe_pickle
 from sfd_jax.convert.common import ConversionError, load_state_dict
 from sfd_jax.diffusion import samplers
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sfd_jax.diffusion import generation
+from sfd_jax import sampling
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT
 
 
@@ -17,8 +17,8 @@ def test_with_compute_dtype_shares_weights_and_stays_close():
   keys = jax.random.split(jax.random.key(1), len(leaves))
   nnx.update(model, jax.tree.unflatten(
       tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)]))
-  assert generation.with_compute_dtype(model, "float32") is model
-  fast = generation.with_compute_dtype(model, "bfloat16")
+  assert sampling.with_compute_dtype(model, "float32") is model
+  fast = sampling.with_compute_dtype(model, "bfloat16")
   assert fast.cfg.dtype == "bfloat16" and model.cfg.dtype == "float32"
   for a, b in zip(jax.tree.leaves(nnx.state(fast, nnx.Param)), leaves):
     assert a.dtype == jnp.float32 and a.shape == b.shape

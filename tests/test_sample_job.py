@@ -134,9 +134,9 @@ def test_resume_skips_finished_and_rewrites_missing(assets, sampled, tmp_path):
 
 
 def test_bad_checkpoint_and_guide_errors(assets, tmp_path):
-  with pytest.raises(sample.SamplingError, match="nope"):
+  with pytest.raises(generation.SamplingError, match="nope"):
     sample.run(_config(assets, checkpoint=str(tmp_path / "nope")), str(tmp_path / "a"))
-  with pytest.raises(sample.SamplingError, match="guide model has in_channels=40"):
+  with pytest.raises(generation.SamplingError, match="guide model has in_channels=40"):
     sample.run(_config(assets, guide_checkpoint=str(assets / "bad_guide")),
                str(tmp_path / "b"))
 

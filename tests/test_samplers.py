@@ -9,6 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sfd_jax  # noqa: F401
 from sfd_jax.convert.lightning_dit import load_lightning_dit
+from sfd_jax.diffusion import clocks as clocks_lib
 from sfd_jax.diffusion import samplers as S
 from sfd_jax.models.lightning_dit import DiTConfig
 from tests.conftest import REPO, parity_dir
@@ -73,7 +74,7 @@ def test_eval_clocks_match_reference(fixture):
 
 
 def test_phase_mask_boundaries():
-  m = lambda tau, dt=0.3: np.asarray(S.phase_mask(np.float32(tau), dt, 5, 2))
+  m = lambda tau, dt=0.3: np.asarray(clocks_lib.phase_mask(np.float32(tau), dt, 5, 2))
   np.testing.assert_array_equal(m(0.29999998), [0, 0, 0, 1, 1])
   np.testing.assert_array_equal(m(0.3), [1, 1, 1, 1, 1])
   np.testing.assert_array_equal(m(1.0), [1, 1, 1, 1, 1])
@@ -312,17 +313,35 @@ def test_dopri5_nfe_is_exact_and_masks_are_solved(analytic):
   np.testing.assert_array_equal(out.trajectory[-1], out.x)
 
 
+# Sharded vs unsharded dopri5: the error norm is a sum over the whole batch, formed per
+# device and then across devices when sharded, so it can differ in its last bit; the PID
+# controller turns that into step sizes that drift apart (measured, jax 0.12.0.1: the
+# accepted times agree exactly for 4 steps, then differ by 7e-8, 1e-5, 5e-4 relative) with
+# the same number of accepted and rejected steps. Both runs are equally valid solutions:
+# they differ by up to ~3e-4 while each is ~5e-2 from the exact flow (tolerance-limited
+# at the kinks). The fixed-grid methods compute the same operations either way.
+DOPRI5_SHARDED_ATOL = 2e-3
+
+
 def test_sharded_matches_unsharded(analytic):
-  """Every method under jit: batch sharded over the 8 fake devices == unsharded."""
+  """Every method under jit: batch sharded over the 8 fake devices == unsharded (fixed
+  grids to rounding; dopri5 with the same step counts, to well within its own error)."""
   z, y, outs, _ = analytic
   mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
   shard = NamedSharding(mesh, P("data"))
   out = jax.jit(_solve_all)(jax.device_put(z, shard), jax.device_put(y, shard),
                             jax.random.key(3))
+  exact = MU + SD * z
   for m in S.METHODS:
     assert len(out[m].x.sharding.device_set) == 8, m
-    np.testing.assert_allclose(np.asarray(out[m].x), np.asarray(outs[0][m].x), atol=1e-5,
-                               rtol=0, err_msg=m)
+    got, want = np.asarray(out[m].x), np.asarray(outs[0][m].x)
+    if m != "dopri5":
+      np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=m)
+      continue
+    assert S.describe(out[m]) == S.describe(outs[0][m])
+    own_error = float(np.abs(want - exact).max())
+    np.testing.assert_allclose(got, want, atol=DOPRI5_SHARDED_ATOL, rtol=0, err_msg=m)
+    assert DOPRI5_SHARDED_ATOL < 0.1 * own_error, own_error
 
 
 def test_argument_validation(noise):

@@ -18,6 +18,7 @@ from sfd_jax.checkpoint import Checkpointer
 from sfd_jax.convert import lightning_dit as dit_conv
 from sfd_jax.convert.common import assign, save_params
 from sfd_jax.core import jit as jit_lib
+from sfd_jax import sampling
 from sfd_jax.diffusion import generation, guidance, samplers
 from sfd_jax.jobs import sample
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT
@@ -268,22 +269,22 @@ def test_guide_and_checkpoint_step_from_a_workdir(assets, tmp_path):
 
   c = _config(assets, guidance="autoguidance", scale=1.5, guide_checkpoint=str(run),
               guide_step=10)
-  model, guide, _, _ = generation.prepare(c)
+  model, guide, _, _ = sampling.prepare(c)
   assert same(params(guide), p10)
   c.sample.guide_step = -1                   # latest
-  assert same(params(generation.prepare(c)[1]), p20)
+  assert same(params(sampling.prepare(c)[1]), p20)
   c.sample.checkpoint, c.sample.checkpoint_step = str(run), 10
-  assert same(params(generation.prepare(c)[0]), p10)
+  assert same(params(sampling.prepare(c)[0]), p10)
   c.sample.guide_step = 15
   with pytest.raises(generation.SamplingError, match=r"no checkpoint at step 15; available "
                      r"steps: \[10, 20\]"):
-    generation.prepare(c)
+    sampling.prepare(c)
   c = _config(assets, guidance="autoguidance", scale=1.5, guide_step=10)   # converted dir
   with pytest.raises(generation.SamplingError, match="is a converted checkpoint"):
-    generation.prepare(c)
+    sampling.prepare(c)
   c = _config(assets, guide_step=10)           # guidance none: no guide to pick a step of
   with pytest.raises(generation.SamplingError, match="config.sample.guide_step=10: no guide"):
-    generation.prepare(c)
+    sampling.prepare(c)
   del model
 
 

@@ -8,11 +8,12 @@ from flax import nnx
 import sfd_jax  # noqa: F401  (flax config)
 from sfd_jax.convert import common
 from sfd_jax.convert import semantic_vae as conv
-from sfd_jax.diffusion.semvae_loss import cosine_similarity, semvae_loss
+from sfd_jax.training.vae_losses import cosine_similarity, semvae_loss
 from sfd_jax.models import layers
 from sfd_jax.models.layers import param_count, unnamed_params
-from sfd_jax.models.semantic_vae import (DiagonalGaussian, SemVAEConfig, eps_nchw_to_tokens,
-                                         tokens_to_nchw, torch_default_init)
+from sfd_jax.models.distributions import TokenGaussian as DiagonalGaussian
+from sfd_jax.models.distributions import eps_nchw_to_tokens, tokens_to_nchw
+from sfd_jax.models.semantic_vae import SemVAEConfig, torch_default_init
 from tests.conftest import parity_dir
 from tests.util import assert_close_ref
 

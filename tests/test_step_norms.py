@@ -8,6 +8,7 @@ import sfd_jax  # noqa: F401
 from sfd_jax import parallel
 from sfd_jax.diffusion.objective import ObjectiveConfig
 from sfd_jax.models.lightning_dit import DiTConfig
+from sfd_jax.training import state as state_lib
 from sfd_jax.training import optim
 from sfd_jax.training import sfd as ts
 
@@ -20,7 +21,7 @@ def _run(norms_every, total_steps=None, steps=4):
   opt = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
   tx, sched = optim.make_optimizer(opt)
   setup = ts.build_setup(CFG, ObjectiveConfig(), mesh, tx, sched, ema_decay=0.9, seed=3)
-  state = ts.create_train_state(setup)
+  state = state_lib.create_train_state(setup)
   step = ts.make_train_step(setup, norms_every=norms_every, total_steps=total_steps)
   rng = np.random.RandomState(0)
   batch = {"latent": rng.randn(4, 4, 4, 48).astype(np.float32),

@@ -12,8 +12,6 @@ preset and the register-free DINOv2 conversion.
 """
 import functools
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +21,17 @@ from flax import nnx
 
 import sfd_jax  # noqa: F401  (package set-up)
 from configs import texture_vae_f16d32_ldm, texture_vae_f16d32_vavae, tiny_vae
-from sfd_jax.checkpoint import runs
+from sfd_jax.checkpoint import export, runs
 from sfd_jax.convert import common, networks
+from sfd_jax.core import trees
 from sfd_jax.convert import dinov2 as dino_convert
 from sfd_jax.data import features as features_lib
+from sfd_jax.data import vae_pipeline
 from sfd_jax.data import preprocess
 from sfd_jax.models import dinov2, texture_vae
 from sfd_jax.training import vae as vae_train
-from tests.conftest import REPO, child_env
+from tests.util import main_killed_after, preempted_at
+from tests.conftest import REPO
 from tests.test_vae_train import Recorder, _images_dir
 
 STEPS, PREEMPT, KILL = 4, 2, 3   # checkpoints every 2 steps (tiny config: 4)
@@ -58,9 +59,12 @@ def dirs(tmp_path_factory):
   model = networks.random_network(
       functools.partial(texture_vae.ProjectedTextureVAE, vf_dim=VF_DIM),
       vae_train.model_config(c, "texture_vae"), None, 3)
-  init = common.save_params(os.path.join(root, "init"), common.jax_tree_to_numpy(
+  init = common.save_params(os.path.join(root, "init"), trees.to_numpy(
       nnx.to_pure_dict(nnx.state(model, nnx.Param))), meta={"kind": "texture_vae"})
-  return {"root": root, "data": data, "features": feats, "init": init}
+  out = {"root": root, "data": data, "features": feats, "init": init}
+  # one compiled setup for every run of the module (they share model, loss and mesh)
+  out["setup"] = vae_train.build_setup(_config(out), "texture_vae", jax.devices()[:DEVICES])
+  return out
 
 
 def _config(dirs, **overrides):
@@ -77,7 +81,7 @@ def _config(dirs, **overrides):
 def _train(dirs, name, writer=None, **overrides):
   return vae_train.train_model(_config(dirs, **overrides), os.path.join(dirs["root"], name),
                                "texture_vae", writer=writer or Recorder(),
-                               devices=jax.devices()[:DEVICES])
+                               setup=dirs["setup"])
 
 
 def _same_state(a, b):
@@ -109,7 +113,8 @@ def test_gan_trains_and_resume_is_exact(dirs):
   assert counts and set(counts) == {3 * STEPS}
 
   # SIGTERM after PREEMPT steps (saved there), then resumed to STEPS.
-  first = _train(dirs, "sigterm", debug_preempt_at_step=PREEMPT)
+  with preempted_at(vae_pipeline, "make_train_iterator", PREEMPT):
+    first = _train(dirs, "sigterm")
   assert first["step"] == PREEMPT
   rec2 = Recorder()
   second = _train(dirs, "sigterm", rec2)
@@ -121,15 +126,13 @@ def test_gan_trains_and_resume_is_exact(dirs):
 
   # SIGKILL after step KILL (step 2 saved), through main.py.
   kill = os.path.join(dirs["root"], "sigkill")
-  env = child_env()
   cfg = (f"--config={REPO}/configs/tiny_vae.py:job=texture_gan,data={dirs['data']},"
          f"steps={STEPS},vf=features,vf_features={dirs['features']}")
-  proc = subprocess.run(
-      [sys.executable, str(REPO / "main.py"), "--mode=train_texture_vae", cfg,
-       f"--workdir={kill}", f"--config.mesh.data={DEVICES // 2}", "--config.mesh.fsdp=2",
-       "--config.checkpoint_every_steps=2",
-       f"--config.init_from={dirs['init']}", f"--config.debug_kill_at_step={KILL}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = main_killed_after(
+      ["--mode=train_texture_vae", cfg, f"--workdir={kill}",
+       f"--config.mesh.data={DEVICES // 2}", "--config.mesh.fsdp=2",
+       "--config.checkpoint_every_steps=2", f"--config.init_from={dirs['init']}"],
+      KILL, os.path.join(kill, "checkpoints", "2"))
   assert proc.returncode == -9, proc.stderr[-3000:]
   steps = sorted(int(p) for p in os.listdir(os.path.join(kill, "checkpoints")) if p.isdigit())
   assert steps == [2], steps
@@ -138,27 +141,25 @@ def test_gan_trains_and_resume_is_exact(dirs):
   _same_state(resumed["state"], state)
 
   # Export writes the autoencoder alone (no discriminator, no VF projection).
-  dst = vae_train.export_converted(_config(dirs), kill, "texture_vae",
-                                   os.path.join(dirs["root"], "export"),
-                                   devices=jax.devices()[:DEVICES])
+  dst = export.export_converted(_config(dirs), kill, "texture_vae",
+                                os.path.join(dirs["root"], "export"))
   loaded = networks.load_network("texture_vae", dst)
   assert not hasattr(loaded, "linear_proj")
   # --mode=eval_tokenizer reads the run directly (the autoencoder part of "params")
-  from_run, _ = runs.load_texture_vae(kill, weights="params")
+  from_run = runs.load_texture_vae(kill, weights="params")
   want = {k: v for k, v in jax.device_get(state["params"]).items() if k != "linear_proj"}
   _same_state(nnx.to_pure_dict(nnx.state(from_run, nnx.Param)), want)
   _same_state(nnx.to_pure_dict(nnx.state(loaded, nnx.Param)), want)
   with pytest.raises(ValueError, match="no 'ema'"):
-    vae_train.export_converted(_config(dirs), kill, "texture_vae",
-                               os.path.join(dirs["root"], "export_ema"), weights="ema",
-                               devices=jax.devices()[:DEVICES])
+    export.export_converted(_config(dirs), kill, "texture_vae",
+                            os.path.join(dirs["root"], "export_ema"), weights="ema")
 
 
 def test_feature_source_follows_the_images(dirs):
   """Each batch element carries the features of its own source image."""
   c = _config(dirs)
-  it = vae_train.make_train_iterator(c, "texture_vae", process_index=0, process_count=1)
-  source, transform = vae_train._source_and_transform("texture_vae", c)  # pylint: disable=protected-access
+  it = vae_pipeline.make_train_iterator(c, "texture_vae", process_index=0, process_count=1)
+  source, transform = vae_pipeline.source_and_transform("texture_vae", c)
   crops = {}
   for i in range(len(source)):
     out = transform(source[i])
@@ -268,4 +269,4 @@ def test_extract_vf_features(dirs, tmp_path):
   bad = _config(dirs)
   bad.data.vf_features = out
   with pytest.raises(ValueError, match="24 records for 25 images"):
-    vae_train.make_train_iterator(bad, "texture_vae", process_index=0, process_count=1)
+    vae_pipeline.make_train_iterator(bad, "texture_vae", process_index=0, process_count=1)

@@ -11,9 +11,10 @@ from flax import nnx
 
 import sfd_jax  # noqa: F401
 from sfd_jax.convert.common import ConversionError, load_params, load_state_dict
+from sfd_jax.checkpoint.runs import load_texture_vae
 from sfd_jax.convert.texture_vae import (convert_texture_vae, load_converted_texture_vae,
-                                         load_texture_vae, main as convert_main)
-from sfd_jax.diffusion.vae_losses import texture_vae_loss
+                                         main as convert_main)
+from sfd_jax.training.vae_losses import texture_vae_loss
 from sfd_jax.models.layers import param_count, unnamed_params
 from sfd_jax.models.texture_vae import DiagonalGaussian, TextureVAEConfig, parameter_counts
 from tests.conftest import parity_dir

@@ -16,6 +16,8 @@ import pytest
 
 import sfd_jax  # noqa: F401
 from sfd_jax import parallel
+from sfd_jax.training import state as state_lib
+from sfd_jax.training import loop
 from sfd_jax.training import optim
 from sfd_jax.training import sfd as train
 from sfd_jax.training import sfd as ts
@@ -23,7 +25,7 @@ from sfd_jax.checkpoint import restore_state_only
 from sfd_jax.diffusion.objective import ObjectiveConfig
 from sfd_jax.models.lightning_dit import DiTConfig
 from tests.conftest import REPO, child_env
-from tests.util import tiny, write_tiny_latents
+from tests.util import main_killed_after, preempted_at, tiny, write_tiny_latents
 
 sys.path.insert(0, str(REPO))
 
@@ -93,7 +95,7 @@ def test_sharded_step_equals_single_device():
     # near-zero gradient entries (different reduction order per mesh) into ±lr jumps.
     setup = _setup(shape, eps=1e-4)
     init = _perturbed_params(setup) if init is None else init
-    state = ts.create_train_state(setup, init)
+    state = state_lib.create_train_state(setup, init)
     step = ts.make_train_step(setup)
     b = jax.device_put(batch, parallel.batch_sharding(setup.mesh))
     state, metrics = step(state, b)
@@ -108,7 +110,7 @@ def test_sharded_step_equals_single_device():
 
 def test_state_created_sharded_and_ema_is_copy():
   setup = _setup((1, 8, 1))
-  state = ts.create_train_state(setup)
+  state = state_lib.create_train_state(setup)
   qkv = state["params"]["blocks"]["attn"]["qkv"]["kernel"]
   assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
   assert len(qkv.addressable_shards) == 8
@@ -178,8 +180,9 @@ def test_main_trains_and_resume_is_exact(data_dir, tmp_path):
 
   # 2. SIGTERM at step 7 (checkpoint every 10): saves step 7 and exits; resume to 20.
   term = tmp_path / "sigterm"
-  c = tiny(data_dir, num_train_steps=steps, debug_preempt_at_step=7)
-  out = train.train_and_evaluate(c, str(term))
+  c = tiny(data_dir, num_train_steps=steps)
+  with preempted_at(train, "make_data_iterator", 7):
+    out = train.train_and_evaluate(c, str(term))
   assert out["step"] == 7
   assert sorted(int(p.name) for p in (term / "checkpoints").iterdir() if p.name.isdigit()) == [7]
   train.train_and_evaluate(tiny(data_dir, num_train_steps=steps), str(term))
@@ -187,8 +190,7 @@ def test_main_trains_and_resume_is_exact(data_dir, tmp_path):
 
   # 3. SIGKILL at step 13, after the save at step 10 completed; resume to 20.
   kill = tmp_path / "sigkill"
-  proc = _run_main([cfg_arg, f"--workdir={kill}", "--config.debug_kill_at_step=13"],
-                   check=False)
+  proc = main_killed_after([cfg_arg, f"--workdir={kill}"], 13, str(kill / "checkpoints" / "10"))
   assert proc.returncode == -9, proc.stderr[-2000:]
   assert (kill / "checkpoints" / "10").is_dir() and not (kill / "checkpoints" / "20").exists()
   train.train_and_evaluate(tiny(data_dir, num_train_steps=steps), str(kill))
@@ -208,7 +210,7 @@ def test_nan_guard_keeps_last_checkpoint(data_dir, tmp_path):
   wd = tmp_path / "nan"
   train.train_and_evaluate(tiny(data_dir, num_train_steps=10), str(wd))
   before = _tree_hash(wd / "checkpoints")
-  with pytest.raises(train.NonFiniteLossError, match=r"Last good checkpoint: step 10"):
+  with pytest.raises(loop.NonFiniteLossError, match=r"Last good checkpoint: step 10"):
     train.train_and_evaluate(tiny(data_dir, num_train_steps=20,
                                   **{"optimizer.lr": 1e30}), str(wd))
   assert _tree_hash(wd / "checkpoints") == before

@@ -19,6 +19,7 @@ from sfd_jax.convert.common import save_params
 from sfd_jax.data import pipeline, records, stats as stats_lib
 from sfd_jax.diffusion.objective import ObjectiveConfig
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT
+from sfd_jax.training import state as state_lib
 from sfd_jax.training import optim, validation
 from sfd_jax.training import sfd as train
 from tests.conftest import REPO
@@ -55,7 +56,7 @@ def _batch(n=16, seed=0):
 
 
 def _run(setup, init, batch, **kw):
-  state = train.create_train_state(setup, init)
+  state = state_lib.create_train_state(setup, init)
   step = train.make_train_step(setup, **kw)
   state, metrics = step(state, jax.device_put(batch, parallel.batch_sharding(setup.mesh)))
   return jax.device_get(state), {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -101,7 +102,7 @@ def test_skip_nonfinite_and_spikes():
   bad["latent"][3, 0, 0, 0] = np.nan
   step = train.make_train_step(setup, skip_nonfinite=True)
   sh = parallel.batch_sharding(setup.mesh)
-  state, m = step(train.create_train_state(setup, init), jax.device_put(bad, sh))
+  state, m = step(state_lib.create_train_state(setup, init), jax.device_put(bad, sh))
   state = jax.device_get(state)
   assert state["nonfinite"] == 0 and float(m["skipped"]) == 1.0 and state["step"] == 1
   _close(state["params"], init, 0.0)
@@ -135,8 +136,8 @@ def test_init_from_shape_check_expands_patch_channels(tmp_path):
   assert any("expanded 'x_embedder/kernel' from 32 to 48" in l for l in logs)
   assert any("'t_embedder' is not a parameter" in l for l in logs)
   assert any("'t_embedder_sem' not in the checkpoint" in l for l in logs)
-  state = jax.device_get(train.create_train_state(setup, given))
-  fresh = jax.device_get(train.create_train_state(setup))
+  state = jax.device_get(state_lib.create_train_state(setup, given))
+  fresh = jax.device_get(state_lib.create_train_state(setup))
   k = state["params"]["x_embedder"]["kernel"]
   np.testing.assert_array_equal(k[:32], src["x_embedder"]["kernel"])
   np.testing.assert_array_equal(k[32:], 0)
@@ -181,7 +182,7 @@ def test_validation_loss_is_deterministic_and_batch_independent(data_dirs):
   c = tiny_config.get_config(f"data={train_dir}")
   c.validation.update(path=held_out, every_steps=5, batch_size=8, times=(0.2, 0.8))
   setup = train.build(c)
-  state = train.create_train_state(setup, _perturbed(setup))
+  state = state_lib.create_train_state(setup, _perturbed(setup))
   val = validation.ValidationLoss(c, setup)
   a = val(5, state, _Writer())
   assert val(5, state, _Writer()) == a
@@ -239,6 +240,7 @@ def test_latents_without_normalisation(tmp_path):
 def test_decoder_without_normalisation(tmp_path):
   """data.normalize=False: sampling decodes texture = latent / multiplier (no stats)."""
   from sfd_jax.convert import texture_vae as tvae_conv
+  from sfd_jax import sampling
   from sfd_jax.diffusion import generation
   from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
   cfg = TextureVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks_enc=1, num_res_blocks_dec=1,
@@ -251,7 +253,7 @@ def test_decoder_without_normalisation(tmp_path):
   c.data.path = str(tmp_path / "no_data_here")
   c.data.normalize = False
   c.data.latent_multiplier = 0.25
-  dec = generation.load_decoder(c)
+  dec = sampling.load_decoder(c)
   assert float(dec.mean) == 0.0 and float(dec.std) == 1.0 and dec.multiplier == 0.25
   z = jax.random.normal(jax.random.key(0), (1, 2, 2, 32))
   np.testing.assert_array_equal(np.asarray(dec.decode(z)),

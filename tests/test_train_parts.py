@@ -3,7 +3,7 @@
 A part with BatchNorm statistics (``stats_key``), a later part's loss reading an earlier
 part's ``carry``, a loss setting another part's statistics (``out["state"]``), frozen
 networks passed to the step (``state.freeze``), self-computed gradients
-(``step.returns_grads``) equal to autodiff, and the errors for misuse.
+(``step.OwnGradients``) equal to autodiff, and the errors for misuse.
 """
 import jax
 import jax.numpy as jnp
@@ -72,7 +72,7 @@ def _losses(setup, own_grads: bool):
     loss = jnp.mean(model(batch["x"])) - jnp.mean(model(ctx["carry"]["y"]))
     return loss, {"loss": loss}
 
-  return {"params": step_lib.returns_grads(gen_loss) if own_grads else gen_loss,
+  return {"params": step_lib.OwnGradients(gen_loss) if own_grads else gen_loss,
           "c_params": critic_loss}
 
 
@@ -119,7 +119,7 @@ def test_misuse_is_reported():
   with pytest.raises(ValueError, match="only statistics entries"):
     step(state_lib.create_train_state(setup), batch)
 
-  @step_lib.returns_grads
+  @step_lib.OwnGradients
   def no_grads(model, batch, key, ctx):
     return jnp.sum(model(batch["x"])), {}
   step = step_lib.make_train_step(setup, {"params": no_grads}, donate=False)

@@ -16,6 +16,7 @@ from sfd_jax.diffusion.objective import ObjectiveConfig
 from sfd_jax.models.lightning_dit import DiTConfig
 from sfd_jax.training import sfd as train
 from tests.conftest import REPO
+from tests.util import preempted_at
 
 sys.path.insert(0, str(REPO))
 from configs import tiny as tiny_config  # noqa: E402  pylint: disable=wrong-import-position
@@ -88,7 +89,8 @@ def test_three_part_schedule_trains_resumes_exactly_and_samples(data3, tmp_path)
   assert step == 8 and phi.shape == (4,) and np.abs(phi).max() > 0   # learned, saved
 
   term = tmp_path / "sigterm"
-  out = train.train_and_evaluate(config3(data3, debug_preempt_at_step=3), str(term))
+  with preempted_at(train, "make_data_iterator", 3):
+    out = train.train_and_evaluate(config3(data3), str(term))
   assert out["step"] == 3
   train.train_and_evaluate(cfg, str(term))
   _, again = _final(str(term), cfg)

@@ -2,7 +2,7 @@
 
 A table of user mistakes across every mode of ``main.py`` and every command
 (``python -m sfd_jax.convert.*``, ``sfd_jax.data.convert_reference``, ``sfd_jax.sweep``,
-``sfd_jax.training.vae``). Each case runs its command line in a child process (through
+``sfd_jax.checkpoint.export``). Each case runs its command line in a child process (through
 ``tests/cli_runner.py``: the imports happen once, then one fork per case) and must
 
 * exit with status 2,
@@ -338,7 +338,7 @@ def _cases(s: Saved) -> list[Case]:
       cmd("inception_src_pt", "sfd_jax.convert.inception", "--src", p["model.pt"], "--dst",
           f"{out}/c9", kind="converter input error",
           expect=(p["model.pt"], "not a readable PyTorch file")),
-      cmd("export_cli_src_not_converted", "sfd_jax.convert.export", "--src", p["empty"],
+      cmd("export_cli_src_not_converted", "sfd_jax.checkpoint.export", "--src", p["empty"],
           "--dst", f"{out}/c10", kind="file not found",
           expect=(p["empty"], "not a converted checkpoint")),
       cmd("reference_latents_none", "sfd_jax.data.convert_reference", "--src", p["empty"],
@@ -351,9 +351,8 @@ def _cases(s: Saved) -> list[Case]:
           kind="config error", expect=("unknown sweep 'nope'",)),
       cmd("sweep_config_option", "sfd_jax.sweep", "--config=configs/tiny.py:foo=1",
           "--sweep=delta_t", kind="config error", expect=("configs/tiny.py:foo=1", "'foo'")),
-      cmd("vae_export_no_checkpoints", "sfd_jax.training.vae",
-          f"--config=configs/tiny_vae.py:job=semvae,data={p['feats24']}",
-          f"--workdir={p['empty']}", "--kind=semvae", f"--dst={out}/c13",
+      cmd("vae_export_no_checkpoints", "sfd_jax.checkpoint.export",
+          f"--run={p['empty']}", "--kind=semvae", f"--dst={out}/c13",
           kind="checkpoint error", expect=(f"{p['empty']}/checkpoints",)),
   ]
 
@@ -484,9 +483,8 @@ def test_table_has_forty_cases(saved):
   targets = {c.target for c in cases}
   assert {"sfd_jax.convert.lightning_dit", "sfd_jax.convert.texture_vae",
           "sfd_jax.convert.dinov2", "sfd_jax.convert.semantic_vae",
-          "sfd_jax.convert.inception", "sfd_jax.convert.export",
-          "sfd_jax.data.convert_reference", "sfd_jax.sweep",
-          "sfd_jax.training.vae"} <= targets
+          "sfd_jax.convert.inception", "sfd_jax.checkpoint.export",
+          "sfd_jax.data.convert_reference", "sfd_jax.sweep"} <= targets
   modes = {a.split("=", 1)[1] for c in cases for a in c.args if a.startswith("--mode=")}
   assert {"train", "sample", "eval", "export", "encode", "extract", "train_semvae",
           "train_texture_vae", "demo"} <= modes
@@ -586,12 +584,12 @@ def test_traceback_on_request(results, name):
 
 def test_internal_errors_keep_their_traceback():
   """Only user errors are shortened: anything else is re-raised unchanged."""
-  from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
+  from sfd_jax.core import errors, runner  # pylint: disable=import-outside-toplevel
 
   def bug(_):
     raise ZeroDivisionError("a bug")
   with pytest.raises(ZeroDivisionError):
-    errors.guard(bug, "prog")(None)
+    runner.guard(bug, "prog")(None)
   assert errors.user_error(ZeroDivisionError("x")) is None
   assert isinstance(errors.user_error(OSError(28, "No space left on device", "/x")),
                     errors.ResourceError)
@@ -615,7 +613,7 @@ def test_failed_library_tasks_log_one_line():
   sometimes not at all) keeps its first line and loses the traceback; the same record
   for an exception raised in our own code keeps its traceback."""
   import logging  # pylint: disable=import-outside-toplevel
-  from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
+  from sfd_jax.core import runner  # pylint: disable=import-outside-toplevel
 
   def record_for(filename):
     exc = _raised_in(filename, "OUT_OF_RANGE: Failed writing")
@@ -624,7 +622,7 @@ def test_failed_library_tasks_log_one_line():
         "Task exception was never retrieved\nfuture: <Task finished>", (),
         (type(exc), exc, exc.__traceback__))
 
-  flt = errors._OneLineLibraryErrors()  # pylint: disable=protected-access
+  flt = runner._OneLineLibraryErrors()  # pylint: disable=protected-access
   lib = record_for("/site-packages/orbax/checkpoint/_src/serialization/serialization.py")
   assert flt.filter(lib)
   assert lib.exc_info is None and lib.getMessage() == "Task exception was never retrieved"
@@ -637,9 +635,9 @@ def test_failed_library_coroutines_print_nothing():
   """A failed Orbax restore leaves its read coroutines to the garbage collector, which
   reports each one ("Exception ignored in: <coroutine ...>" + traceback) through
   ``sys.unraisablehook``; those are dropped, any other unraisable exception is not."""
-  from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
+  from sfd_jax.core import runner  # pylint: disable=import-outside-toplevel
   seen = []
-  hook = errors._quiet_unraisable(seen.append)  # pylint: disable=protected-access
+  hook = runner._quiet_unraisable(seen.append)  # pylint: disable=protected-access
 
   def unraisable_from(filename):
     exc = _raised_in(filename, "Encountered error while reading")

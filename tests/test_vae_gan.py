@@ -20,7 +20,7 @@ import sfd_jax  # noqa: F401  (flax settings)
 from sfd_jax.convert import common
 from sfd_jax.convert import discriminator as disc_convert
 from sfd_jax.convert import lpips as lpips_convert
-from sfd_jax.diffusion import gan_losses
+from sfd_jax.training import gan_losses
 from sfd_jax.models import discriminator as disc_lib
 from sfd_jax.models.distributions import DiagonalGaussian
 

@@ -17,10 +17,13 @@ from PIL import Image
 
 import sfd_jax  # noqa: F401  (package set-up)
 from configs import semvae_ch16, tiny_vae
+from sfd_jax.checkpoint import export
 from sfd_jax.convert import networks
-from sfd_jax.data import features
+from sfd_jax.core import trees
+from sfd_jax.data import features, vae_pipeline
 from sfd_jax.training import optim
 from sfd_jax.training import vae as vae_train
+from tests.util import preempted_at
 
 STEPS, PREEMPT = 8, 3
 DEVICES = 2
@@ -87,7 +90,7 @@ def _host_random_weights(c, kind, directory):
   from sfd_jax.models.texture_vae import TextureVAE  # pylint: disable=import-outside-toplevel
   model = networks.random_network(
       TextureVAE, vae_train.model_config(c, kind), None, 3)
-  params = common.jax_tree_to_numpy(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  params = trees.to_numpy(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   return common.save_params(directory, params, meta={"kind": kind})
 
 
@@ -103,8 +106,9 @@ def test_loss_decreases_and_resume_is_exact(kind, tmp_path):
     c.data.eval_path = data
     c.eval.every_steps = 4
   rec = Recorder()
+  setup = vae_train.build_setup(c, kind, jax.devices()[:DEVICES])   # one compile, 3 runs
   train = lambda cfg, d, w: vae_train.train_model(  # noqa: E731
-      cfg, str(tmp_path / d), kind, writer=w, devices=jax.devices()[:DEVICES])
+      cfg, str(tmp_path / d), kind, writer=w, setup=setup)
   straight = train(c, "straight", rec)
   assert straight["step"] == STEPS
   losses = [rec.scalars[s]["loss"] for s in range(1, STEPS + 1)]
@@ -122,8 +126,8 @@ def test_loss_decreases_and_resume_is_exact(kind, tmp_path):
   assert jax.tree.leaves(jax.tree.map(lambda a: a.sharding.spec, mu)) == specs
 
   # Preempted by SIGTERM after PREEMPT steps (checkpoint saved), then resumed.
-  first = train(_config(kind, data, debug_preempt_at_step=PREEMPT, **init), "resumed",
-                Recorder())
+  with preempted_at(vae_pipeline, "make_train_iterator", PREEMPT):
+    first = train(_config(kind, data, **init), "resumed", Recorder())
   assert first["step"] == PREEMPT
   rec2 = Recorder()
   second = train(_config(kind, data, **init), "resumed", rec2)
@@ -135,8 +139,8 @@ def test_loss_decreases_and_resume_is_exact(kind, tmp_path):
 
   # Exported as a converted-weights folder, the trained model loads like converted
   # reference weights (what --mode=encode reads).
-  dst = vae_train.export_converted(c, str(tmp_path / "straight"), kind,
-                                   str(tmp_path / "export"), devices=jax.devices()[:DEVICES])
+  dst = export.export_converted(c, str(tmp_path / "straight"), kind,
+                                str(tmp_path / "export"))
   loaded = networks.load_network(kind, dst)
   assert loaded.config == vae_train.model_config(c, kind)
   exported = jax.tree.leaves(nnx.to_pure_dict(nnx.state(loaded, nnx.Param)))
@@ -180,20 +184,20 @@ def test_model_config_and_extra_terms_errors():
 def test_image_iterator_drops_bad_images_flips_and_replays(tmp_path):
   c = _config("texture_vae", _images_dir(tmp_path))
   c.data.random_flip = True
-  it = vae_train.make_train_iterator(c, "texture_vae", process_index=0, process_count=1)
+  it = vae_pipeline.make_train_iterator(c, "texture_vae", process_index=0, process_count=1)
   batches = [next(it) for _ in range(3)]   # 72 elements: 3 epochs of 24 + 1 bad image
   assert batches[0]["image"].shape == (8, 16, 16, 3) and batches[0]["image"].dtype == np.uint8
   state = it.get_state()
   ahead = [next(it)["image"] for _ in range(2)]
-  it2 = vae_train.make_train_iterator(c, "texture_vae", process_index=0, process_count=1)
+  it2 = vae_pipeline.make_train_iterator(c, "texture_vae", process_index=0, process_count=1)
   it2.set_state(state)
   for a in ahead:
     np.testing.assert_array_equal(next(it2)["image"], a)
   # The flip is a pure function of (seed, stream index), about half of the elements.
-  flip = vae_train._RandomFlip(c.seed)  # pylint: disable=protected-access
+  flip = vae_pipeline._RandomFlip(c.seed)  # pylint: disable=protected-access
   image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
   flipped = [not np.array_equal(flip.map_with_index(i, {"image": image})["image"], image)
              for i in range(200)]
-  assert flipped == [vae_train.pipeline.flip_choice(c.seed, i) for i in range(200)]
+  assert flipped == [vae_pipeline.pipeline.flip_choice(c.seed, i) for i in range(200)]
   assert 70 < sum(flipped) < 130
   assert flip.map_with_index(0, None) is None

@@ -1,4 +1,8 @@
 """Shared test helpers."""
+import contextlib
+import os
+import signal
+
 import numpy as np
 
 
@@ -64,3 +68,76 @@ def tiny(data, **overrides):
       node = node[p]
     node[leaf] = v
   return c
+
+
+class _SignalOnBatch:
+  """A data iterator whose ``n``-th batch is fetched only after another process has sent
+  ``sig`` to this one."""
+
+  def __init__(self, it, n: int, sig):
+    self._it, self._n, self._sig, self._count = it, n, sig, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self._count += 1
+    if self._count == self._n:
+      import subprocess  # pylint: disable=import-outside-toplevel
+      subprocess.run(["kill", "-s", self._sig.name[3:], str(os.getpid())], check=True)
+    return next(self._it)
+
+  def __getattr__(self, name):        # get_state, set_state, close
+    return getattr(self._it, name)
+
+
+@contextlib.contextmanager
+def preempted_at(module, name: str, step: int, sig=signal.SIGTERM):
+  """While active, the data iterators that ``module.<name>`` makes have another process
+  send ``sig`` (a preemption notice) to this one when the batch of step ``step`` is
+  fetched, so a fresh run saves step ``step`` and stops there."""
+  make = getattr(module, name)
+  setattr(module, name, lambda *a, **k: _SignalOnBatch(make(*a, **k), step, sig))
+  try:
+    yield
+  finally:
+    setattr(module, name, make)
+
+
+def main_killed_after(args, step: int, checkpoint: str, timeout: float = 600):
+  """Runs main.py's entry with ``args`` in a child process whose training stops before
+  step ``step + 1`` (its batch never arrives); once the directory ``checkpoint`` exists (an
+  earlier save completed), the child is killed from here with SIGKILL.
+  Returns the ``subprocess.CompletedProcess``."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  from tests.conftest import REPO, child_env  # pylint: disable=import-outside-toplevel
+  code = (
+      "import sys, time\n"
+      "from sfd_jax.data import global_batch\n"
+      "_to_global, _calls = global_batch.to_global, [0]\n"
+      "def _counted(*a, **k):\n"
+      "  _calls[0] += 1\n"
+      f"  if _calls[0] == {step + 1}:\n"
+      "    print('paused', flush=True)\n"
+      "    time.sleep(3600)\n"
+      "  return _to_global(*a, **k)\n"
+      "global_batch.to_global = _counted\n"
+      f"sys.argv = ['main.py'] + {list(args)!r}\n"
+      "from sfd_jax.cli import run\n"
+      "run()\n")
+  with tempfile.TemporaryFile("w+") as err:
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=err, text=True)
+    deadline = time.time() + timeout
+    out = proc.stdout.readline()          # "paused", or "" if the child ended first
+    while out == "paused\n" and not os.path.isdir(checkpoint) and time.time() < deadline:
+      time.sleep(0.05)
+    if proc.poll() is None:
+      proc.kill()
+    proc.wait(timeout=60)
+    out += proc.stdout.read()
+    err.seek(0)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err.read())

@@ -1,11 +1,10 @@
-"""Orbax checkpoints: the manager of a training run's composites, preemption, and
-reading runs (config, weights only, whole state)."""
-from sfd_jax.checkpoint.manager import ITEMS, CheckpointError, Checkpointer, PreemptionGuard
+"""Orbax checkpoints: the manager of a training run's composites, preemption, reading
+runs (config, weights only, whole state) and exporting them."""
+from sfd_jax.checkpoint.manager import ITEMS, Checkpointer, PreemptionGuard
 from sfd_jax.checkpoint.runs import (WEIGHTS, available_steps, checkpoint_dir, dit_config,
-                                     is_run, load_dit, read_config, restore_dit,
-                                     restore_state_only, restore_weights)
+                                     is_run, load_dit, load_texture_vae, read_config,
+                                     restore_dit, restore_state_only, restore_weights)
 
-__all__ = ["ITEMS", "WEIGHTS", "CheckpointError", "Checkpointer", "PreemptionGuard",
-           "available_steps", "checkpoint_dir", "dit_config", "is_run", "load_dit",
-           "read_config", "restore_dit",
-           "restore_state_only", "restore_weights"]
+__all__ = ["ITEMS", "WEIGHTS", "Checkpointer", "PreemptionGuard", "available_steps",
+           "checkpoint_dir", "dit_config", "is_run", "load_dit", "load_texture_vae",
+           "read_config", "restore_dit", "restore_state_only", "restore_weights"]

@@ -28,11 +28,14 @@ import signal
 import threading
 from typing import Any, Callable
 
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 from sfd_jax.core import errors, paths
-from sfd_jax.core.errors import CheckpointError  # noqa: F401  (re-exported)
+from sfd_jax.core.errors import CheckpointError
 
 ITEMS = ("state", "data", "config")
 
@@ -70,33 +73,9 @@ class Checkpointer:
         config=ocp.args.JsonSave(_jsonable(config)))
     return self.manager.save(step, args=args, force=force)
 
-  def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict, dict]:
-    """Restores (state, data_state, config) at ``step`` (default: latest)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"no checkpoint in {self.directory}")
-    try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
-    except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore / json)
-      err = errors.as_resource_error(e, where=self.directory)
-      if err is not None:
-        raise err from e
-      raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be restored into "
-                            f"this run's state ({errors.reason(e)})") from e
-    return out["state"], dict(out["data"] or {}), dict(out["config"] or {})
-
   def read_config(self, step: int) -> dict:
     """The ``config`` item of ``step`` ({} for checkpoints written without one)."""
-    from etils import epath  # pylint: disable=import-outside-toplevel
-    if not (epath.Path(self.directory) / str(step) / "config").is_dir():
-      return {}
-    out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    config = out["config"]
-    if config is not None and not isinstance(config, dict):
-      raise ValueError(f"the saved config is a {type(config).__name__}, not a JSON object")
-    return dict(config or {})
+    return saved_config(self.manager, self.directory, step)
 
   def _attempt(self, step: int, fn):
     """``fn()`` for one checkpoint: (result, None), or (None, reason) when it fails for
@@ -177,15 +156,12 @@ class Checkpointer:
         "--workdir) to start afresh")
 
   def _step_dir(self, step: int):
-    from etils import epath  # pylint: disable=import-outside-toplevel
     return epath.Path(self.directory) / str(step)
 
   def set_aside(self, step: int, reason: str) -> str:
     """Moves ``<directory>/<step>`` to ``<directory>.corrupt/<step>[.N]`` (with a
     ``.reason.txt`` beside it) so that Orbax never lists, deletes or overwrites it.
     Returns the new path. Multi-process: process 0 moves, everyone waits for it."""
-    import jax  # pylint: disable=import-outside-toplevel
-    from etils import epath  # pylint: disable=import-outside-toplevel
     src = self._step_dir(step)
     root = epath.Path(f"{self.directory}.corrupt")
     dst = root / str(step)
@@ -204,7 +180,6 @@ class Checkpointer:
                f"{dst} ({errors.reason(e)}); move it away yourself and rerun")
         raise (errors.ResourceError(msg) if err is not None else CheckpointError(msg)) from e
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices(f"sfd_jax_set_aside_{step}")
     self.manager.reload()
     return str(dst)
@@ -221,6 +196,17 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def saved_config(manager: ocp.CheckpointManager, directory: str, step: int) -> dict:
+  """The ``config`` item of checkpoint ``step`` ({} for a checkpoint saved without one)."""
+  if not (epath.Path(paths.abspath(directory)) / str(step) / "config").is_dir():
+    return {}
+  config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  config = config["config"]
+  if config is not None and not isinstance(config, dict):
+    raise ValueError(f"the saved config is a {type(config).__name__}, not a JSON object")
+  return dict(config or {})
 
 
 def _jsonable(cfg: Any) -> Any:

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
 
-from sfd_jax.core import files, trees
+from sfd_jax.convert import safe_pickle
+from sfd_jax.core import errors, files, runner, trees
 from sfd_jax.core.errors import ConverterInputError, MissingFileError, OutputExistsError
 
 
@@ -31,7 +36,6 @@ def _torch_load(path: str, entries: Iterable[str] | None = None) -> dict[str, np
   """A torch file's state dict via the torch-free restricted reader (``safe_pickle``):
   non-tensor objects (an OmegaConf config, argparse Namespace, ...) become inert
   stand-ins and a file that refers to code-running globals is refused."""
-  from sfd_jax.convert import safe_pickle  # pylint: disable=import-outside-toplevel
   try:
     obj = safe_pickle.load(path)
   except safe_pickle.UnsafePickleError as e:
@@ -166,16 +170,6 @@ class StateDict:
       raise ConversionError(f"{self.name}: unexpected keys {shown}{more}")
 
 
-def _flatten(tree: Mapping[str, Any], prefix=()) -> dict[tuple, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
 def assign(module, params: Mapping[str, Any], name: str = "checkpoint",
            variables=None) -> None:
   """Copies a nested dict of arrays into ``module``'s ``nnx.Param`` variables.
@@ -185,12 +179,10 @@ def assign(module, params: Mapping[str, Any], name: str = "checkpoint",
   ``variables`` is an optional NNX filter selecting other variable types to fill
   (default ``nnx.Param``; e.g. ``(nnx.Param, nnx.BatchStat)`` for frozen BatchNorm).
   """
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   state = nnx.state(module, nnx.Param if variables is None else variables)
   flat_state = dict(nnx.to_flat_state(state))
-  flat_given = {tuple(str(p) for p in k): v for k, v in _flatten(params).items()}
+  flat_given = {tuple(str(p) for p in k): v for k, v in trees.flatten(params, None).items()}
   flat_state_s = {tuple(str(p) for p in k): (k, v) for k, v in flat_state.items()}
   missing = sorted(set(flat_state_s) - set(flat_given))
   extra = sorted(set(flat_given) - set(flat_state_s))
@@ -217,15 +209,13 @@ def save_params(directory: str | os.PathLike, params: Mapping[str, Any],
   ``directory/meta.json`` (model kind, config, source file). Refuses to overwrite an
   existing directory unless ``force``.
   """
-  import json  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   directory = os.path.abspath(os.fspath(directory))
   if os.path.exists(directory) and os.listdir(directory) and not force:
     raise OutputExistsError(f"{directory} exists and is not empty; pass --force (force=True) "
                             "to overwrite it, or choose another destination")
   os.makedirs(directory, exist_ok=True)
-  tree = jax_tree_to_numpy(params)
+  tree = trees.to_numpy(params)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, "params"), tree, force=force)
   with open(os.path.join(directory, "meta.json"), "w") as f:
@@ -241,8 +231,6 @@ def load_params(directory: str | os.PathLike, kind: str | None = None,
   ``"model"`` key is read too). A different kind is an error naming both; a directory
   without any kind is an error too unless ``strict=False``.
   """
-  import json  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   directory = os.path.abspath(os.fspath(directory))
   ppath = os.path.join(directory, "params")
@@ -264,13 +252,12 @@ def load_params(directory: str | os.PathLike, kind: str | None = None,
     with ocp.StandardCheckpointer() as ckptr:
       tree = ckptr.restore(ppath)
   except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore errors)
-    from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
     err = errors.as_resource_error(e, where=directory)
     if err is not None:
       raise err from e
     raise ConversionError(f"converted checkpoint {directory}: its 'params' cannot be read "
                           f"({errors.reason(e)}); convert or export it again") from e
-  return jax_tree_to_numpy(tree), meta
+  return trees.to_numpy(tree), meta
 
 
 def check_converted_dir(directory: str | os.PathLike, kind: str | None = None,
@@ -297,14 +284,8 @@ def check_converted_dir(directory: str | os.PathLike, kind: str | None = None,
   return meta
 
 
-def jax_tree_to_numpy(tree: Mapping[str, Any]) -> dict:
-  return {k: (jax_tree_to_numpy(v) if isinstance(v, Mapping) else np.asarray(v))
-          for k, v in tree.items()}
-
-
 def abstract_model(model_cls, config, dtype=None):
   """``model_cls(config, rngs=…, dtype=dtype)`` with unallocated parameters, for ``assign``."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   return nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0), dtype=dtype))
 
 
@@ -335,7 +316,6 @@ def load_model(path: str | os.PathLike, config, *, kind: str, config_cls,
 
 def read_json_arg(text_or_path: str) -> dict:
   """A JSON object given inline or as a file (``.yaml``/``.yml`` needs PyYAML)."""
-  import json  # pylint: disable=import-outside-toplevel
   if os.path.isfile(text_or_path):
     with open(text_or_path) as f:
       text = f.read()
@@ -377,8 +357,7 @@ def converter_main(argv: Sequence[str] | None, *, kind: str, prog: str, descript
   constructor's argument names) — and writes it with ``save_params``; ``meta.json``
   holds the kind, preset, config, source path and ``extra_meta``. Returns the directory.
   """
-  from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
-  parser = errors.ArgumentParser(prog=prog, description=description)
+  parser = runner.ArgumentParser(prog=prog, description=description)
   parser.add_argument("--src", required=True, help=src_help)
   parser.add_argument("--dst", required=True, help="output directory")
   parser.add_argument("--preset", default=default_preset, choices=list(presets))
@@ -402,8 +381,3 @@ def converter_main(argv: Sequence[str] | None, *, kind: str, prog: str, descript
   out = save_params(args.dst, params, meta=meta, force=args.force)
   print(f"wrote {out}")
   return out
-
-
-def leaves(tree: Mapping[str, Any]):
-  """Every leaf of a nested mapping, in insertion order."""
-  return (v for _, v in trees.leaves(tree))

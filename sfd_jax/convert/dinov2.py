@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 from sfd_jax.convert import common
 from sfd_jax.models.dinov2 import DinoV2, DinoV2Config
+from sfd_jax.core import runner
 
 MODEL_KIND = "dinov2"
 IGNORED_KEYS = ("mask_token",)
@@ -113,5 +114,4 @@ def _from_reference(fields: dict) -> DinoV2Config:
 
 
 if __name__ == "__main__":
-  from sfd_jax.core import errors  # pylint: disable=g-import-not-at-top
-  errors.run_cli(main, "python -m sfd_jax.convert.dinov2")
+  runner.run_cli(main, "python -m sfd_jax.convert.dinov2")

@@ -25,15 +25,13 @@ converted directory or a state-dict file.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any, Mapping
 
 import numpy as np
 from flax import nnx
 
-import sfd_jax  # noqa: F401  (flax configuration before any module is built)
-from sfd_jax.core import errors
+from sfd_jax.core import runner
 from sfd_jax.convert.common import (ConversionError, StateDict, assign, load_params,
                                     load_state_dict, save_params)
 from sfd_jax.models import inception as inc
@@ -113,7 +111,7 @@ def load_inception(path: str | os.PathLike, **model_kwargs: Any) -> inc.Inceptio
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = errors.ArgumentParser(
+  parser = runner.ArgumentParser(
       prog="python -m sfd_jax.convert.inception",
       description="Convert pytorch-fid's FID Inception-v3 weights to an sfd_jax checkpoint.")
   parser.add_argument(
@@ -132,4 +130,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  errors.run_cli(main, "python -m sfd_jax.convert.inception")
+  runner.run_cli(main, "python -m sfd_jax.convert.inception")

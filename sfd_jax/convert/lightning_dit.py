@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
 import numpy as np
 from flax import nnx
 
-from sfd_jax.core import errors, trees
+from sfd_jax.convert import safe_pickle
+from sfd_jax.core import errors, runner, trees
 from sfd_jax.convert.common import (ConversionError, StateDict, assign, load_params,
                                     load_state_dict, read_json_arg, save_params)
 from sfd_jax.models.lightning_dit import (VARIANT_ALIASES, VARIANTS, DiTConfig, LightningDiT,
@@ -214,7 +214,6 @@ def config_from_fields(fields: dict, variant: str = "XL", fmt: str = "auto") -> 
 def config_from_checkpoint(path: str) -> DiTConfig:
   """The architecture recorded in a reference training checkpoint's ``config`` entry
   (``{"model", "ema", "opt", "config"}`` of ``train.py``), read without running code."""
-  from sfd_jax.convert import safe_pickle  # pylint: disable=import-outside-toplevel
   obj = safe_pickle.load(path)
   config = safe_pickle.to_plain(obj.get("config")) if isinstance(obj, dict) else None
   if not isinstance(config, dict) or "model" not in config:
@@ -224,7 +223,7 @@ def config_from_checkpoint(path: str) -> DiTConfig:
 
 
 def main(argv=None) -> int:
-  ap = errors.ArgumentParser(prog="python -m sfd_jax.convert.lightning_dit",
+  ap = runner.ArgumentParser(prog="python -m sfd_jax.convert.lightning_dit",
                              description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--src", required=True, help="reference checkpoint (.pt/.npz/.safetensors)")
@@ -263,10 +262,10 @@ def main(argv=None) -> int:
   params = convert_lightning_dit(sd, cfg, name=args.src)
   out = save_params(args.dst, params, {**config_to_meta(cfg), "source": args.src},
                     force=args.force)
-  n = sum(int(np.prod(v.shape)) for _, v in trees.leaves(params))
+  n = sum(int(np.prod(v.shape)) for v in trees.flatten(params).values())
   print(f"converted {args.src} -> {out} ({n / 1e6:.1f}M parameters, variant {args.variant})")
   return 0
 
 
 if __name__ == "__main__":
-  errors.run_cli(main, "python -m sfd_jax.convert.lightning_dit")
+  runner.run_cli(main, "python -m sfd_jax.convert.lightning_dit")

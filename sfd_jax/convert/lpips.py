@@ -33,7 +33,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-import sfd_jax  # noqa: F401  (flax settings)
 from sfd_jax.convert.common import (ConversionError, StateDict, abstract_model, assign,
                                     load_params, load_state_dict, save_params)
 from sfd_jax.models import lpips as lpips_lib

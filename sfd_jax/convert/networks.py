@@ -1,5 +1,6 @@
-"""The frozen networks of the data jobs (texture VAE, DINOv2, Semantic VAE) by kind:
-from converted folders, or random weights of a preset for tests and smoke runs."""
+"""The networks by kind (texture VAE, DINOv2, Semantic VAE, the demo's feature net):
+their config and model classes, loaded from converted folders (or reference files), or
+random weights of a preset for tests and smoke runs."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,14 +14,23 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-import sfd_jax  # noqa: F401  (flax settings)
+from sfd_jax.convert import common
 from sfd_jax.convert import dinov2 as convert_dinov2
 from sfd_jax.convert import semantic_vae as convert_semantic_vae
 from sfd_jax.convert import texture_vae as convert_texture_vae
 from sfd_jax.core.errors import ConfigError, MissingFileError
-from sfd_jax.models import dinov2, semantic_vae, texture_vae
+from sfd_jax.models import dinov2, feature_net, semantic_vae, texture_vae
 
-NETWORK_KINDS = ("texture_vae", "dinov2", "semvae")
+# kind -> (config class, model class, meta.json kind of its converted folder)
+NETWORKS = {
+    "texture_vae": (texture_vae.TextureVAEConfig, texture_vae.TextureVAE, "texture_vae"),
+    "dinov2": (dinov2.DinoV2Config, dinov2.DinoV2, "dinov2"),
+    "semvae": (semantic_vae.SemVAEConfig, semantic_vae.SemanticVAE, "semantic_vae"),
+    "feature_net": (feature_net.FeatureNetConfig, feature_net.DemoFeatureNet,
+                    "demo_feature_net"),
+}
+NETWORK_KINDS = ("texture_vae", "dinov2", "semvae")    # the data jobs' frozen networks
+TRAINABLE = ("semvae", "texture_vae", "feature_net")   # trained by sfd_jax.training.vae
 
 
 def _dtype(name: str | None):
@@ -69,10 +79,7 @@ def load_network(kind: str, path: str, *, random_init: bool = False, preset: str
     raise ValueError(f"network kind {kind!r} not one of {NETWORK_KINDS}")
   dt = _dtype(dtype)
   if random_init:
-    cfg_cls, model_cls = {
-        "texture_vae": (texture_vae.TextureVAEConfig, texture_vae.TextureVAE),
-        "dinov2": (dinov2.DinoV2Config, dinov2.DinoV2),
-        "semvae": (semantic_vae.SemVAEConfig, semantic_vae.SemanticVAE)}[kind]
+    cfg_cls, model_cls, _ = NETWORKS[kind]
     cfg = dataclasses.replace(cfg_cls.preset(preset), **dict(overrides or {}))
     logging.info("%s: random weights of preset %r (%s)", kind, preset, cfg)
     return random_network(model_cls, cfg, dt, seed)
@@ -88,3 +95,15 @@ def load_network(kind: str, path: str, *, random_init: bool = False, preset: str
   if kind == "dinov2":
     return convert_dinov2.load_dinov2(path, dtype=dt)
   return convert_semantic_vae.load_semantic_vae(path, dtype=dt)
+
+
+def load_feature_net(directory: str | os.PathLike) -> feature_net.DemoFeatureNet:
+  """The demo's feature net from its converted folder (``meta.json`` kind
+  ``demo_feature_net``: ``sfd_jax.checkpoint.export.export_converted``)."""
+  params, meta = common.load_params(directory, NETWORKS["feature_net"][2])
+  if "config" not in meta:
+    raise common.ConversionError(f"{directory}: meta.json has no 'config' entry")
+  net = feature_net.DemoFeatureNet(
+      common.config_from_json(meta["config"], feature_net.FeatureNetConfig), rngs=nnx.Rngs(0))
+  common.assign(net, params, name=os.fspath(directory))
+  return net

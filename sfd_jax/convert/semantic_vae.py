@@ -10,8 +10,9 @@ automatically; a flat state dict (``.npz``/``.safetensors``) works as well.
 
 A ``.pt`` is read without PyTorch by the restricted unpickler (``safe_pickle``): the
 optimizer / scheduler state and config next to the weights are read as inert data and no
-code from the file runs. ``allow_pickle=True`` (``--allow-pickle``) keeps the old full
-``torch.load`` (needs PyTorch; only for trusted files, e.g. the legacy non-zip format).
+code from the file runs. ``allow_pickle=True`` (``--allow-pickle``) uses a full
+``torch.load`` instead (needs PyTorch; only for trusted files, e.g. the pre-1.6 non-zip
+torch format).
 
 CLI::
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from sfd_jax.convert import common
 from sfd_jax.models.semantic_vae import SemanticVAE, SemVAEConfig
+from sfd_jax.core import runner
 
 MODEL_KIND = "semantic_vae"
 STATE_DICT_ENTRIES = ("model_state_dict",)
@@ -150,5 +152,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-  from sfd_jax.core import errors  # pylint: disable=g-import-not-at-top
-  errors.run_cli(main, "python -m sfd_jax.convert.semantic_vae")
+  runner.run_cli(main, "python -m sfd_jax.convert.semantic_vae")

@@ -23,7 +23,6 @@ that ``load_converted_texture_vae`` reads back.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 from typing import Any, Iterable, Mapping, Sequence
@@ -31,10 +30,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from flax import nnx
 
-import sfd_jax  # noqa: F401  (flax settings)
-from sfd_jax.core import errors
+from sfd_jax.core import runner, trees
 from sfd_jax.convert.common import (ConversionError, StateDict, abstract_model, assign,
-                                    config_from_json, leaves, load_params, load_state_dict,
+                                    config_from_json, load_params, load_state_dict,
                                     read_json_arg, save_params)
 from sfd_jax.models.texture_vae import PRESETS, TextureVAE, TextureVAEConfig
 
@@ -112,9 +110,9 @@ def convert_texture_vae(sd: Mapping[str, np.ndarray] | StateDict, cfg: TextureVA
   return params
 
 
-def load_texture_vae(path: str | os.PathLike, cfg: TextureVAEConfig | None = None, *,
-                     dtype=None, ignore_prefixes: Iterable[str] = IGNORE_PREFIXES
-                     ) -> TextureVAE:
+def load_reference_file(path: str | os.PathLike, cfg: TextureVAEConfig | None = None, *,
+                        dtype=None, ignore_prefixes: Iterable[str] = IGNORE_PREFIXES
+                        ) -> TextureVAE:
   """Builds a ``TextureVAE`` from a reference checkpoint file.
 
   Args:
@@ -175,7 +173,7 @@ def config_from_fields(fields: Mapping[str, Any]) -> TextureVAEConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-  parser = errors.ArgumentParser(
+  parser = runner.ArgumentParser(
       prog="python -m sfd_jax.convert.texture_vae",
       description="Convert an LDM/Lightning texture-VAE checkpoint to an sfd_jax "
                   "Orbax params directory.")
@@ -203,13 +201,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     raise ConversionError(f"{e} (converting for --preset {args.preset})") from e
   out = save_converted(args.dst, params, cfg, source=os.path.abspath(args.src),
                        force=args.force)
-  n = sum(int(np.prod(v.shape)) for v in leaves(params))
+  n = sum(int(np.prod(v.shape)) for v in trees.flatten(params).values())
   print(f"texture VAE ({args.preset}, {n:,} parameters) written to {out}")
   return out
 
 
-__all__ = ("IGNORE_PREFIXES", "convert_texture_vae", "load_texture_vae", "save_converted",
-           "load_converted_texture_vae", "main")
-
 if __name__ == "__main__":
-  errors.run_cli(main, "python -m sfd_jax.convert.texture_vae")
+  runner.run_cli(main, "python -m sfd_jax.convert.texture_vae")

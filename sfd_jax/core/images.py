@@ -6,6 +6,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 
 def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 0,
@@ -24,9 +25,16 @@ def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 0,
   return grid
 
 
+def class_grid(images: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
+  """Class-balanced samples in index order (class of index i: i·K // N) → a grid with one
+  row of the first ``per_class`` samples per class."""
+  n = len(images)
+  rows = [images[-(-c * n // num_classes):][:per_class] for c in range(num_classes)]
+  return image_grid(np.concatenate(rows), cols=per_class, pad=1, pad_value=96)
+
+
 def load_pngs(files: Sequence[str | os.PathLike]) -> np.ndarray:
   """uint8 [N, H, W, 3]: the images of ``files`` (converted to RGB), stacked in order."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
 
 
@@ -36,6 +44,5 @@ def numbered_pngs(directory: str, n: int) -> list[str]:
 
 
 def save_png(image: np.ndarray, path: str) -> str:
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   Image.fromarray(np.asarray(image)).save(path)
   return path

@@ -10,6 +10,16 @@ def abspath(path: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
 
+def package_root(path: str) -> str:
+  """The directory above the Python package holding the file ``path`` (the repository
+  for ``configs/x.py``, whose config does ``from configs import common``); the file's own
+  directory when it is in no package."""
+  root = os.path.dirname(os.path.abspath(path))
+  while os.path.isfile(os.path.join(root, "__init__.py")):
+    root = os.path.dirname(root)
+  return root
+
+
 def makedirs(path: str) -> None:
   """``mkdir -p`` for local paths and (through etils/epath) ``gs://`` URLs."""
   from etils import epath  # pylint: disable=import-outside-toplevel

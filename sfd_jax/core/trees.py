@@ -1,25 +1,32 @@
-"""Nested parameter dicts: to NumPy, leaves with paths, shape checks."""
+"""Nested parameter dicts: flattening, to NumPy, shape checks."""
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
+
+
+def flatten(tree: Mapping[Any, Any], sep: str | None = "/") -> dict[Any, Any]:
+  """``{path: leaf}`` of a nested mapping, in insertion order; a path is the keys joined
+  with ``sep`` (``"a/b/c"``), or their tuple with ``sep=None``. An empty mapping is a
+  leaf."""
+  out: dict[Any, Any] = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      path = prefix + (k,)
+      if isinstance(v, Mapping) and v:
+        walk(v, path)
+      else:
+        out[path if sep is None else sep.join(map(str, path))] = v
+  walk(tree, ())
+  return out
 
 
 def to_numpy(tree: Mapping[Any, Any]) -> dict:
   """Nested mapping of arrays → nested dict (string keys) of NumPy arrays."""
   return {str(k): (to_numpy(v) if isinstance(v, Mapping) else np.asarray(v))
           for k, v in tree.items()}
-
-
-def leaves(tree: Mapping[Any, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-  """``("a/b/c", leaf)`` for every leaf of a nested mapping, in insertion order."""
-  for k, v in tree.items():
-    path = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      yield from leaves(v, path + "/")
-    else:
-      yield path, v
 
 
 def check_shapes(params: Mapping[str, Any], abstract: Mapping[str, Any], name: str,

@@ -38,6 +38,8 @@ from typing import Any, Iterable, Mapping
 from absl import logging
 import numpy as np
 
+from sfd_jax.core import trees
+
 KINDS = ("auto", "clu", "tensorboardx", "log")
 
 
@@ -108,12 +110,10 @@ def to_uint8_images(value) -> np.ndarray:
 def flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   """``{"a.b": v}`` with bool / int / float / str values (others as ``str``; None dropped)."""
   out: dict[str, Any] = {}
-  items = hparams.to_dict().items() if hasattr(hparams, "to_dict") else hparams.items()
-  for k, v in items:
-    key = f"{prefix}{k}"
-    if isinstance(v, Mapping) or hasattr(v, "to_dict"):
-      out.update(flat_hparams(v, key + "."))
-    elif v is None:
+  tree = hparams.to_dict() if hasattr(hparams, "to_dict") else hparams
+  for key, v in trees.flatten(tree, ".").items():
+    key = prefix + key
+    if v is None or isinstance(v, Mapping):
       continue
     elif isinstance(v, (bool, int, float, str)):
       out[key] = v

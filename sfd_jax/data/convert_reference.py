@@ -27,7 +27,7 @@ from array_record.python import array_record_module
 import numpy as np
 from safetensors import safe_open
 
-from sfd_jax.core import errors, files
+from sfd_jax.core import errors, files, runner
 from sfd_jax.core.errors import MissingFileError
 from sfd_jax.data import records as records_lib
 from sfd_jax.data import schema as schema_lib
@@ -223,7 +223,7 @@ def convert(src: str, dst: str, *, repa: bool = True,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = errors.ArgumentParser(
+  parser = runner.ArgumentParser(
       prog="python -m sfd_jax.data.convert_reference", description=__doc__.split("\n\n")[0])
   parser.add_argument("--src", required=True, help="directory of reference *.safetensors")
   parser.add_argument("--dst", required=True, help="output dataset directory")
@@ -243,4 +243,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  errors.run_cli(main, "python -m sfd_jax.data.convert_reference")
+  runner.run_cli(main, "python -m sfd_jax.data.convert_reference")

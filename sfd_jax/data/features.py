@@ -20,7 +20,6 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
-from sfd_jax.core import files
 from sfd_jax.core.errors import MissingFileError
 from sfd_jax.data import images as images_lib
 from sfd_jax.data import records

@@ -41,13 +41,16 @@ import os
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from absl import logging
+import jax
 import numpy as np
+from absl import logging
 from PIL import Image
 
+from sfd_jax.core import checks, files
 from sfd_jax.core.errors import ConfigError, DataError, MissingFileError, OutputExistsError
 from sfd_jax.data import preprocess
 from sfd_jax.data import records
+from sfd_jax.parallel.multihost import process_barrier
 
 # torchvision's IMG_EXTENSIONS.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -83,8 +86,8 @@ class ImageFolderSource:
     self._names: list[str] = []
     self._labels: list[int] = []
     for label, cls in enumerate(self.classes):
-      for dirpath, _, files in sorted(os.walk(os.path.join(self.root, cls), followlinks=True)):
-        for fname in sorted(files):
+      for dirpath, _, names in sorted(os.walk(os.path.join(self.root, cls), followlinks=True)):
+        for fname in sorted(names):
           if fname.lower().endswith(exts):
             self._names.append(os.path.relpath(os.path.join(dirpath, fname), self.root))
             self._labels.append(label)
@@ -203,8 +206,7 @@ def make_source(cfg: Mapping[str, Any]):
 def validate_job_config(config, section: str) -> None:
   """The fields of a data job (``config.<section>``: ``encode`` or ``extract``, and
   ``config.job`` / ``config.data``), checked before any network is loaded."""
-  from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
-  e = errors
+  e = checks
   e.require_sections(config, (section, "job", "data"), mode=section,
                      example="configs/encode_imagenet.py")
   rules = [(f"{section}.per_device_batch", e.positive_int, "an integer > 0"),
@@ -224,6 +226,14 @@ def validate_job_config(config, section: str) -> None:
             ("data.max_images", e.non_negative_int, "an integer >= 0 (0: all)"),
             ("data.source", e.one_of(SOURCE_KINDS), f"one of {SOURCE_KINDS}")]
   e.check_fields(config, rules)
+
+
+def write_folder(root: str, images: np.ndarray, labels: np.ndarray) -> None:
+  """uint8 [N, H, W, 3] images as ``root/<label>/<index>.png``: an image folder the
+  sources above read (class ``c`` is label ``c`` for labels 0..9)."""
+  for i, (img, label) in enumerate(zip(images, labels)):
+    os.makedirs(os.path.join(root, str(label)), exist_ok=True)
+    Image.fromarray(np.asarray(img)).save(os.path.join(root, str(label), f"{i:06d}.png"))
 
 
 class Subset:
@@ -331,7 +341,6 @@ def check_job_manifest(directory: str, manifest: Mapping[str, Any]) -> None:
   path = os.path.join(directory, JOB_FILE)
   manifest = json.loads(json.dumps(manifest, sort_keys=True, default=str))
   if os.path.exists(path):
-    from sfd_jax.core import files  # pylint: disable=import-outside-toplevel
     old = files.read_json(path, what="job manifest", error=DataError)
     diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
     if diff:
@@ -408,8 +417,6 @@ def prepare_output(directory: str, plan: ShardPlan, manifest: Mapping[str, Any],
   the dataset's ``index_files`` so that no reader takes an incomplete dataset for a
   complete one; the other processes check the manifest after it.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  from sfd_jax.parallel.multihost import process_barrier  # pylint: disable=import-outside-toplevel
   os.makedirs(directory, exist_ok=True)
   if jax.process_index() == 0:
     check_job_manifest(directory, manifest)
@@ -504,7 +511,6 @@ class _ShardBatches:
     self._inflight.append((self.compute(images, indices), n, [p[1] for p in pending]))
 
   def _drain(self, keep: int) -> None:
-    import jax  # pylint: disable=import-outside-toplevel
     while len(self._inflight) > keep:
       out, n, labels = self._inflight.popleft()
       out = jax.tree.map(lambda a, n=n: np.asarray(a)[:n], jax.device_get(out))
@@ -653,8 +659,6 @@ def finish_job(workdir: str, plan: ShardPlan, source,
   Returns ``{"complete", "num_records", "skipped", ...}``; ``complete`` is False on
   processes other than 0 and while some shard is unfinished (a process stopped early).
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  from sfd_jax.parallel.multihost import process_barrier  # pylint: disable=import-outside-toplevel
   process_barrier(f"{name}_done")
   incomplete = {"complete": False, "num_records": 0, "skipped": []}
   if jax.process_index() != 0:

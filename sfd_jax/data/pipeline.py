@@ -1,31 +1,18 @@
-"""Grain input pipeline for training on stored latents (SPEC §2.4, DESIGN §5).
-
-Order of operations (all on ``grain.MapDataset``, so every element is addressed by
-index and the whole stream is a pure function of the seed):
+"""Grain input pipeline for training on stored latents (SPEC §2.4; docs/data.md, "The
+input pipeline").
 
   records ─ shuffle(seed) ─ repeat(epochs) ─ per-example transform(global index)
           ─ [process_index::process_count] ─ batch(per-process batch)
           ─ to_iter_dataset ─ mp_prefetch(num_workers)
 
-* The shuffle is global over all records and differs per epoch.
-* The per-example transform picks *one* flip choice per example, applied to texture,
-  semantic and REPA features together; the choice is a function of
-  (seed, global stream index) only, so it does not depend on the process count or the
-  number of workers.
-* Normalisation: ``latent = concat([(tex - mean_t)/std_t, (sem - mean_s)/std_s]) *
-  latent_multiplier`` → (G, G, Ct+Cs) float32, texture channels first. With
-  ``normalize=False`` (``config.data.normalize``; e.g. an SD-VAE-style setup with a fixed
-  multiplier such as 0.18215) the per-channel statistics are not used (nor needed):
-  ``latent = concat([tex, sem]) * latent_multiplier``.
-* Process ``p`` of ``P`` takes stream elements ``p, p+P, ...``; its k-th batch of
-  ``B`` holds the elements of global batch k (size ``P*B``) that are ``≡ p (mod P)``.
-  Global batch k is therefore the same whatever ``P`` is.
-* Batches: ``{"latent": (B,G,G,Ct+Cs) f32, "label": (B,) int32, "repa": (B,G*G,D) f32}``
-  (``repa`` only when stored and requested).
-
-The iterator's checkpoint state is the number of batches consumed plus the settings
-that define the stream; it restores with any number of Grain workers and any process
-count that keeps the global batch size (see ``LatentIterator``).
+Everything is addressed by index, so the stream is a pure function of the seed: the
+shuffle is global and differs per epoch; one flip choice per example (texture, semantic
+and REPA together) from (seed, global stream index); global batch k is the same for any
+process count. Batches: ``{"latent": (B,G,G,Ct+Cs) f32 normalised by the dataset
+statistics (or only scaled with ``normalize=False``) × ``latent_multiplier``, "label":
+(B,) int32, "repa": (B,G*G,D)}``. The iterator's state (batches consumed plus the
+settings that define the stream) restores with any worker count and any process count
+that keeps the global batch (``LatentIterator``).
 """
 from __future__ import annotations
 

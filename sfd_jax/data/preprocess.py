@@ -29,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from sfd_jax.models.layers import IMAGENET_MEAN, IMAGENET_STD
 
 
 def to_rgb(pil_image: Image.Image) -> Image.Image:

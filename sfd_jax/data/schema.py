@@ -1,28 +1,15 @@
-"""The one schema of a stored latent record, and the dataset-level metadata.
+"""The one schema of a stored latent record, and the dataset-level metadata
+(docs/data.md, "On-disk layout"). Every writer and reader of stored latents goes through
+this module.
 
-Every writer and reader of stored latents goes through this module.
-
-A *record* holds one image: its texture latent, its semantic latent, optionally the
-REPA target features, the horizontally flipped variant of each (optional, but the
-reference always stores them), and the class label. Arrays are channels-last:
-
-  texture        (G, G, Ct)   float32    texture-VAE posterior sample
-  semantic       (G, G, Cs)   float32    SemVAE posterior sample
-  repa           (G, G, D)    float16    DINOv2 patch tokens, row-major token grid
-  texture_flip / semantic_flip / repa_flip: the same for the flipped crop
-  label          ()           int32      class index
-  <extra part>   (G, G, Ce)   float32    any further latent part named in ``extra_parts``
-                                         (and ``<name>_flip``), e.g. another encoder's features
-
-with G = 16, Ct = 32, Cs = 16, D = 768 for SFD on ImageNet 256. The sizes are
-parameters of a ``LatentSchema``, stored once per dataset in ``dataset.json``
-next to the shards (format version ``SCHEMA_VERSION``).
-
-Record bytes (see docs/data.md): ``b"SFDR"``, a little-endian uint32 header length,
-a JSON header ``{"v": 1, "f": [[name, dtype, shape], ...]}`` padded with spaces to a
-multiple of 8 bytes, then each array's raw little-endian C-order bytes in header order,
-each starting on an 8-byte boundary. Decoding is a JSON parse plus ``np.frombuffer``
-views; every field is checked against the dataset's schema.
+A *record* holds one image, channels last: ``texture`` (G, G, Ct) and ``semantic``
+(G, G, Cs) posterior samples, optionally ``repa`` (G, G, D) float16 DINOv2 tokens, the
+``_flip`` variants of each, ``label``, and any further latent part named in
+``extra_parts`` (G = 16, Ct = 32, Cs = 16, D = 768 for SFD on ImageNet 256). The sizes
+are a ``LatentSchema`` stored once per dataset in ``dataset.json``. Record bytes:
+``b"SFDR"``, a uint32 header length, a JSON header of (name, dtype, shape), then each
+array's little-endian C-order bytes on 8-byte boundaries; decoding checks every field
+against the schema.
 """
 from __future__ import annotations
 
@@ -141,7 +128,7 @@ class LatentSchema:
   def to_json(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     if not self.extra_parts:
-      del out["extra_parts"]        # datasets without extra parts: dataset.json as before
+      del out["extra_parts"]        # datasets without extra parts have no such entry
     else:
       out["extra_parts"] = [list(p) for p in self.extra_parts]
     return out

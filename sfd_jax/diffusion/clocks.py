@@ -27,11 +27,12 @@ Clock families (``config.schedule.parts.<name>.family``):
   in the denoiser as the parameter ``clock_<part>`` and is trained with it
   (``sfd_jax.diffusion.objective``, docs/clocks.md).
 
-Bit-identity with the semantic-first code that came before: an ``offset``/``rate`` clock
-skips the clamp that cannot act inside [0, T] (start = 0: no lower clamp; start + 1/rate
-≥ T: no upper clamp), so the semantic clock is ``min(τ, 1)`` and the texture clock
-``max(τ − Δt, 0)`` with the same float32 operations, and the rates are today's phase
-mask (texture iff τ ≥ Δt, semantic iff τ ≤ 1). The old functions below are thin wrappers.
+SFD's clocks bit for bit: an ``offset``/``rate`` clock skips the clamp that cannot act
+inside [0, T] (start = 0: no lower clamp; start + 1/rate ≥ T: no upper clamp), so the
+semantic clock is ``min(τ, 1)`` and the texture clock ``max(τ − Δt, 0)`` with the float32
+operations of ``clocks``, and the rates are ``phase_mask`` (texture iff τ ≥ Δt, semantic
+iff τ ≤ 1); ``clocks``, ``phase_mask`` and ``semantic_channel_mask`` are SFD's two-part
+schedule written out.
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ class Clock:
     return u
 
   def _window(self, tau, total: float):
-    """τ inside the (closed) window, with the same comparisons as the old phase mask."""
+    """τ inside the (closed) window, with the comparisons of ``phase_mask``."""
     on = jnp.ones(jnp.shape(tau), bool)
     if self.begin > 0:
       on = on & (tau >= jnp.float32(self.begin))
@@ -158,7 +159,7 @@ class Clock:
               side: str | None = None) -> jax.Array:
     """t'(τ). At a kink: ``side="right"`` the rate of the piece starting at τ, ``"left"``
     of the piece ending there; None (default): for the linear-based families the closed
-    window of the old phase mask (a part is on at both window ends), else "right"."""
+    window of ``phase_mask`` (a part is on at both window ends), else "right"."""
     if side not in (None, "left", "right"):
       raise ValueError(f"side must be None, 'left' or 'right', got {side!r}")
     tau = jnp.asarray(tau, jnp.float32)
@@ -303,7 +304,7 @@ class Schedule:
   def per_channel(self, values: Sequence[Any]) -> jax.Array:
     """Per-part values (scalars, or arrays of a common shape [...]) → [..., C]."""
     vals = [jnp.asarray(v) for v in values]
-    if self.num_parts == 2:   # the old two-part select, op for op
+    if self.num_parts == 2:   # two parts: phase_mask's select, op for op
       c = self.channels
       sem = semantic_channel_mask(c, self.parts[1].channels)
       return jnp.where(sem, vals[1][..., None], vals[0][..., None])
@@ -339,7 +340,7 @@ class Schedule:
 
   def rates(self, tau, params=None, side: str | None = None) -> tuple[jax.Array, ...]:
     """Per-part rates t_k'(τ) (float32, τ's shape); ``side`` at kinks: see
-    :meth:`Clock.rate_at` (None: the old phase mask's closed windows)."""
+    :meth:`Clock.rate_at` (None: ``phase_mask``'s closed windows)."""
     return tuple(p.clock.rate_at(tau, self.total, self._params(params, p), side)
                  for p in self.parts)
 
@@ -525,10 +526,9 @@ def from_section(section, *, where: str = "config.schedule") -> Schedule:
 
 def from_config(config) -> Schedule:
   """The run's schedule: ``config.schedule`` when the config has one, else SFD's two
-  parts from today's fields (``objective.delta_t``, ``objective.semantic_weight``,
-  ``model.semantic_chans``, ``model.in_channels``), exactly as before the schedule
-  existed. With ``config.schedule`` the parts' channels must add up to
-  ``model.in_channels``."""
+  parts from ``objective.delta_t``, ``objective.semantic_weight``,
+  ``model.semantic_chans`` and ``model.in_channels``. With ``config.schedule`` the parts'
+  channels must add up to ``model.in_channels``."""
   model = _get(config, "model")
   obj = _get(config, "objective")
   channels = int(_get(model, "in_channels", 48)) if model is not None else 48
@@ -547,7 +547,7 @@ def from_config(config) -> Schedule:
 
 def split_times(times):
   """Per-part times → the velocity-function arguments (t_a, t_b): two parts are passed as
-  today's (t_tex, t_sem); any other number as (tuple of times, None)."""
+  SFD's (t_tex, t_sem); any other number as (tuple of times, None)."""
   times = tuple(times)
   if len(times) == 2:
     return times

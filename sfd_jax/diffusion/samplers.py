@@ -48,11 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The clock map and the phase mask (re-exported: ``samplers.clocks``, ``samplers.phase_mask``).
 from sfd_jax.diffusion import clocks as clocks_lib
-from sfd_jax.diffusion.clocks import (SEMANTIC_CHANS, clocks, phase_mask,  # noqa: F401
-                                      semantic_channel_mask)
-from sfd_jax.diffusion.clocks import Schedule
+from sfd_jax.diffusion.clocks import SEMANTIC_CHANS, Schedule, clocks
 
 VelocityFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -207,13 +204,6 @@ def _call(velocity_fn: VelocityFn, x: jax.Array, tau, y, delta_t: float) -> jax.
   if v.shape != x.shape:
     raise ValueError(f"velocity function returned shape {v.shape}, expected {x.shape}")
   return v.astype(x.dtype)
-
-
-def masked_velocity(velocity_fn: VelocityFn, x: jax.Array, tau, y, *, delta_t: float,
-                    semantic_chans: int = SEMANTIC_CHANS) -> jax.Array:
-  """m(τ) ⊙ v(x, t_tex(τ), t_sem(τ), y): the right-hand side of the semantic-first ODE."""
-  v = _call(velocity_fn, x, tau, y, delta_t)
-  return v * phase_mask(tau, delta_t, x.shape[-1], semantic_chans).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------

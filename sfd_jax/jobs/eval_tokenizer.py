@@ -36,7 +36,6 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import sfd_jax  # noqa: F401  (flax settings)
 from sfd_jax.checkpoint import runs
 from sfd_jax.convert import lpips as lpips_convert
 from sfd_jax.convert import networks

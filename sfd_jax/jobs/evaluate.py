@@ -29,9 +29,15 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sfd_jax import sampling
+from sfd_jax.convert.common import check_converted_dir
+from sfd_jax.convert.inception import load_inception
+from sfd_jax.core import checks
 from sfd_jax.core import images as images_lib
+from sfd_jax.core import writers as writers_lib
 from sfd_jax.core.errors import ConfigError
-from sfd_jax.diffusion import generation
+from sfd_jax.metrics import adm
+from sfd_jax.models.inception import PREPROCESS_MODES
 
 
 class EvalError(ConfigError):
@@ -39,8 +45,7 @@ class EvalError(ConfigError):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from sfd_jax.core import errors  # pylint: disable=import-outside-toplevel
-  errors.require_sections(config, ("eval", "sample"), mode="eval", example="configs/sfd_xl.py")
+  checks.require_sections(config, ("eval", "sample"), mode="eval", example="configs/sfd_xl.py")
   e = config.eval
   if not e.inception:
     raise EvalError("config.eval.inception is empty: convert the FID Inception weights once "
@@ -54,13 +59,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise EvalError("evaluation needs decoded images: set config.sample.texture_vae (or "
                     "config.eval.samples_npz to score existing samples)")
   # Everything the metrics need is checked before the (long) sampling run.
-  from sfd_jax.convert.common import check_converted_dir  # pylint: disable=import-outside-toplevel
-  from sfd_jax.metrics import adm  # pylint: disable=import-outside-toplevel
-  from sfd_jax.models.inception import PREPROCESS_MODES  # pylint: disable=import-outside-toplevel
-  errors.check_fields(e, [
-      ("batch_size", errors.positive_int, "an integer > 0"),
-      ("grid_images", errors.non_negative_int, "an integer >= 0"),
-      ("preprocess", errors.one_of(PREPROCESS_MODES), f"one of {PREPROCESS_MODES}")],
+  checks.check_fields(e, [
+      ("batch_size", checks.positive_int, "an integer > 0"),
+      ("grid_images", checks.non_negative_int, "an integer >= 0"),
+      ("preprocess", checks.one_of(PREPROCESS_MODES), f"one of {PREPROCESS_MODES}")],
       prefix="config.eval")
   check_converted_dir(e.inception, "inception_v3_fid", "config.eval.inception")
   adm.check_batch_file(e.reference_npz, "config.eval.reference_npz")
@@ -75,8 +77,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     num_images = int(adm.npz_array_info(samples_npz)[0][0])
     result, sample_info = {"npz": samples_npz, "out_dir": None}, {"samples_npz": samples_npz}
   else:
-    generation.validate_config(config)
-    result = generation.sample_from_config(config, workdir)
+    sampling.validate_config(config)
+    result = sampling.sample_from_config(config, workdir)
     num_images, sample_info = int(config.sample.num_images), config.sample.to_dict()
   eval_dir = os.path.join(workdir, "eval")
   os.makedirs(eval_dir, exist_ok=True)
@@ -96,7 +98,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     n_grid = int(e.grid_images)      # the first images only, streamed from the archive
     grid_images = (next(adm.iter_npz_batches(samples_npz, batch_size=n_grid), None)
                    if n_grid else None)
-  from sfd_jax.core import writers as writers_lib  # pylint: disable=import-outside-toplevel
   writer = writers_lib.create_writer(eval_dir)
   step = int(e.get("step", 0))
   writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items() if np.isfinite(v)})
@@ -112,8 +113,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def score_npz(samples_npz: str, e) -> dict[str, float]:
   """FID, sFID, IS, precision, recall of ``samples_npz`` against ``e.reference_npz``
   (Inception ``e.inception`` on the local devices)."""
-  from sfd_jax.convert.inception import load_inception  # pylint: disable=import-outside-toplevel
-  from sfd_jax.metrics import adm  # pylint: disable=import-outside-toplevel
   inception = load_inception(e.inception, preprocess=e.preprocess)
   n_local = jax.local_device_count()
   bs = int(e.batch_size) // n_local * n_local or n_local

@@ -15,7 +15,7 @@ scales ``cfg_scale_tex`` / ``cfg_scale_sem``, the guidance interval
 ``sde_t_min``, dopri5's ``jump_ts`` / ``max_steps``, and ``checkpoint_step`` /
 ``guide_step`` (a step of a training workdir).
 
-Outputs in ``<workdir>/samples`` (``sfd_jax.diffusion.generation.sample_to_directory``:
+Outputs in ``<workdir>/samples`` (``sfd_jax.sampling.sample_to_directory``:
 deterministic per global index, resumable, identical for any device count) and
 ``<workdir>/sample_info.json``.
 """
@@ -25,10 +25,9 @@ from typing import Any
 
 import ml_collections
 
-from sfd_jax.diffusion import generation
-from sfd_jax.diffusion.generation import SamplingError  # noqa: F401  (re-exported)
+from sfd_jax import sampling
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
   """Runs (or resumes) the sampling job; ``devices`` defaults to all devices."""
-  return generation.sample_from_config(config, workdir, devices)
+  return sampling.sample_from_config(config, workdir, devices)

@@ -4,7 +4,7 @@
   python main.py --mode=train_texture_vae --config=configs/texture_vae_f16d32.py --workdir=runs/tvae
 
 On the training core (``sfd_jax.training.vae``); export a run as a converted-weights
-folder with ``python -m sfd_jax.training.vae --kind=... --dst=...``.
+folder with ``python -m sfd_jax.checkpoint.export --run=WORKDIR --kind=... --dst=...``.
 """
 from __future__ import annotations
 

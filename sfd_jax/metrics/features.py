@@ -8,6 +8,7 @@ Kinds:
 """
 from __future__ import annotations
 
+from sfd_jax.convert import inception, networks
 from sfd_jax.metrics import adm
 
 FEATURE_KINDS = ("inception", "demo")
@@ -20,10 +21,6 @@ def load_extractor(kind: str, path: str, *, batch_size: int, preprocess: str = "
     raise ValueError(f"{field}={kind!r}: expected one of {FEATURE_KINDS}")
   if not path:
     raise ValueError(f"{field}={kind!r} needs the network's directory (its *_path field)")
-  if kind == "inception":
-    from sfd_jax.convert.inception import load_inception  # pylint: disable=import-outside-toplevel
-    model = load_inception(path, preprocess=preprocess)
-  else:
-    from sfd_jax.convert.feature_net import load_feature_net  # pylint: disable=import-outside-toplevel
-    model = load_feature_net(path)
+  model = (inception.load_inception(path, preprocess=preprocess) if kind == "inception"
+           else networks.load_feature_net(path))
   return adm.FeatureExtractor.from_model(model, batch_size=batch_size, in_sharding=in_sharding)

@@ -171,36 +171,36 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       logging.warning("attention: cuDNN path unavailable (%s); using XLA", e)
       chosen = "xla"
   if chosen == "xla_heads":
-    return heads_major_attention(q, k, v, **kw)
+    return heads_major_attention(q, k, v, device=device, **kw)
   if chosen == "splash":
     return splash_attention(q, k, v, mesh=mesh, batch_axes=_batch_axes(sharding, mesh),
                             interpret=getattr(device, "platform", "cpu") != "tpu", **kw)
   return jax.nn.dot_product_attention(q, k, v, implementation=chosen, **kw)
 
 
-def _logits_precision(dtype):
-  """The dot algorithm ``jax.nn.dot_product_attention`` uses for q·k of a half type."""
-  if dtype == jnp.bfloat16:
+def _logits_precision(dtype, device: Any):
+  """The dot algorithm ``jax.nn.dot_product_attention`` uses for q·k of a half type where
+  the platform has it (bf16 × bf16 → f32 on CPUs, TPUs and GPUs of compute capability
+  ≥ 8.0; f16 × f16 → f32 on GPUs); elsewhere the default precision, as jax.nn falls back."""
+  platform = getattr(device, "platform", "cpu")
+  if dtype == jnp.bfloat16 and (platform in ("cpu", "tpu") or (
+      platform in ("gpu", "cuda") and (_compute_capability(device) or 0) >= 8.0)):
     return jax.lax.DotAlgorithmPreset.BF16_BF16_F32
-  if dtype == jnp.float16:
+  if dtype == jnp.float16 and platform in ("gpu", "cuda", "rocm"):
     return jax.lax.DotAlgorithmPreset.F16_F16_F32
   return None
 
 
 def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                          scale: float) -> jax.Array:
+                          scale: float, device: Any = None) -> jax.Array:
   """softmax(q·kᵀ · scale) · v for q/k/v ``[N, T, heads, hd]`` (returned in that layout),
   computed in ``[N, heads, T, hd]``: logits in float32 (or wider), softmax in float32,
   probabilities cast to k's dtype, as ``jax.nn.dot_product_attention``'s XLA path."""
   qh, kh, vh = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
   logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-  precision = _logits_precision(q.dtype)
-  try:
-    logits = jnp.einsum("nhtd,nhsd->nhts", qh, kh, precision=precision,
-                        preferred_element_type=logits_dtype)
-  except Exception:  # pylint: disable=broad-except
-    # A platform without that dot algorithm: the default precision (as jax.nn does).
-    logits = jnp.einsum("nhtd,nhsd->nhts", qh, kh, preferred_element_type=logits_dtype)
+  precision = _logits_precision(q.dtype, device or jax.local_devices()[0])
+  logits = jnp.einsum("nhtd,nhsd->nhts", qh, kh, precision=precision,
+                      preferred_element_type=logits_dtype)
   logits = logits * jnp.array(scale, dtype=logits.dtype)
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
   return jnp.swapaxes(jnp.einsum("nhts,nhsd->nhtd", probs, vh), 1, 2)

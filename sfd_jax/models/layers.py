@@ -29,6 +29,11 @@ from flax import nnx
 
 Initializer = Callable[..., jax.Array]
 
+# The input normalisation of the ImageNet-trained vision networks (DINOv2, the demo's
+# feature net): (x − mean) / std per RGB channel, x in [0, 1].
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()

@@ -151,7 +151,7 @@ class DiTConfig:
 
   @property
   def num_time_embedders(self) -> int:
-    """1 (one full-width embedder), 2 (today's semantic/texture pair) or one per part."""
+    """1 (one full-width embedder), 2 (SFD's semantic/texture pair) or one per part."""
     if self.time_parts:
       return len(self.time_parts)
     return 2 if self.semantic_first else 1
@@ -263,7 +263,7 @@ class DiTConfig:
 
 def _schedule_layout(config) -> dict[str, Any]:
   """``time_parts`` / ``learned_clocks`` from a run config's ``schedule`` section (none:
-  {} — today's rule). Parts with identical clocks share one full-width embedder. (The
+  {}: SFD's rule from ``delta_t``). Parts with identical clocks share one full-width embedder. (The
   schedule itself is ``sfd_jax.diffusion.clocks``; the model only needs its layout.)"""
   sec = config.get("schedule") if hasattr(config, "get") else None
   if sec is None or not sec.get("parts"):

@@ -14,8 +14,7 @@ last C, clamped to [−30, 20]; std = exp(logvar/2); sample = mean + std·ε wit
 in the reference's [B, C, h, w] layout; KL per sample = ½·Σ(μ² + σ² − 1 − log σ²) over
 all latent elements. Everything here stays in token layout [B, L, C]; only ε is
 generated in NCHW and rearranged (``eps_nchw_to_tokens``) so that a given ε tensor
-means the same thing as in the reference (``sfd_jax.models.distributions.TokenGaussian``,
-re-exported here as ``DiagonalGaussian``).
+means the same thing as in the reference (``sfd_jax.models.distributions.TokenGaussian``).
 
 Deviation: for a token count that is not a perfect square the reference silently pads
 (or truncates) the sequence to 16×16 before building the posterior; sampling here
@@ -32,11 +31,7 @@ from flax import nnx
 
 from sfd_jax.models import layers
 from sfd_jax.models.dinov2 import TransformerBlock
-# The posterior lives in models.distributions; its token-layout names are re-exported here.
-from sfd_jax.models.distributions import (LOGVAR_MAX, LOGVAR_MIN, TokenGaussian,  # noqa: F401
-                                          eps_nchw_to_tokens, token_grid, tokens_to_nchw)
-
-DiagonalGaussian = TokenGaussian  # the SemVAE posterior under its historical name
+from sfd_jax.models.distributions import TokenGaussian
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ same jitted function the job itself runs (same builders, shardings and options),
 * VAE configs (``config.loss``): the Semantic VAE or texture VAE step
   (``training.vae``; the GAN recipe's step with its frozen LPIPS / DINOv2 built without
   weights);
-* encode configs (``config.encode``): the encode program (``data.encoding``) on the chips
+* encode configs (``config.encode``): the encode program (``data.encode.encode_batch``) on the chips
   of one host, as the job runs per process.
 """
 from __future__ import annotations
@@ -339,7 +339,7 @@ def vae_program(config, devices, kind: str, plan) -> Program:
 def encode_program(config, devices) -> Program:
   """The encode job's program on the chips of host 0 (it runs per process)."""
   # pylint: disable=import-outside-toplevel
-  from sfd_jax.data.encoding import encode_batch
+  from sfd_jax.data.encode import encode_batch
   from sfd_jax.models import dinov2, semantic_vae, texture_vae
   e = config.encode
   dtype = jnp.dtype(e.dtype)

@@ -1,4 +1,5 @@
-"""The one training loop (every trainer: the SFD DiT, the Semantic VAE, the texture VAE).
+"""The one training loop of every trainer (the SFD DiT, the two autoencoders, the demo's
+feature net).
 
 ``train(task, workdir)`` reads top to bottom:
 
@@ -24,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from sfd_jax import parallel
 from sfd_jax.checkpoint import Checkpointer, PreemptionGuard
-from sfd_jax.core import errors, paths
+from sfd_jax.core import checks, errors, trees
 from sfd_jax.core import progress as progress_lib
 from sfd_jax.core import writers as writers_lib
 from sfd_jax.data import global_batch
@@ -57,16 +57,6 @@ COMPUTE_ONLY = ("model.dtype", "model.param_dtype", "model.remat_policy", "model
 _ALLOW_ALL = ("all", "*", "true", "1", "yes")
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping) and v:
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def _matches(field: str, prefixes) -> bool:
   return any(field == p or field.startswith(p + ".") for p in prefixes)
 
@@ -74,8 +64,8 @@ def _matches(field: str, prefixes) -> bool:
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]
                    ) -> dict[str, tuple[Any, Any]]:
   """``{field: (saved, current)}`` of the fields that differ (``...`` marks a missing one)."""
-  a, b = _flat(json.loads(json.dumps(saved, default=str))), _flat(
-      json.loads(json.dumps(current, default=str)))
+  a, b = (trees.flatten(json.loads(json.dumps(c, default=str)), ".")
+          for c in (saved, current))
   return {k: (a.get(k, ...), b.get(k, ...)) for k in sorted(set(a) | set(b))
           if a.get(k, ...) != b.get(k, ...)}
 
@@ -134,7 +124,7 @@ def check_resume_config(saved: Mapping[str, Any], config, *, step: int, where: s
 def validate_config(config) -> None:
   """The loop's fields of ``config`` (run length, logging, checkpoints, batch, optimizer),
   checked before anything is built; ``ConfigError`` names the field."""
-  e = errors
+  e = checks
   e.check_fields(config, [
       ("num_train_steps", e.positive_int, "an integer > 0",
        "the number of optimizer steps to train for"),
@@ -175,13 +165,8 @@ def check_finite(state, step: int, ckpt: Checkpointer) -> None:
 
 def hparams(config) -> dict:
   """Flat ``{"a.b": value}`` of a config's scalar fields (for ``write_hparams``)."""
-  def flat(d, prefix=""):
-    for k, v in d.items():
-      if isinstance(v, dict):
-        yield from flat(v, f"{prefix}{k}.")
-      elif isinstance(v, (int, float, str, bool)):
-        yield f"{prefix}{k}", v
-  return dict(flat(config.to_dict() if hasattr(config, "to_dict") else config))
+  flat = trees.flatten(config.to_dict() if hasattr(config, "to_dict") else config, ".")
+  return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
 
 
 @dataclasses.dataclass
@@ -214,15 +199,12 @@ def default_writer(config, workdir: str, is_main: bool):
                                    wandb=config.get("wandb"))
 
 
-def resume_or_init(task: TrainTask, ckpt: Checkpointer, data_it,
-                   config=None) -> tuple[Any, int]:
+def resume_or_init(task: TrainTask, ckpt: Checkpointer, data_it, config) -> tuple[Any, int]:
   """(state, start step): the newest checkpoint that restores (its saved config checked
   against ``config``), else ``init_from``, else fresh."""
-  check = None
-  if config is not None:
-    def check(saved, step):
-      check_resume_config(saved, config, step=step, where=ckpt.directory,
-                          protected=task.protected, name=task.name)
+  def check(saved, step):
+    check_resume_config(saved, config, step=step, where=ckpt.directory,
+                        protected=task.protected, name=task.name)
   resumed = ckpt.resume(task.setup.abstract_state, data_it, task.name, check_config=check)
   if resumed is not None:
     return resumed
@@ -338,15 +320,10 @@ def _train(task: TrainTask, config, workdir: str, writer, ckpt: Checkpointer, da
           t_hook = time.time()
           last.update(hook.fn(step, state, writer) or {})
           t_log += time.time() - t_hook          # throughput counts training time only
-      if step == config.get("debug_preempt_at_step", -1):
-        os.kill(os.getpid(), signal.SIGTERM)     # tests: a real SIGTERM at this step
       preempt = guard.requested or ckpt.reached_preemption(step)
       if step % config.checkpoint_every_steps == 0 or step == total or preempt:
         check_finite(state, step, ckpt)
         ckpt.save(step, state, data_it.get_state(), cfg_dict)
-      if step == config.get("debug_kill_at_step", -1):
-        ckpt.wait()                              # tests: SIGKILL after the last save
-        os.kill(os.getpid(), signal.SIGKILL)
       if preempt:
         logging.warning("%s: preempted (%s): saved step %d, exiting", task.name,
                         guard.signal_name or "orbax", step)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sfd_jax import parallel
+from sfd_jax import parallel, sampling
 from sfd_jax.core import images as images_lib
 from sfd_jax.core import jit as jit_lib
 from sfd_jax.core.errors import ConfigError
@@ -104,7 +104,7 @@ class PeriodicEvaluator:
     if self.bs < 1 or self.bs % batch_devices:
       raise TrainEvalError(f"config.train_eval.batch_size={self.bs} must be a positive "
                            f"multiple of the {batch_devices} devices of the batch axes")
-    self.decoder = generation.load_decoder(config)
+    self.decoder = sampling.load_decoder(config)
     if self.decoder is None:
       raise TrainEvalError("config.train_eval.every_steps > 0 needs decoded images: set "
                            "config.sample.texture_vae (a converted texture VAE directory)")

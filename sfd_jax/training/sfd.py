@@ -27,7 +27,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sfd_jax import parallel
-from sfd_jax.core import errors, trees
+from sfd_jax.convert.common import load_params
+from sfd_jax.core import checks, errors, trees
 from sfd_jax.core import jit as jit_lib
 from sfd_jax.data import schema as schema_lib
 from sfd_jax.data import stats as stats_lib
@@ -39,24 +40,18 @@ from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT
 from sfd_jax.training import loop, optim, periodic_eval
 from sfd_jax.training import state as state_lib
 from sfd_jax.training import step as step_lib
-from sfd_jax.training.loop import NonFiniteLossError  # noqa: F401  (re-exported)
-from sfd_jax.training.state import Part, TrainSetup, create_train_state  # noqa: F401
+from sfd_jax.training.state import Part, TrainSetup
 
 if TYPE_CHECKING:
   import ml_collections
 
-__all__ = ["NonFiniteLossError", "build", "build_setup", "check_data", "create_train_state",
-           "loss_and_metrics", "make_data_iterator", "make_train_step", "model_configs",
-           "train_and_evaluate", "validate_config"]
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Ranges and types of the SFD training fields, before anything is built or compiled
   (``ConfigError`` naming the field, what it must be and what it is)."""
-  errors.require_sections(config, ("model", "objective", "optimizer", "data", "mesh"),
+  checks.require_sections(config, ("model", "objective", "optimizer", "data", "mesh"),
                           mode="train", example="configs/sfd_xl.py")
   loop.validate_config(config)
-  e = errors
+  e = checks
   e.check_fields(config, [
       ("ema_decay", e.in_range(0, 1), "a number in [0, 1] (0.9999 in the recipe)"),
       ("objective.delta_t", e.in_range(0, 1), "in [0, 1]",
@@ -367,7 +362,6 @@ def _init_from(config, setup: TrainSetup | None = None) -> Callable[[], Any] | N
     raise ValueError(f"config.init_from_mode={mode!r}: expected one of {INIT_FROM_MODES}")
 
   def load():
-    from sfd_jax.convert.common import load_params  # pylint: disable=import-outside-toplevel
     logging.info("initialising from converted checkpoint %s (%s)", config.init_from, mode)
     params = load_params(config.init_from, "lightning_dit")[0]
     if setup is None:

@@ -7,8 +7,7 @@ A train state is a plain pytree::
 
 with one *trainable part* per optimizer (one for the DiT and the VAEs; a GAN adds a
 discriminator part with its own optimizer). For the DiT the keys are ``params``,
-``opt_state`` and ``ema``; for the VAEs ``params`` and ``opt_state`` — the layout of
-every checkpoint written so far.
+``opt_state`` and ``ema``; for the VAEs ``params`` and ``opt_state``.
 
 Built in one way for all: abstract shapes (``nnx.eval_shape``) → logical axis names →
 shardings from the rule table → ``jax.jit(init, out_shardings=...)``, so no device ever
@@ -20,8 +19,7 @@ before every save).
 A part whose module keeps non-trainable state (BatchNorm running statistics,
 ``nnx.BatchStat``: the GAN discriminator) names a ``stats_key``; that entry holds the
 pure dict of those variables, replicated or sharded like parameters, and is
-checkpointed with the rest. Parts without one are split on ``nnx.Param`` alone, as
-always, so the layouts above are unchanged.
+checkpointed with the rest. Parts without one are split on ``nnx.Param`` alone.
 
 Frozen networks of a run (LPIPS, a foundation model) are not state: ``freeze`` places
 their weights on the mesh by the same logical rules, and the step builder passes them to
@@ -42,6 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from sfd_jax import parallel
+from sfd_jax.core import trees
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,15 +169,6 @@ def build_setup(parts: Sequence[Part], mesh: Mesh, *, rules=parallel.DEFAULT_RUL
                     compiler_options=compiler_options)
 
 
-def _paths(tree, prefix=()) -> list[tuple]:
-  """Leaf paths of a nested mapping, in ``jax.tree`` (sorted-key) order."""
-  out = []
-  for k in sorted(tree):
-    v = tree[k]
-    out.extend(_paths(v, prefix + (k,)) if isinstance(v, Mapping) else [prefix + (k,)])
-  return out
-
-
 @functools.lru_cache(maxsize=16)
 def _jitted_init(setup: TrainSetup, given):
   """``given``: False (random init), True (every main-part leaf given) or a tuple of
@@ -235,8 +225,8 @@ def create_train_state(setup: TrainSetup, init_params: Any | None = None):
       return _jitted_init(setup, False)()
     key = setup.main.part.params_key
     sh = setup.state_shardings[key]
-    paths = _paths(setup.abstract_state[key])
-    given = {path for path in _paths(init_params)}
+    paths = sorted(trees.flatten(setup.abstract_state[key], None))   # jax.tree's order
+    given = set(trees.flatten(init_params, None))
     if not given - set(paths) and set(paths) <= given:
       return _jitted_init(setup, True)(jax.device_put(init_params, sh))
     extra = sorted("/".join(map(str, q)) for q in given - set(paths))

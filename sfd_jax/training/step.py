@@ -30,9 +30,9 @@ mapping of optional entries:
 A part's own statistics are read back from its module after the loss function ran (a
 BatchNorm in training mode updates them in place), unless ``out["state"]`` sets them.
 
-A loss function marked with ``@returns_grads`` computes its own gradients and returns
-them as ``out["grads"]`` (same structure as the part's params); the step then calls it
-once without differentiating it. The GAN generator does: its adaptive weights already
+A loss function wrapped in ``OwnGradients`` computes its own gradients and returns them
+as ``out["grads"]`` (same structure as the part's params); the step then calls it once
+without differentiating it. The GAN generator does: its adaptive weights already
 need the loss terms' pullbacks, and the total gradient is one more pullback of the same
 forward pass.
 
@@ -59,6 +59,7 @@ Options (``config.optimizer`` in the SFD trainer):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
@@ -81,10 +82,13 @@ def global_norm(tree) -> jax.Array:
   return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
-def returns_grads(loss_fn: LossFn) -> LossFn:
-  """Marks a loss function that returns its gradients as ``out["grads"]``."""
-  loss_fn.returns_grads = True
-  return loss_fn
+@dataclasses.dataclass(frozen=True)
+class OwnGradients:
+  """A loss function that returns its gradients as ``out["grads"]`` (also a decorator)."""
+  fn: LossFn
+
+  def __call__(self, model, batch, key, ctx):
+    return self.fn(model, batch, key, ctx)
 
 
 def _split_result(result, name: str, with_grads: bool = False):
@@ -99,7 +103,7 @@ def _split_result(result, name: str, with_grads: bool = False):
     raise ValueError(f"loss function of part {name!r}: unknown output entries "
                      f"{sorted(unknown)} (expected {sorted(allowed)})")
   if with_grads and "grads" not in out:
-    raise ValueError(f"loss function of part {name!r} is marked returns_grads but returned "
+    raise ValueError(f"loss function of part {name!r} is an OwnGradients loss but returned "
                      "no out['grads']")
   return loss, metrics, dict(out.get("state") or {}), dict(out.get("carry") or {}), \
       out.get("grads")
@@ -152,8 +156,8 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
   ``total_steps`` — the steps the loop logs — and are 0 otherwise (``lax.cond``). The
   gradient norm is computed every step (the NaN guard needs it). 1: every step.
   ``frozen``: networks from ``state.freeze`` (their weights become an argument of the
-  jitted function; ``step`` binds them). Without ``frozen`` the jitted function itself
-  is returned, as always.
+  jitted function, which ``step`` binds). Without ``frozen`` the jitted function itself
+  is returned.
   ``accumulate_steps``, ``presample`` (``{params_key: fn(batch, key) -> batch}``),
   ``skip_nonfinite``, ``skip_grad_norm_above``: see the module docstring;
   ``global_batch_size`` lets the accumulation settings be checked up front.
@@ -212,7 +216,7 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
       ctx = dict(state, carry=dict(carry), frozen=modules)
       stats = state[p.stats_key] if p.stats_key else None
 
-      own_grads = bool(getattr(loss_fn, "returns_grads", False))
+      own_grads = isinstance(loss_fn, OwnGradients)
 
       def objective(params, mb=batch, loss_fn=loss_fn, ps=ps, part_key=part_key, ctx=ctx,
                     stats=stats, own_grads=own_grads):
@@ -307,6 +311,4 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
 
   def step(state, batch):
     return jitted(state, batch, weights)
-  step.jitted = jitted          # for .lower(state, batch, weights) in benchmarks
-  step.frozen_weights = weights
   return step

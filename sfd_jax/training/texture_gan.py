@@ -1,45 +1,23 @@
-"""The texture VAE's LDM / VA-VAE recipe on the training core: two parts, one step.
+"""The texture VAE's LDM / VA-VAE recipe on the training core: two parts, one step
+(docs/texture_vae.md, "The step on the training core").
 
 ``config.loss.name = "ldm"`` selects it in ``--mode=train_texture_vae``
-(``sfd_jax.training.vae``); the default ``"l1_kl"`` keeps the L1 + KL trainer.
-
-Parts (``training.state.Part``), updated in this order on the same global batch:
-
-1. the autoencoder — ``params``, ``opt_state`` (and ``ema`` with ``config.ema_decay`` >
-   0). A ``TextureVAE``; with the VF loss a ``ProjectedTextureVAE`` whose extra
-   ``linear_proj`` is trained with it (the reference's reverse projection). Loss:
-   ``diffusion.gan_losses.generator_loss`` (L1 + LPIPS nll with the never-trained
-   ``logvar``, KL, adaptive-weighted adversarial term, adaptive-weighted VF term);
-2. the PatchGAN discriminator (with ``loss.use_gan``) — ``disc_params``,
-   ``disc_opt_state`` (``config.disc_optimizer``) and ``disc_stats`` (its BatchNorm
-   running statistics). Loss: ``gan_losses.discriminator_loss`` on the real batch and
-   on the generator call's reconstructions (handed on through the step's ``carry``, no
-   gradient), both in training mode.
-
-As in the reference (``AutoencoderKL.training_step`` under Lightning's manual
-optimisation): one forward of the autoencoder per batch; the generator loss calls the
-discriminator in training mode (updating its statistics); the autoencoder steps; then
-the discriminator's loss sees the *same* reconstructions and the discriminator steps.
-The reference's step counter counts optimizer steps, so with ``loss.step_counter =
-"reference"`` batch b is step 2b for the generator and 2b + 1 for the discriminator
-(``disc_start`` 5001 switches the d-loss on at batch 2500 and the adversarial term at
-2501); ``"batch"`` compares ``disc_start`` with the batch index for both.
-
-Frozen networks (``training.state.freeze``: placed once, passed to the jitted step as an
-argument, never checkpointed): LPIPS (``loss.lpips``, a folder of ``python -m
-sfd_jax.convert.lpips``) when ``loss.perceptual_weight`` > 0, and for
-``loss.vf_source = "dinov2"`` DINOv2 ViT-L/14 (``loss.vf_dinov2``, ``python -m
-sfd_jax.convert.dinov2 --preset vitl14``) on the images resized bilinearly to
-``loss.vf_image_size`` without ImageNet normalisation, as the reference feeds timm's
-model. ``loss.vf_source = "features"`` reads pre-extracted features from the batch
-(``data.vf_features``, written by ``--mode=extract`` with ``extract.recipe=vf``)
-instead, so the foundation model is not in the step.
+(``sfd_jax.training.vae``); the default ``"l1_kl"`` keeps the L1 + KL trainer. The parts,
+updated in this order on the same global batch as the reference's manual optimisation:
+the autoencoder (``params``, ``opt_state``, optional ``ema``; a ``ProjectedTextureVAE``
+with the VF loss) with ``gan_losses.generator_loss``, then the PatchGAN discriminator
+(``disc_params``, ``disc_opt_state``, ``disc_stats``: its BatchNorm statistics) with
+``gan_losses.discriminator_loss`` on the real batch and the generator call's
+reconstructions (handed on through the step's ``carry``). ``loss.step_counter =
+"reference"`` counts batch b as step 2b for the generator and 2b + 1 for the
+discriminator. Frozen networks (LPIPS; DINOv2 ViT-L/14 for ``loss.vf_source = "dinov2"``)
+are placed by ``training.state.freeze`` and passed to the jitted step, never
+checkpointed; ``vf_source = "features"`` reads pre-extracted features from the batch.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +29,7 @@ from sfd_jax import parallel
 from sfd_jax.convert import lpips as lpips_convert
 from sfd_jax.convert import networks
 from sfd_jax.data import preprocess
-from sfd_jax.diffusion import gan_losses
+from sfd_jax.training import gan_losses
 from sfd_jax.models import discriminator as disc_lib
 from sfd_jax.models import texture_vae
 from sfd_jax.training import optim
@@ -181,7 +159,7 @@ def make_losses(setup: state_lib.TrainSetup, gcfg: gan_losses.GANLossConfig,
       return logits, nnx.to_pure_dict(nnx.state(disc, nnx.BatchStat))
     return run
 
-  @step_lib.returns_grads
+  @step_lib.OwnGradients
   def generator(model, batch, key, ctx):
     images = preprocess.uint8_to_m11(batch["image"])
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -276,10 +254,3 @@ def autoencoder_params(params: dict) -> dict:
   """The ``TextureVAE`` parameters of the autoencoder part (``linear_proj`` dropped)."""
   return {k: v for k, v in params.items() if k != "linear_proj"}
 
-
-def num_params(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
-__all__ = ("OBJECTIVES", "uses_gan_objective", "loss_config", "build", "GANTrainer",
-           "autoencoder_params", "frozen_networks", "make_losses")

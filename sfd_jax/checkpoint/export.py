@@ -1,11 +1,16 @@
-"""Writing LightningDiT weights for elsewhere: Orbax (converted layout), the reference's
-PyTorch state dict as ``.safetensors`` / ``.npz``, in float32, bfloat16 or float16.
+"""Export: a training run (or a converted folder) → weights for elsewhere.
 
-From an already converted (Orbax) checkpoint to the reference layout::
+* A LightningDiT run (``--mode=export``, ``export_run``) or converted folder (the command
+  line's ``--src``) → ``export_params``: Orbax in the converted layout, the reference's
+  PyTorch state dict as ``.safetensors`` / ``.npz``, in float32, bfloat16 or float16;
+* an autoencoder or feature-net run (``export_converted``, the command line's ``--run``)
+  → a converted-weights folder (``params/`` + ``meta.json``) that ``--mode=encode``,
+  sampling and the metrics read like converted reference weights.
 
-  python -m sfd_jax.convert.export --src ckpt/sfd_xl --dst exports/sfd_xl --formats safetensors
+  python -m sfd_jax.checkpoint.export --src ckpt/sfd_xl --dst exports/sfd_xl --formats safetensors
+  python -m sfd_jax.checkpoint.export --run runs/tvae --kind texture_vae --dst weights/tvae
 
-What is written into ``dst``:
+What a LightningDiT export writes into ``dst``:
 
 * ``orbax``: ``params/`` + ``meta.json`` exactly as ``sfd_jax.convert.common.save_params``
   writes them, with meta ``{"kind": "lightning_dit", "config": DiTConfig}``, so
@@ -18,6 +23,9 @@ What is written into ``dst``:
   ``LightningDiT`` accepts it with ``strict=True``. NumPy has no bfloat16, so a bf16 export
   stores the (bf16-rounded) values as float32 in ``.npz``;
 * ``export.json``: what was exported (source, step, weights, dtype, files, config).
+
+The weights are read straight into host memory (NumPy), without a device mesh or the
+optimizer state, so an export runs on any single machine (a CPU is enough).
 """
 from __future__ import annotations
 
@@ -31,13 +39,15 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import nnx
 from safetensors.numpy import save_file
 
-from sfd_jax.checkpoint import WEIGHTS
-from sfd_jax.core import errors
-from sfd_jax.core.errors import ConfigError
-from sfd_jax.convert.common import load_params, save_params
+from sfd_jax.checkpoint import runs
+from sfd_jax.convert import networks
+from sfd_jax.convert.common import config_from_json, load_params, save_params
 from sfd_jax.convert.lightning_dit import config_to_meta
+from sfd_jax.core import errors, runner
+from sfd_jax.core.errors import CheckpointError, ConfigError
 from sfd_jax.models.lightning_dit import DiTConfig, rope_tables, sincos_pos_embed
 
 FORMATS = ("orbax", "safetensors", "npz")
@@ -64,8 +74,9 @@ class ExportOptions:
   overwrite: bool = False
 
   def __post_init__(self):
-    if self.weights not in WEIGHTS:
-      raise ExportError(f"config.export.weights={self.weights!r}; expected one of {WEIGHTS}")
+    if self.weights not in runs.WEIGHTS:
+      raise ExportError(f"config.export.weights={self.weights!r}; expected one of "
+                        f"{runs.WEIGHTS}")
     if self.dtype not in DTYPES:
       raise ExportError(f"config.export.dtype={self.dtype!r}; expected one of {DTYPES}")
     bad = [f for f in self.formats if f not in FORMATS]
@@ -269,23 +280,99 @@ def export_params(params: Mapping[str, Any], cfg, dst: str, *,
 
 
 # ----------------------------------------------------------------------------------
+# From runs
+# ----------------------------------------------------------------------------------
+
+
+def export_run(config, workdir: str) -> dict:
+  """``config.export`` of the LightningDiT run in ``workdir`` (``--mode=export``).
+
+  The architecture comes from the checkpoint's saved config (what was trained); a
+  different model section in the given config is reported, not used.
+  """
+  opts = ExportOptions.from_config(config)
+  ckpt_dir = runs.checkpoint_dir(workdir)
+  params, model_cfg, step, run_cfg = runs.restore_dit(ckpt_dir, weights=opts.weights,
+                                                      step=opts.step, config=config)
+  try:
+    given = DiTConfig.from_config(config)
+  except (ValueError, TypeError, AttributeError):
+    given = None
+  if given is not None and given != model_cfg:
+    diff = {f.name: (getattr(given, f.name), getattr(model_cfg, f.name))
+            for f in dataclasses.fields(model_cfg)
+            if getattr(given, f.name) != getattr(model_cfg, f.name)}
+    logging.warning("the given config's model differs from the checkpoint's (given, "
+                    "checkpoint): %s; exporting what the checkpoint holds", diff)
+  dst = opts.dst or os.path.join(os.path.abspath(workdir), "export",
+                                 f"{step}-{opts.weights}-{opts.dtype}")
+  info = {"source": f"{ckpt_dir}/{step}", "step": step, "weights": opts.weights,
+          "run_config": run_cfg or None}
+  manifest = export_params(params, model_cfg, dst, formats=opts.formats, dtype=opts.dtype,
+                           overwrite=opts.overwrite, info=info)
+  logging.info("exported %s weights of %s/%d (%s) to %s: %s", opts.weights, ckpt_dir, step,
+               opts.dtype, dst, ", ".join(manifest["files"]))
+  return {"dst": dst, **manifest}
+
+
+def export_converted(config, workdir: str, kind: str, dst: str, step: int | None = None,
+                     force: bool = False, weights: str = "params") -> str:
+  """Writes one weight set of an autoencoder or feature-net run (``kind``: one of
+  ``networks.TRAINABLE``) as a converted-weights folder, which the data jobs, sampling
+  and the metrics read like converted reference weights. The architecture is
+  ``config.model`` (None: the run's saved config). Only the network is exported: a GAN
+  run's discriminator and the VF projection are training-only."""
+  if kind not in networks.TRAINABLE:
+    raise ConfigError(f"export kind {kind!r}: expected one of {networks.TRAINABLE}")
+  if weights not in runs.WEIGHTS:
+    raise ConfigError(f"export weights {weights!r}: expected 'params' or 'ema'")
+  ckdir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  saved = runs.read_config(ckdir, step)
+  if weights == "ema" and not float(saved.get("ema_decay", 0.0) or 0.0) > 0:
+    raise CheckpointError(f"{workdir}: the run keeps no 'ema' weights (ema_decay is 0)")
+  section = (config.model.to_dict() if config is not None else
+             runs.model_section(saved, ckdir, kind))
+  config_cls, model_cls, meta_kind = networks.NETWORKS[kind]
+  model_cfg = config_from_json({k: v for k, v in section.items()
+                                if k not in ("dtype", "param_dtype")}, config_cls)
+  abstract = runs.abstract_params(lambda: model_cls(model_cfg, rngs=nnx.Rngs(0)))
+  params, step, _ = runs.restore_weights(ckdir, abstract, weights=weights, step=step)
+  meta = {"kind": meta_kind, "config": dataclasses.asdict(model_cfg),
+          "source": f"{os.path.abspath(workdir)} step {step} ({weights})"}
+  return save_params(dst, params, meta=meta, force=force)
+
+
+# ----------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
-  """``python -m sfd_jax.convert.export``: a converted (Orbax) checkpoint -> other formats."""
-  ap = errors.ArgumentParser(prog="python -m sfd_jax.convert.export", description=__doc__,
+  """``python -m sfd_jax.checkpoint.export``: a converted LightningDiT -> other formats, or a
+  network run -> a converted folder."""
+  ap = runner.ArgumentParser(prog="python -m sfd_jax.checkpoint.export", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--src", required=True,
-                  help="converted checkpoint dir (params/ + meta.json), e.g. from "
-                       "sfd_jax.convert.lightning_dit or an earlier export")
+  src = ap.add_mutually_exclusive_group(required=True)
+  src.add_argument("--src", help="converted LightningDiT dir (params/ + meta.json), e.g. "
+                                 "from sfd_jax.convert.lightning_dit or an earlier export")
+  src.add_argument("--run", help="an autoencoder or feature-net training workdir")
   ap.add_argument("--dst", required=True, help="output directory")
   ap.add_argument("--formats", default="safetensors",
                   help=f"comma-separated subset of {FORMATS} (default: safetensors)")
   ap.add_argument("--dtype", default="float32", choices=DTYPES)
   ap.add_argument("--overwrite", action="store_true", help="replace an earlier export in --dst")
+  ap.add_argument("--kind", choices=networks.TRAINABLE, help="--run: the network trained")
+  ap.add_argument("--step", type=int, default=-1, help="--run: the step (-1: latest)")
+  ap.add_argument("--weights", default="params", choices=runs.WEIGHTS,
+                  help="--run: the weight set")
   args = ap.parse_args(argv)
+  if args.run:
+    if not args.kind:
+      ap.error("--run needs --kind")
+    out = export_converted(None, args.run, args.kind, args.dst,
+                           None if args.step < 0 else args.step, args.overwrite, args.weights)
+    print(f"wrote {out}")
+    return 0
   params, meta = load_params(args.src, "lightning_dit")
   if "config" not in meta:
     raise ExportError(f"--src {args.src}: meta.json has no 'config' entry (expected a folder "
@@ -298,4 +385,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  errors.run_cli(main, "python -m sfd_jax.convert.export")
+  runner.run_cli(main, "python -m sfd_jax.checkpoint.export")

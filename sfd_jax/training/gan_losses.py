@@ -3,53 +3,16 @@
 The reference is ``vavae/ldm/modules/losses/contperceptual.py`` (yuemingPAN/SFD and
 hustvl/LightningDiT, with taming-transformers' LPIPS, PatchGAN, ``hinge_d_loss``,
 ``vanilla_d_loss`` and ``adopt_weight``); the numbers are pinned by
-``parity/vae_gan_losses.npz`` (parity README §5.9). Layouts are NHWC here.
+``parity/vae_gan_losses.npz`` (parity README §5.9). Layouts are NHWC here. The formulas,
+the config fields and the reference's details kept here (the never-trained ``logvar``,
+the adaptive weight before ``disc_start``, Lightning's step counting) are in
+docs/texture_vae.md, "The objective".
 
-Generator (optimizer 0: encoder, decoder, quant convs, the VF projection)::
-
-  rec      = |x − x̂| + perceptual_weight · LPIPS(x, x̂)        (LPIPS [B] broadcast per pixel)
-  nll      = Σ_{B,H,W,C} (rec / e^logvar + logvar) / B        (a *sum* over pixels, / batch)
-  kl       = Σ_b KL_b / B,  KL_b = ½ Σ (μ² + σ² − 1 − log σ²)
-  g_loss   = −mean(D(x̂))                                      (D in training mode)
-  d_weight = clamp(‖∇_W nll‖ / (‖∇_W g_loss‖ + 1e-4), 0, 1e4) · disc_weight   (no gradient)
-  vf_loss  = distmat_weight · mean relu(|Gram(z) − Gram(f)| − m_d)
-           + cos_weight · mean relu(1 − m_c − cos(z, f))
-  vf_weight= clamp(‖∇_E nll‖ / (‖∇_E vf_loss‖ + 1e-4), 0, 1e8) · vf_weight     (adaptive_vf)
-  loss     = nll + kl_weight·kl + d_weight·disc_factor(step)·g_loss + vf_weight·vf_loss
-
-with W the decoder's last convolution kernel, E the encoder's last convolution kernel
-(Frobenius norms over the whole tensor), disc_factor(step) = adopt_weight(disc_factor,
-step, disc_start) = 0 for step < disc_start, z the reverse-projected posterior sample
-(1×1 conv embed_dim → VF width, no bias) and f the foundation-model features
-(DINOv2 ViT-L/14 patch tokens, not projected). Gram = token × token cosine matrices
-(channels normalised with eps 1e-12), cos = per-token cosine similarity over channels.
-
-Discriminator (optimizer 1)::
-
-  d_loss = disc_factor(step) · hinge_d(D(x), D(x̂))   or vanilla_d
-  hinge_d   = ½ (mean relu(1 − l_real) + mean relu(1 + l_fake))
-  vanilla_d = ½ (mean softplus(−l_real) + mean softplus(l_fake))
-
-with the real and the reconstructed batch through D *separately* (two sets of batch
-statistics) and x̂ the generator call's reconstruction (no gradient).
-
-Details that matter (parity README §5.9 pitfalls):
-
-* ``logvar`` is a parameter of the reference module that no optimizer ever receives; it
-  stays at ``logvar_init`` for the whole run. It is a constant here.
-* d_weight is computed whenever the constructor's ``disc_factor`` > 0, also before
-  ``disc_start`` (where the adopted factor 0 removes the term).
-* Which step ``disc_start`` compares: the reference runs Lightning's manual optimisation
-  with two optimizers, whose ``global_step`` counts optimizer steps (two per batch) and
-  the discriminator call comes after the autoencoder's ``step()``: batch b is seen as
-  step 2b by the generator and 2b + 1 by the discriminator (``reference_steps``).
-* The adaptive weights need ∂nll/∂W, ∂g_loss/∂W, ∂nll/∂E and ∂vf_loss/∂E inside the
-  step: ``generator_loss`` evaluates the loss terms once under ``jax.vjp`` and pulls each
-  term's unit cotangent back to the parameters, reading the two leaves (this is
-  ``jax.grad`` of each term with respect to that leaf, sharing one forward pass; XLA
-  drops the unused parts of each backward pass). The weights are ``stop_gradient``-ed.
-* The LPIPS heads' dropout of the reference is off (evaluation mode; see
-  ``sfd_jax.models.lpips``).
+The adaptive weights need ∂nll/∂W, ∂g_loss/∂W, ∂nll/∂E and ∂vf_loss/∂E inside the step
+(W, E: the decoder's and the encoder's last convolution kernels): ``generator_loss``
+evaluates the loss terms once under ``jax.vjp`` and pulls each term's unit cotangent back
+to the parameters, reading the two leaves; the weights are ``stop_gradient``-ed. The
+LPIPS heads' dropout of the reference is off (evaluation mode, ``sfd_jax.models.lpips``).
 """
 from __future__ import annotations
 
