@@ -12,8 +12,8 @@ same jitted function the job itself runs (same builders, shardings and options),
 * VAE configs (``config.loss``): the Semantic VAE or texture VAE step
   (``training.vae``; the GAN recipe's step with its frozen LPIPS / DINOv2 built without
   weights);
-* encode configs (``config.encode``): the encode program (``data.encode.encode_batch``) on the chips
-  of one host, as the job runs per process.
+* encode configs (``config.encode``): the encode program (``data.encode.encode_batch``) on
+  the chips of one host, as the job runs per process.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sfd_jax import parallel
+from sfd_jax import parallel, sampling
 from sfd_jax.core import jit as jit_lib
 from sfd_jax.diffusion import generation
 from sfd_jax.models import attention as attn_lib
@@ -201,7 +201,7 @@ def sample_program(config, devices, plan) -> Program:
   from sfd_jax.training import sfd  # pylint: disable=import-outside-toplevel
   s = config.sample
   opts = generation.SamplingOptions.from_config(s)
-  sch = generation.schedule_of(config)
+  sch = sampling.schedule_of(config)
   if sch is not None:
     opts = dataclasses.replace(opts, schedule=sch)
   model_cfg, _ = sfd.model_configs(config)
@@ -243,7 +243,7 @@ def sample_program(config, devices, plan) -> Program:
             jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh),
             jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh),
             jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
-    with attn_lib.use_mesh(mesh):   # as the sampling job (generation.sample_to_directory)
+    with attn_lib.use_mesh(mesh):   # as the sampling job (sampling.sample_to_directory)
       return gen.lower(*args)
 
   per_eval = flops_lib.velocity_flops(model_cfg, opts.guidance, guide_cfg, opts.guided)
@@ -296,7 +296,7 @@ def vae_program(config, devices, kind: str, plan) -> Program:
   gan = kind == "texture_vae" and texture_gan.uses_gan_objective(config.loss)
   nets = _abstract_frozen_nets(config, model_cfg) if gan else None
   setup = vae.build_setup(config, kind, devices, frozen_nets=nets)
-  sh = parallel.batch_sharding(setup.mesh)
+  sh = parallel.batch_sharding(setup.core.mesh)
   vf_features = None
   if gan and config.loss.get("use_vf") and config.loss.get("vf_source") == "features":
     vf = texture_gan.vf_settings(config, model_cfg)
@@ -315,10 +315,10 @@ def vae_program(config, devices, kind: str, plan) -> Program:
 
   def lower(b):
     b = int(b)
-    parallel.check_batch(b, setup.mesh, process_count=hosts(devices))
+    parallel.check_batch(b, setup.core.mesh, process_count=hosts(devices))
     step = setup.step
     fn = getattr(step, "jitted", step)
-    args = (setup.abstract_state, batch(b))
+    args = (setup.core.abstract_state, batch(b))
     if hasattr(step, "frozen_weights"):
       args += (step.frozen_weights,)
     return fn.lower(*args)
@@ -328,8 +328,8 @@ def vae_program(config, devices, kind: str, plan) -> Program:
   return Program(
       name="vae_train", title=f"{what} train step ({recipe}{', GAN' if gan else ''})",
       batch=int(config.batch_size), batch_field="config.batch_size",
-      batch_unit=batch_devices(setup.mesh), lower=lower, searchable=True,
-      settings={"kind": kind, "recipe": recipe, "gan": gan, "mesh": dict(setup.mesh.shape),
+      batch_unit=batch_devices(setup.core.mesh), lower=lower, searchable=True,
+      settings={"kind": kind, "recipe": recipe, "gan": gan, "mesh": dict(setup.core.mesh.shape),
                 "frozen": sorted(nets or {}), "params": _param_count(setup.core)})
 
 

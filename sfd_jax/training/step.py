@@ -156,8 +156,9 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
   ``total_steps`` — the steps the loop logs — and are 0 otherwise (``lax.cond``). The
   gradient norm is computed every step (the NaN guard needs it). 1: every step.
   ``frozen``: networks from ``state.freeze`` (their weights become an argument of the
-  jitted function, which ``step`` binds). Without ``frozen`` the jitted function itself
-  is returned.
+  jitted function, which ``step`` binds; ``step.jitted`` and ``step.frozen_weights`` are
+  the two, to lower it with abstract inputs). Without ``frozen`` the jitted function
+  itself is returned.
   ``accumulate_steps``, ``presample`` (``{params_key: fn(batch, key) -> batch}``),
   ``skip_nonfinite``, ``skip_grad_norm_above``: see the module docstring;
   ``global_batch_size`` lets the accumulation settings be checked up front.
@@ -311,4 +312,5 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
 
   def step(state, batch):
     return jitted(state, batch, weights)
+  step.jitted, step.frozen_weights = jitted, weights   # to lower it (--mode=plan)
   return step
