@@ -22,6 +22,50 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+# Tests that compile for a TPU topology with the TPU compiler (no TPU needed) carry the
+# ``tpu_compile`` mark; they skip, saying why, only where libtpu is not installed (CI
+# installs it: bash .ci/run). The summary states how many ran, so a CI log shows it.
+TPU_MARK = "tpu_compile"
+
+
+def _libtpu() -> tuple[bool, str]:
+  from sfd_jax.planning import tpu  # pylint: disable=import-outside-toplevel
+  return tpu.libtpu_version() is not None, tpu.libtpu_requirement()
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", f"{TPU_MARK}: compiles for a TPU topology with the "
+                          "TPU compiler (libtpu); skipped where it is not installed")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  have, requirement = _libtpu()
+  if have:
+    return
+  skip = pytest.mark.skip(reason=f"the TPU compiler (libtpu) is not installed: pip install "
+                          f"\"{requirement}\" (CI installs it: bash .ci/run)")
+  for item in items:
+    if TPU_MARK in item.keywords:
+      item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+  """One line: how many TPU compile tests passed, failed, were skipped (and why)."""
+  seen: dict[str, str] = {}
+  for outcome in ("passed", "failed", "error", "skipped"):
+    for rep in terminalreporter.stats.get(outcome, []):
+      if TPU_MARK in getattr(rep, "keywords", {}) and rep.nodeid not in seen:
+        seen[rep.nodeid] = "failed" if outcome == "error" else outcome
+  if not seen:
+    return
+  counts = {k: sum(v == k for v in seen.values()) for k in ("passed", "failed", "skipped")}
+  from sfd_jax.planning import tpu  # pylint: disable=import-outside-toplevel
+  version = tpu.libtpu_version()
+  terminalreporter.write_line(
+      f"TPU compile tests ({f'libtpu {version}' if version else 'no libtpu'}): "
+      + ", ".join(f"{n} {k}" for k, n in counts.items() if n))
+
 
 def child_env(**overrides: str) -> dict[str, str]:
   """The environment for a subprocess (main.py, a converter CLI): this process's (8 fake

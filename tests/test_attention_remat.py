@@ -2,7 +2,6 @@
 the TPU compiler when installed) and the save_attn_out remat policy."""
 import contextlib
 import dataclasses
-import importlib.util
 import io
 
 import jax
@@ -188,8 +187,7 @@ def test_splash_rejects_shapes_it_cannot_take():
     attn_lib.dot_product_attention(q, k, v, impl="splash")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="the TPU compiler (libtpu) is not installed")
+@pytest.mark.tpu_compile   # skipped without libtpu (tests/conftest.py)
 def test_auto_compiles_the_splash_kernel_for_tpu_at_xl_shapes():
   """XL's attention (16 heads of 72, 256 tokens, bf16) forward and backward, batch over a
   4-chip v5e mesh, compiled by the TPU compiler: auto picks splash, a Mosaic kernel."""

@@ -2,7 +2,6 @@
 4-chip TPU v5e slice (v5e:2x2), the report's fields, the activation-sharding check, and
 the one-line errors. Needs the TPU compiler (libtpu, installed by CI); skipped without
 it."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -13,10 +12,7 @@ import pytest
 
 from tests.conftest import REPO, child_env
 
-LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(
-    not LIBTPU, reason="the TPU compiler (libtpu) is not installed: pip install "
-    "\"libtpu==0.0.42.*\" (CI installs it; bash .ci/run)")
+needs_libtpu = pytest.mark.tpu_compile   # skipped without libtpu (tests/conftest.py)
 
 TOPOLOGY = "v5e:2x2"
 BATCH = 24            # global; 6 per chip: no other dimension of the tiny model is 24

@@ -291,7 +291,7 @@ def vae_program(config, devices, kind: str, plan) -> Program:
   # pylint: disable=import-outside-toplevel
   from sfd_jax.training import texture_gan, vae
   vae.validate_config(config, kind)
-  mesh = _mesh(config, devices)
+  _mesh(config, devices)   # a plan error where config.mesh does not fit the chips
   model_cfg = vae.model_config(config, kind)
   gan = kind == "texture_vae" and texture_gan.uses_gan_objective(config.loss)
   nets = _abstract_frozen_nets(config, model_cfg) if gan else None
