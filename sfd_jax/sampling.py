@@ -100,7 +100,9 @@ def validate_config(config, section: str = "sample") -> SamplingOptions:
       ("method", e.one_of(samplers.METHODS), f"one of {samplers.METHODS}"),
       ("guidance", e.one_of(guidance.GUIDANCE_MODES), f"one of {guidance.GUIDANCE_MODES}"),
       ("scale", e.non_negative_number, "a number >= 0 (1: no guidance)"),
-      ("num_steps", lambda v: e.positive_int(v) and v >= 2, "an integer >= 2"),
+      ("num_steps", lambda v: e.positive_int(v) and (
+          v >= 2 or config[section].get("method") == "meanflow"),
+       "an integer >= 2 (grid points; method 'meanflow': jumps, >= 1)"),
       ("atol", e.positive_number, "a number > 0"),
       ("rtol", e.positive_number, "a number > 0"),
       ("timestep_shift", e.non_negative_number, "a number >= 0"),
