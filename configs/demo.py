@@ -143,6 +143,9 @@ def get_config(arg=None):
     d.clock_sweep = clock_sweep(int(opts["seeds"]))
   if fewstep:
     d.fewstep = fewstep_sweep(int(opts["seeds"]))
+    # a lighter guidance than the default demo's: 1.5 gave the flow-matching model its
+    # lowest FID at 20 NFE among 1.5 / 2 / 3 (seed 0), and every setting samples with it
+    c.sample.scale = c.train_eval.scale = 1.5
   return c
 
 
