@@ -23,8 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from sfd_jax.convert import safe_pickle
-from sfd_jax.core import errors, files, runner, trees
+from sfd_jax.core import errors, files, runner, safe_pickle, trees
 from sfd_jax.core.errors import ConverterInputError, MissingFileError, OutputExistsError
 
 

@@ -83,7 +83,7 @@ def load_dinov2(path: str | os.PathLike, config: DinoV2Config | None = None, *,
 
   ``path`` is either a directory written by this module's CLI (its ``meta.json``
   supplies the config when ``config`` is None) or a reference checkpoint
-  (``.pth``/``.pt`` needs PyTorch; ``.npz``/``.safetensors`` do not), in which case
+  (``.pth``, ``.pt``, ``.npz`` or ``.safetensors``; none needs PyTorch), in which case
   ``config`` defaults to ViT-B/14-reg.
   """
   return common.load_model(path, config, kind=MODEL_KIND, config_cls=DinoV2Config,
