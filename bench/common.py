@@ -124,7 +124,8 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", default=DEFAULT_OUT,
                       help="directory for the JSON and markdown results (default: %(default)s)")
   parser.add_argument("--tag", default="",
-                      help="file-name suffix (default: the device kind, e.g. nvidia-h100-80gb-hbm3)")
+                      help="file-name suffix (default: the device kind, e.g. "
+                      "nvidia-h100-80gb-hbm3)")
   parser.add_argument("--machine", default=None,
                       help="how to name the machine in the report (default: devices and CPU)")
 

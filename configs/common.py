@@ -245,7 +245,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
 
   # --- evaluation (sfd_jax.jobs.evaluate) --------------------------------------------
   c.eval = ml_collections.ConfigDict()
-  c.eval.inception = ""           # converted FID Inception dir (python -m sfd_jax.convert.inception)
+  c.eval.inception = ""           # converted FID Inception dir (sfd_jax.convert.inception)
   c.eval.reference_npz = ""       # ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz
   c.eval.preprocess = "adm"       # adm (TF-graph resize, as the ADM evaluator) | pytorch_fid
   c.eval.batch_size = 200         # images per Inception call (split over local devices)

@@ -1,6 +1,5 @@
 """Training system on 8 fake CPU devices: sharding, sharded == single-device, exact
 resume after SIGTERM / SIGKILL, NaN guard, clear start-up errors, main.py end to end."""
-import dataclasses
 import hashlib
 import os
 import pathlib
@@ -9,7 +8,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest

@@ -69,7 +69,7 @@ class Writer(abc.ABC):
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     """Implemented by every back end."""
 
-  def flush(self) -> None:
+  def flush(self) -> None:  # noqa: B027  (optional: back ends without a buffer keep it)
     pass
 
   def close(self) -> None:

@@ -1,7 +1,8 @@
 """``--mode=eval_tokenizer``: rFID, PSNR, SSIM and LPIPS of a texture VAE on held-out images.
 
   python main.py --mode=eval_tokenizer --config=configs/texture_vae_f16d32_vavae.py \
-      --config.eval_tokenizer.checkpoint=runs/vavae --config.eval_tokenizer.images=/data/imagenet/val \
+      --config.eval_tokenizer.checkpoint=runs/vavae \
+      --config.eval_tokenizer.images=/data/imagenet/val \
       --config.eval_tokenizer.inception=weights/inception_fid \
       --config.eval_tokenizer.lpips=weights/lpips_vgg --workdir=runs/vavae
 

@@ -417,5 +417,5 @@ def parameter_counts(cfg: TextureVAEConfig) -> dict[str, int]:
 
 __all__: Sequence[str] = (
     "TextureVAEConfig", "DiagonalGaussian", "ResnetBlock", "AttnBlock", "Downsample",
-    "Upsample", "ProjectedTextureVAE", "Level", "Mid", "Encoder", "Decoder", "TextureVAE", "parameter_counts",
-    "LOGVAR_MIN", "LOGVAR_MAX", "PRESETS")
+    "Upsample", "ProjectedTextureVAE", "Level", "Mid", "Encoder", "Decoder", "TextureVAE",
+    "parameter_counts", "LOGVAR_MIN", "LOGVAR_MAX", "PRESETS")
