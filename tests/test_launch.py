@@ -101,8 +101,8 @@ def test_shellcheck():
   if shutil.which("shellcheck") is None:
     pytest.skip("shellcheck is not installed (Debian: apt-get install shellcheck)")
   out = subprocess.run(["shellcheck", "-x", *[os.path.join("launch", s) for s in SCRIPTS],
-                        "launch/lib.sh", "launch/install.sh"], cwd=REPO, capture_output=True, text=True,
-                       timeout=60)
+                        "launch/lib.sh", "launch/install.sh"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
   assert out.returncode == 0, out.stdout + out.stderr
 
 
