@@ -2,7 +2,7 @@
 
 * ``env_info``: what the numbers were measured on (machine, device kind and count, jax /
   jaxlib / flax versions), written into every report;
-* ``PEAK_BF16_TFLOPS`` / ``device_peak_tflops``: dense bf16 peak per chip (SPEC §16);
+* ``PEAK_BF16_TFLOPS`` / ``device_peak_tflops``: dense bf16 peak per chip (docs/method.md §16);
 * ``timed``: warm-up calls, then timed calls that each end in ``block_until_ready``;
 * ``write_report``: one JSON file plus one markdown table per benchmark run.
 

@@ -1,6 +1,6 @@
 """SemVAE checkpoint (``semantic_ae_final.pt``) → ``sfd_jax.models.semantic_vae``.
 
-Reference keys (parity README §5.4), with N transformer blocks: ``encoder.0`` (Linear
+Reference keys, with N transformer blocks: ``encoder.0`` (Linear
 in), ``encoder.{1..N}.{norm1,norm2}.*``, ``encoder.{k}.attn.in_proj_weight/_bias``
 (rows [q; k; v]), ``encoder.{k}.attn.out_proj.*``, ``encoder.{k}.mlp.{0,2}.*``,
 ``encoder.{N+1}`` (LayerNorm), ``encoder.{N+2}`` (Linear to 2·bottleneck); the decoder

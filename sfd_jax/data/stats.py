@@ -1,4 +1,4 @@
-"""Per-channel latent statistics (SPEC §2.4).
+"""Per-channel latent statistics (docs/method.md §2.4).
 
 The texture and the semantic part are each normalised per channel with their own
 dataset mean/std, computed once from ``num_samples`` (10,000) random *unflipped*
