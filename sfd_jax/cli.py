@@ -9,8 +9,9 @@ main.py`` are the same app.
 Modes (``MODES``; one job module each, ``sfd_jax/jobs/``, in the table ``JOBS``): train
 (default), sample, eval, export, encode, extract, train_semvae, train_texture_vae,
 eval_tokenizer, demo; ``config`` prints the resolved config and runs nothing. Every run
-writes the resolved config to ``<workdir>/config.json`` and logs it. Launched as several
-processes (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID
+writes the resolved config to ``<workdir>/config.json`` (atomically) and logs it; a run
+that stops at a user error before it changed anything puts back what was there. Launched
+as several processes (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID
 set), it initialises ``jax.distributed`` first; on one process it runs as is.
 
 ``main.py`` is ``from sfd_jax.cli import run; run()``. Config files are paths
@@ -23,12 +24,13 @@ import importlib
 import json
 import os
 import sys
+from typing import Callable
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sfd_jax.core import paths, runner, trees
+from sfd_jax.core import errors, paths, runner, trees
 from sfd_jax.core.errors import ConfigError
 from sfd_jax.parallel import distributed
 
@@ -116,19 +118,86 @@ def config_json(config) -> str:
   return json.dumps(tree, indent=2, sort_keys=True, default=str) + "\n"
 
 
-def write_config(config, workdir: str, mode: str) -> str:
-  """Writes ``<workdir>/config.json`` (atomically; process 0 only) and logs the config;
-  returns the file's path."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if jax.process_index() == 0:
-    paths.makedirs(workdir)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(config_json(config))
+def _first_missing(directory: str) -> str | None:
+  """The topmost directory of ``directory``'s path that does not exist yet (None: all do)."""
+  missing = None
+  while directory and not os.path.exists(directory):
+    missing, directory = directory, os.path.dirname(directory)
+  return missing
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  """Writes ``path`` through a temporary file in its directory and a rename: the file is
+  either the old one or the whole new one, never half written; no temporary file is left."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    raise
+
+
+def _listing(directory: str) -> dict[str, int]:
+  """``{name: mtime_ns}`` of the entries of ``directory`` other than the config file (a
+  directory's mtime changes when an entry is added to or removed from it)."""
+  try:
+    with os.scandir(directory) as it:
+      return {e.name: e.stat(follow_symlinks=False).st_mtime_ns for e in it
+              if e.name != CONFIG_FILE and not e.name.startswith(CONFIG_FILE + ".tmp-")}
+  except OSError:
+    return {}
+
+
+def write_config(config, workdir: str, mode: str) -> Callable[[], None]:
+  """Logs the resolved config and writes it to ``<workdir>/config.json`` (atomically,
+  process 0 only). Returns ``undo()``, which puts back what was there before (the earlier
+  ``config.json``, or none and no workdir) when the run has changed nothing else in the
+  workdir: a run that stops at a user error before doing anything leaves the workdir as it
+  found it, and one that stops later keeps the config its outputs were made with. A workdir
+  that cannot be written is left to the job to report."""
+  path = os.path.join(workdir, CONFIG_FILE)
   logging.info("sfd_jax %s: resolved config (written to %s):\n  %s", mode, path,
                "\n  ".join(config_lines(config)))
-  return path
+  if jax.process_index() != 0:
+    return lambda: None
+  created = _first_missing(workdir)
+  try:
+    old = None
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        old = f.read()
+    before = _listing(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    _atomic_write(path, config_json(config).encode("utf-8"))
+  except OSError as e:
+    logging.warning("sfd_jax %s: cannot write %s (%s)", mode, path, errors.reason(e))
+    return lambda: None
+
+  def undo() -> None:
+    if _listing(workdir) != before:           # the run made or changed something: keep it
+      return
+    try:
+      if old is None:
+        os.remove(path)
+      else:
+        _atomic_write(path, old)
+      if created is not None:                 # the directories this run created, if empty
+        d = workdir
+        while True:
+          os.rmdir(d)
+          if d == created:
+            break
+          d = os.path.dirname(d)
+    except OSError:
+      pass
+  return undo
 
 
 def check_workdir(workdir: str) -> None:
@@ -160,9 +229,14 @@ def main(argv):
   logging.info("sfd_jax %s: process %d/%d, %d local / %d global devices (%s)", mode,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
-  write_config(config, workdir, mode)
+  undo = write_config(config, workdir, mode)
   module, fn = JOBS[mode]
-  getattr(importlib.import_module(f"sfd_jax.jobs.{module}"), fn)(config, workdir)
+  try:
+    getattr(importlib.import_module(f"sfd_jax.jobs.{module}"), fn)(config, workdir)
+  except BaseException as e:
+    if errors.user_error(e) is not None:      # stopped at a user error: nothing changed
+      undo()
+    raise
 
 
 def _config_import_root(argv: list[str]) -> str | None:

@@ -69,16 +69,68 @@ def test_mode_config_prints_the_resolved_config(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
-def test_every_run_writes_and_logs_its_config(tmp_path):
-  """Even a run that stops at a user error has written the config it was given."""
+def test_a_run_logs_its_config_and_a_user_error_leaves_the_workdir_as_it_was(tmp_path):
+  """The resolved config is logged and written to <workdir>/config.json (a full run:
+  tests/test_train.py, tests/test_wandb_resume.py); a run that stops at a user error puts
+  back the earlier config.json, or removes the workdir it created."""
   wd = tmp_path / "run"
-  proc = _run([sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={wd}",
-               f"--config.data.path={tmp_path / 'missing'}", "--config.optimizer.lr=0.25"])
+  wd.mkdir()
+  earlier = '{"optimizer": {"lr": 0.001}}\n'
+  (wd / "config.json").write_text(earlier)
+  args = [sys.executable, "main.py", "--config=configs/tiny.py",
+          f"--config.data.path={tmp_path / 'missing'}", "--config.optimizer.lr=0.25"]
+  proc = _run(args + [f"--workdir={wd}"])
   assert proc.returncode == 2, proc.stderr[-2000:]
-  saved = json.loads((wd / "config.json").read_text())
-  assert saved["optimizer"]["lr"] == 0.25 and saved["data"]["path"] == str(tmp_path / "missing")
-  assert "resolved config (written to " in proc.stderr
+  assert "data" in proc.stderr.strip().splitlines()[-1]
+  assert f"resolved config (written to {wd / 'config.json'})" in proc.stderr
   assert "\n  optimizer.lr = 0.25\n" in proc.stderr
+  assert sorted(p.name for p in wd.iterdir()) == ["config.json"]
+  assert (wd / "config.json").read_text() == earlier
+  fresh = tmp_path / "new" / "run"
+  proc = _run(args + [f"--workdir={fresh}"])
+  assert proc.returncode == 2 and not (tmp_path / "new").exists(), proc.stderr[-2000:]
+
+
+_WRITE_CONFIG = """
+import json, os, sys
+from ml_collections import config_dict
+from sfd_jax import cli
+wd, case = sys.argv[1], sys.argv[2]
+path = os.path.join(wd, "config.json")
+config = config_dict.ConfigDict({"optimizer": {"lr": 0.25}})
+if case == "interrupted":            # the rename fails: the earlier file stays whole
+  def fail(*args):
+    raise OSError(28, "No space left on device")
+  os.replace = fail
+  undo = cli.write_config(config, wd, "train")
+elif case == "run_made_outputs":     # the run wrote something, then stopped: keep the config
+  undo = cli.write_config(config, wd, "train")
+  os.makedirs(os.path.join(wd, "checkpoints", "4"))
+  undo()
+elif case == "run_made_nothing":
+  undo = cli.write_config(config, wd, "train")
+  undo()
+print(json.dumps(sorted(os.listdir(wd))))
+"""
+
+
+@pytest.mark.parametrize("case", ["interrupted", "run_made_outputs", "run_made_nothing"])
+def test_config_json_is_written_atomically_and_kept_with_the_outputs_it_made(tmp_path, case):
+  wd = tmp_path / "run"
+  wd.mkdir()
+  earlier = '{"optimizer": {"lr": 0.001}}\n'
+  (wd / "config.json").write_text(earlier)
+  proc = _run([sys.executable, "-c", _WRITE_CONFIG, str(wd), case])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  listing = json.loads(proc.stdout.strip().splitlines()[-1])
+  text = (wd / "config.json").read_text()
+  if case == "run_made_outputs":
+    assert listing == ["checkpoints", "config.json"]
+    assert json.loads(text) == {"optimizer": {"lr": 0.25}}
+  else:                                 # no temporary file left, the earlier file intact
+    assert listing == ["config.json"] and text == earlier
+  if case == "interrupted":
+    assert "cannot write" in proc.stderr and "No space left on device" in proc.stderr
 
 
 @pytest.mark.parametrize("workdir", ["gs://bucket/runs/x", "s3://bucket/x"])
