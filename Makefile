@@ -3,14 +3,15 @@
 # The interpreter: PYTHON=/path/to/python if given, else the first supported (3.11-3.13)
 # of python3.11, python3.12, python3.13, python3 on PATH, then ~/.pyenv/versions; the
 # choice and the reason are printed (`make python` prints only that). Setup installs that
-# Python's pinned set, requirements/pyXY.txt, into .venv, then `pip install -e . --no-deps`
-# (the logic lives in .ci/run, which CI runs).
+# Python's test set, requirements/pyXY-test.txt (the runtime set plus the test tools and the
+# demo's packages), into .venv, then `pip install -e . --no-deps` (the logic lives in
+# .ci/run, which CI runs).
 PYTHON ?=
 VENV := .venv
 WORKDIR ?= runs/demo
 export PYTHON VENV
 
-.PHONY: python setup demo demo-fast demo-clocks demo-fewstep test clean-demo
+.PHONY: python setup demo demo-fast demo-clocks demo-fewstep lint test clean-demo
 
 python:
 	@bash .ci/run python >/dev/null
@@ -38,7 +39,11 @@ demo-clocks: setup
 demo-fewstep: setup
 	$(VENV)/bin/python main.py --config=configs/demo.py:fewstep=1 --mode=demo --workdir=$(WORKDIR)_fewstep
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check
+
+# What CI runs: lint, then the test suite.
+test: lint
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 clean-demo:

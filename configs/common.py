@@ -133,7 +133,7 @@ def sfd_config(arg, variant: str) -> ml_collections.ConfigDict:
 
 
 def base_config(variant: str, recipe: str = "original") -> ml_collections.ConfigDict:
-  """The reference SFD recipe (SPEC §7) for a LightningDiT variant."""
+  """The reference SFD recipe (docs/method.md §7) for a LightningDiT variant."""
   if recipe not in RECIPES:
     raise ValueError(f"unknown recipe {recipe!r}; known: {RECIPES}")
   c = ml_collections.ConfigDict()
@@ -227,7 +227,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.strict_sharding = False       # True: a weight dim that does not divide is an error
   c.compiler_options = ml_collections.ConfigDict()  # XLA options of init / train step / eval
 
-  # --- sampling / evaluation (filled by the sampling issue) ---------------------------
+  # --- sampling / evaluation ---------------------------------------------------------
   c.sample = ml_collections.ConfigDict()
   c.sample.checkpoint = ""        # workdir, training checkpoint dir or converted dir
   c.sample.guide_checkpoint = ""
@@ -252,7 +252,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
 
   # --- evaluation (sfd_jax.jobs.evaluate) --------------------------------------------
   c.eval = ml_collections.ConfigDict()
-  c.eval.inception = ""           # converted FID Inception dir (python -m sfd_jax.convert.inception)
+  c.eval.inception = ""           # converted FID Inception dir (sfd_jax.convert.inception)
   c.eval.reference_npz = ""       # ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz
   c.eval.preprocess = "adm"       # adm (TF-graph resize, as the ADM evaluator) | pytorch_fid
   c.eval.batch_size = 200         # images per Inception call (split over local devices)
@@ -318,7 +318,7 @@ def semvae_config(arg=None) -> ml_collections.ConfigDict:
   c.loss.l1_weight = 0.0
   c.loss.cos_weight = 1.0
   c.loss.kl_weight = 1e-7
-  c.loss.cos_axis = "token"       # reference's dim=1 cosine (SPEC §12.14); "channel": per token
+  c.loss.cos_axis = "token"       # reference: dim=1 cosine (method.md §12.14); "channel": per token
 
   # --- optimizer (sfd_jax.training.optim): warm-up, constant, cosine tail -----------
   c.optimizer = adamw(lr=5e-5, weight_decay=0.01, schedule="warmup_constant_cosine",
@@ -522,7 +522,7 @@ def encode_config(arg=None) -> ml_collections.ConfigDict:
   c.job = ml_collections.ConfigDict()
   c.job.decode_threads = 16       # host threads decoding images
   c.job.prefetch_batches = 4
-  c.job.log_every_batches = 50
+  c.job.log_every_batches = 50    # no terminal: a progress line every 50 batches (0: every 10 %)
   c.job.compression = "uncompressed"
   c.job.debug_stop_after_shards = -1   # testing: stop after writing this many shards
   c.job.compiler_options = ml_collections.ConfigDict()  # XLA options of the jitted steps

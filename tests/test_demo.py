@@ -160,7 +160,7 @@ def test_clock_sweep_mean_std_and_plot(demo_run, tmp_path):
   out = pipeline.run(cfg, str(sweep_wd))
   summ = out["summary"]["clock_sweep"]
   assert set(summ) == {"sfd", "learned"}
-  for name, row in summ.items():
+  for _name, row in summ.items():
     for metric in ("fid", "class_accuracy"):
       vals = row[metric]["values"]
       assert len(vals) == 2 and np.all(np.isfinite(vals))

@@ -23,8 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from sfd_jax.convert import safe_pickle
-from sfd_jax.core import errors, files, runner, trees
+from sfd_jax.core import errors, files, runner, safe_pickle, trees
 from sfd_jax.core.errors import ConverterInputError, MissingFileError, OutputExistsError
 
 
@@ -40,6 +39,8 @@ def _torch_load(path: str, entries: Iterable[str] | None = None) -> dict[str, np
     obj = safe_pickle.load(path)
   except safe_pickle.UnsafePickleError as e:
     raise ConversionError(str(e)) from e
+  except errors.UserError:          # a legacy file and no PyTorch: names the extra
+    raise
   except Exception as e:  # pylint: disable=broad-except  (bad zip, truncated pickle, EOF)
     text = " ".join(str(e).split())
     text = text if len(text) <= 240 else text[:237] + "..."

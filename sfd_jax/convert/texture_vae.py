@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> str:
       description="Convert an LDM/Lightning texture-VAE checkpoint to an sfd_jax "
                   "Orbax params directory.")
   parser.add_argument("--src", required=True,
-                      help="reference checkpoint (.ckpt/.pt needs PyTorch; .npz, .safetensors)")
+                      help="reference checkpoint (.ckpt, .pt, .npz or .safetensors)")
   parser.add_argument("--dst", required=True, help="output directory")
   parser.add_argument("--preset", default="f16d32", choices=PRESETS,
                       help="architecture of the checkpoint (default f16d32)")

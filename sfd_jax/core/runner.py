@@ -102,8 +102,9 @@ def report(prog: str, err: UserError, exc: BaseException | None = None) -> None:
   sys.exit(EXIT_CODE)
 
 
-def _prog(argv0: str | None = None) -> str:
-  """How the user ran us: ``main.py``, or ``python -m sfd_jax.x.y`` for a package module."""
+def program_name(argv0: str | None = None) -> str:
+  """How the user ran us: ``main.py``, ``sfd-jax``, or ``python -m sfd_jax.x.y`` for a
+  package module (``python -m sfd_jax`` for the package's ``__main__.py``)."""
   argv0 = (sys.argv[0] if sys.argv else "") if argv0 is None else argv0
   if not argv0:
     return "sfd_jax"
@@ -111,7 +112,7 @@ def _prog(argv0: str | None = None) -> str:
   path = os.path.abspath(argv0)
   if path.endswith(".py") and path.startswith(pkg + os.sep):
     rel = os.path.relpath(path[:-3], os.path.dirname(pkg)).replace(os.sep, ".")
-    return f"python -m {rel}"
+    return f"python -m {rel.removesuffix('.__main__')}"
   return os.path.basename(argv0)
 
 
@@ -126,7 +127,7 @@ def guard(fn: Callable, prog: str | None = None) -> Callable:
       err = user_error(e)
       if err is None:
         raise
-      report(prog or _prog(), err, e)
+      report(prog or program_name(), err, e)
   wrapped.__name__ = getattr(fn, "__name__", "main")
   wrapped.__doc__ = getattr(fn, "__doc__", None)
   return wrapped
@@ -278,7 +279,7 @@ def flag_error_line(exc: BaseException, argv: Sequence[str],
     if field in text:
       detail = re.sub(r"^flag --\S+?: ", "", detail)
       return ConfigError(f"--{field}={value}: {detail}")
-  return ConfigError(f"{detail} (see --helpshort)")
+  return ConfigError(f"{detail} (see --help)")
 
 
 def check_config_flags(flag_values, config_flags: Sequence[str], argv: Sequence[str]) -> None:
@@ -302,7 +303,7 @@ def run_main(main: Callable, argv: Sequence[str] | None = None,
   ``config_flags``: the names of the app's ml_collections config-file flags."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv if argv is None else argv)
-  prog = _prog(argv[0] if argv else None)
+  prog = program_name(argv[0] if argv else None)
 
   def parse(args):
     try:
@@ -337,5 +338,5 @@ def run_cli(main: Callable[[list[str] | None], Any], prog: str | None = None,
   traceback)."""
   args = _strip_verbosity(list(sys.argv[1:] if argv is None else argv))
   _quiet_library_reports()
-  rc = guard(main, prog or _prog())(args)
+  rc = guard(main, prog or program_name())(args)
   sys.exit(rc if isinstance(rc, int) and not isinstance(rc, bool) else 0)

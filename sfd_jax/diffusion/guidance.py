@@ -1,4 +1,4 @@
-"""Classifier-free guidance and autoguidance for SFD's two-part latent (SPEC §5.6, §8.3).
+"""Classifier-free guidance and autoguidance for SFD's two-part latent (docs/method.md §5.6, §8.3).
 
 Everything here is a pure function of a *velocity function*
 ``fn(x, t_tex, t_sem, y) -> v`` with ``x``/``v`` of shape ``[N, H, W, C]`` (channels last,
@@ -159,7 +159,7 @@ def forward_with_cfg(fn: VelocityFn, x: jax.Array, t_tex, t_sem, y: jax.Array,
                      scale: float, *, cfg_interval: bool = False,
                      cfg_interval_start: float | None = None, interval_mode: str = "both",
                      semantic_chans: int = SEMANTIC_CHANS, return_model_out: bool = False):
-  """The reference's ``forward_with_cfg`` with its 2N-row layout (SPEC §5.6).
+  """The reference's ``forward_with_cfg`` with its 2N-row layout (docs/method.md §5.6).
 
   ``x`` [2N, ...] holds the N latents twice and ``y`` [2N] the real labels then the null
   labels. Only ``x[:N]`` is used (run as ``[x[:N]; x[:N]]`` with the given 2N labels and

@@ -1,4 +1,4 @@
-"""Semantic-first flow-matching objective (SPEC §6).
+"""Semantic-first flow-matching objective (docs/method.md §6).
 
 Path: x_t = t·x₁ + (1 − t)·x₀ with t = 0 noise and t = 1 data; target u = x₁ − x₀.
 Semantic-first clocks (``sfd_jax.diffusion.clocks``): τ = t·(1 + Δt), t_sem = min(τ, 1),

@@ -1,6 +1,6 @@
 """Semantic-first samplers: fixed-grid Euler / Heun, adaptive dopri5, Euler–Maruyama SDE.
 
-The semantic-first ODE (SPEC §8.1) runs over global time τ ∈ [0, 1 + Δt]:
+The semantic-first ODE (docs/method.md §8.1) runs over global time τ ∈ [0, 1 + Δt]:
 
   dx/dτ = m(τ) ⊙ v(x, t_tex(τ), t_sem(τ), y),
   t_tex = max(τ − Δt, 0),   t_sem = min(τ, 1),

@@ -22,7 +22,7 @@ from PIL import Image
 from sfd_jax import sampling, sweep
 from sfd_jax.checkpoint import export
 from sfd_jax.convert import networks
-from sfd_jax.core import checks, errors, files
+from sfd_jax.core import checks, errors, files, optional
 from sfd_jax.core import images as images_lib
 from sfd_jax.data import encode
 from sfd_jax.data import images as data_images
@@ -69,8 +69,9 @@ def _stage(workdir: str, stage: str, fn: Callable[[str], dict[str, Any]],
 
 def load_dataset(image_size: int) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 [N, S, S, 3] images, int32 labels) of scikit-learn's digits, upsampled."""
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-  d = load_digits()
+  datasets = optional.require("sklearn.datasets", extra="demo",
+                              purpose="--mode=demo (scikit-learn's digits)")
+  d = datasets.load_digits()
   grey = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)      # 17 levels → 0..255
   up = np.stack([np.asarray(Image.fromarray(g).resize((image_size, image_size),
                                                       Image.BICUBIC)) for g in grey])

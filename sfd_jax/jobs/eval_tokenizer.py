@@ -1,7 +1,8 @@
 """``--mode=eval_tokenizer``: rFID, PSNR, SSIM and LPIPS of a texture VAE on held-out images.
 
   python main.py --mode=eval_tokenizer --config=configs/texture_vae_f16d32_vavae.py \
-      --config.eval_tokenizer.checkpoint=runs/vavae --config.eval_tokenizer.images=/data/imagenet/val \
+      --config.eval_tokenizer.checkpoint=runs/vavae \
+      --config.eval_tokenizer.images=/data/imagenet/val \
       --config.eval_tokenizer.inception=weights/inception_fid \
       --config.eval_tokenizer.lpips=weights/lpips_vgg --workdir=runs/vavae
 
@@ -40,6 +41,7 @@ from sfd_jax.checkpoint import runs
 from sfd_jax.convert import lpips as lpips_convert
 from sfd_jax.convert import networks
 from sfd_jax.core import images as images_lib
+from sfd_jax.core import writers as writers_lib
 from sfd_jax.data import images as data_images
 from sfd_jax.metrics import features as features_lib
 from sfd_jax.metrics import reconstruction
@@ -152,8 +154,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           "features": kind or "", "preprocess": e.get("preprocess", "pytorch_fid")}
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(info, f, indent=2, default=str)
-  from clu import metric_writers  # pylint: disable=import-outside-toplevel
-  writer = metric_writers.create_default_writer(out_dir)
+  writer = writers_lib.create_writer(out_dir, kind=str(config.get("writer", "auto") or "auto"))
   step = int(e.get("tb_step", 0))
   writer.write_scalars(step, {f"eval_tokenizer/{k}": v
                               for k, v in reconstruction.finite(metrics).items()})
@@ -162,6 +163,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                  cols=len(grid_real), pad=1)
     images_lib.save_png(grid, os.path.join(out_dir, "reconstructions.png"))
     writer.write_images(step, {"eval_tokenizer/reconstructions": grid[None]})
-  writer.flush()
+  writer.close()
   logging.info("eval_tokenizer: %s", json.dumps(metrics))
   return info

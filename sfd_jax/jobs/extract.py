@@ -1,4 +1,4 @@
-"""``--mode=extract``: DINOv2 patch features for training the Semantic VAE (SPEC §3.3), or
+"""``--mode=extract``: DINOv2 patch features for training the Semantic VAE (docs/method.md §3.3), or
 the VA-VAE's VF-loss targets (``config.extract.recipe = "vf"``).
 
   python main.py --mode=extract --config=configs/encode_imagenet.py --workdir=/data/in1k_dino

@@ -8,7 +8,7 @@ Files (the formats of openai/guided-diffusion ``evaluations/``):
   are used for FID/sFID when present, and the features of ``arr_0`` always serve as the
   reference set of precision/recall.
 * **Sample batch** (``sfd_jax`` sampling output): ``arr_0`` uint8 [N, H, W, 3] in the
-  (shuffled) order the Inception Score splits should see (SPEC §9).
+  (shuffled) order the Inception Score splits should see (docs/method.md §9).
 
 Arrays are streamed from the zip archive batch by batch (50k 256x256 images are 9.8 GB), so
 neither file is loaded whole.

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import matplotlib
 import numpy as np
 
+from sfd_jax.core import optional
+
+matplotlib = optional.require("matplotlib", extra="demo", purpose="--mode=demo")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 

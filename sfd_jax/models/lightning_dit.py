@@ -1,4 +1,4 @@
-"""LightningDiT denoiser with SFD's two clocks (SPEC §5, §12), as Flax NNX modules.
+"""LightningDiT denoiser with SFD's two clocks (docs/method.md §5, §12), as Flax NNX modules.
 
 Tensor layout inside JAX is channels-last: latents ``[N, H, W, C]`` with the SFD channel
 order ``[texture 32 | semantic 16]``; tokens ``[N, H·W, D]`` in row-major order.

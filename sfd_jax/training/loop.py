@@ -289,8 +289,7 @@ def _train(task: TrainTask, config, workdir: str, writer, ckpt: Checkpointer, da
     writer = default_writer(config, workdir, is_main)
     progress.append(progress_lib.Progress(total, writer, every_steps=every,
                                           batch_size=batch_size, start_step=start))
-  if start == 0:
-    writer.write_hparams(hparams(config))
+  writer.write_hparams(hparams(config))        # on every start: a resume logs them too
   if is_main and config.get("profile_steps", 0):
     progress.append(progress_lib.Profile(workdir, num_profile_steps=config.profile_steps,
                                          first_profile=min(start + 10, total)))

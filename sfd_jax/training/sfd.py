@@ -143,7 +143,8 @@ def check_data(config: ml_collections.ConfigDict, model_cfg: DiTConfig) -> None:
         f"semantic = {sch.latent_channels} channels, but config.model.in_channels is "
         f"{model_cfg.in_channels}; set --config.model.in_channels={sch.latent_channels} "
         "(and model.semantic_chans) or use a dataset encoded for this model")
-  if sch.semantic_channels != model_cfg.semantic_chans and not (section is not None and section.get("parts")):
+  if sch.semantic_channels != model_cfg.semantic_chans and not (
+      section is not None and section.get("parts")):
     raise errors.DataError(
         f"{where}: {sch.semantic_channels} semantic channels, but config.model."
         f"semantic_chans is {model_cfg.semantic_chans}; set --config.model.semantic_chans="
