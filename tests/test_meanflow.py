@@ -51,7 +51,8 @@ PHI = {"semantic": jnp.asarray([0.5, -0.3, 0.2, 0.1], jnp.float32)}
 # parts moving, a part that starts inside the jump, one that finishes inside it, one that
 # is already done, one that has not started by ρ.
 CASES = {
-    "sfd": (SFD, None, [0.1, 0.1, 0.5, 0.2, 0.95, 1.1, 0.6], [0.25, 0.9, 0.8, 1.25, 1.2, 1.28, 1.05]),
+    "sfd": (SFD, None, [0.1, 0.1, 0.5, 0.2, 0.95, 1.1, 0.6],
+            [0.25, 0.9, 0.8, 1.25, 1.2, 1.28, 1.05]),
     "rate": (RATE, None, [0.1, 0.3, 0.45, 0.6], [0.4, 0.8, 0.9, 0.95]),
     "learned": (LEARNED, PHI, [0.1, 0.4, 0.6, 0.35], [0.45, 0.7, 1.2, 0.9]),
 }
@@ -171,7 +172,8 @@ def test_flow_matching_weights_load_as_the_same_function():
   nnx.replace_by_pure_dict(mf_state, pure)
   nnx.update(mf, mf_state)
   x = jax.random.normal(jax.random.key(0), (3, 4, 4, 12))
-  t_tex, t_sem, y = jnp.asarray([0.0, 0.4, 0.9]), jnp.asarray([0.3, 0.7, 1.0]), jnp.asarray([1, 2, 10])
+  t_tex, t_sem = jnp.asarray([0.0, 0.4, 0.9]), jnp.asarray([0.3, 0.7, 1.0])
+  y = jnp.asarray([1, 2, 10])
   want = fm(x, t_tex, t_sem, y)
   for gaps in ((0.0, 0.0), (jnp.asarray([0.5, 0.2, 0.1]), jnp.asarray([0.7, 0.3, 0.0]))):
     np.testing.assert_array_equal(mf(x, t_tex, t_sem, y, interval=gaps), want)
