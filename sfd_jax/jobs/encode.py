@@ -35,6 +35,10 @@ def build_networks(config: ml_collections.ConfigDict) -> tuple[nnx.Module, nnx.M
   return tvae, dino, semvae
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  images_lib.validate_job_config(config, "encode")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Encodes ``config.data`` into the latent dataset ``workdir``; returns ``{"complete",
   "num_records", "skipped", "stats"}`` (totals and stats only on process 0 once every

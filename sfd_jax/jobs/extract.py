@@ -18,6 +18,10 @@ from sfd_jax.data import encode
 from sfd_jax.data import images as images_lib
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  images_lib.validate_job_config(config, "extract")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Extracts the features of ``config.data`` into the feature dataset ``workdir``;
   returns ``{"complete", "num_records", "skipped"}`` (the totals only on process 0 once
