@@ -49,7 +49,9 @@ def load_decoder(config) -> LatentDecoder | None:
     vae = checkpoint.load_texture_vae(config.sample.texture_vae,
                                       field="config.sample.texture_vae")
   except errors.UserError as e:
-    raise SamplingError(f"config.sample.texture_vae={config.sample.texture_vae!r}: {e}") from e
+    text = str(e)
+    raise SamplingError(text if text.startswith("config.sample.texture_vae") else
+                        f"config.sample.texture_vae={config.sample.texture_vae!r}: {text}") from e
   multiplier = float(config.data.get("latent_multiplier", 1.0))
   if not config.data.get("normalize", True):     # latents = stored · multiplier
     return LatentDecoder(vae, jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32),
@@ -276,13 +278,23 @@ def prepare(config):
 
 
 def check_config(config, devices=None) -> SamplingOptions:
-  """``validate_config`` plus the batch against the devices (``devices``: default all):
-  what ``sample_from_config`` checks before it writes anything."""
+  """``validate_config``, the batch against the devices (``devices``: default all) and the
+  kind of the networks named (a LightningDiT, its guide, a texture VAE): what
+  ``sample_from_config`` checks before it writes anything."""
   opts = validate_config(config)
   n_dev = len(devices) if devices is not None else jax.device_count()
   if int(config.sample.batch_size) % n_dev:
     raise SamplingError(f"config.sample.batch_size={int(config.sample.batch_size)} is not "
                         f"divisible by the {n_dev} devices; use a multiple of {n_dev}")
+  s = config.sample
+  try:      # the networks named are of the right kind (nothing read but their configs)
+    checkpoint.dit_config(s.checkpoint, "config.sample.checkpoint")
+    if opts.guidance == "autoguidance" and opts.guided:
+      checkpoint.dit_config(s.guide_checkpoint, "config.sample.guide_checkpoint")
+    if s.get("texture_vae", ""):
+      checkpoint.check_texture_vae(s.texture_vae, "config.sample.texture_vae")
+  except errors.CheckpointError as e:
+    raise SamplingError(str(e)) from e
   return opts
 
 

@@ -17,6 +17,7 @@ checkpointed; ``vf_source = "features"`` reads pre-extracted features from the b
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 import jax
@@ -26,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sfd_jax import parallel
+from sfd_jax.convert import common as convert_common
 from sfd_jax.convert import lpips as lpips_convert
 from sfd_jax.convert import networks
 from sfd_jax.core.errors import ConfigError
@@ -57,8 +59,11 @@ def check_config(cfg: ml_collections.ConfigDict, model_cfg) -> None:
   size, the pre-extracted VF features when they are the source."""
   gcfg = loss_config(cfg.loss)
   loss = cfg.loss
-  if gcfg.use_lpips and not loss.get("lpips_random_init", False) and not loss.get("lpips"):
-    raise ConfigError(LPIPS_EMPTY)
+  if gcfg.use_lpips and not loss.get("lpips_random_init", False):
+    if not loss.get("lpips"):
+      raise ConfigError(LPIPS_EMPTY)
+    if os.path.isdir(loss.lpips):      # a folder of another network is named as such
+      convert_common.check_converted_dir(loss.lpips, lpips_convert.KIND, "config.loss.lpips")
   vf = vf_settings(cfg, model_cfg)
   if vf is not None and vf.source == "features" and not cfg.data.get("vf_features"):
     raise ConfigError("config.loss.vf_source='features' needs config.data.vf_features (a "
@@ -146,7 +151,8 @@ def frozen_networks(cfg: ml_collections.ConfigDict, gcfg: gan_losses.GANLossConf
   if vf is not None and vf.source == "dinov2":
     dino = networks.load_network(
         "dinov2", loss.get("vf_dinov2", ""), random_init=bool(loss.get("vf_random_init", False)),
-        preset=str(loss.get("vf_dinov2_preset", "vitl14")), dtype="float32", seed=int(cfg.seed))
+        preset=str(loss.get("vf_dinov2_preset", "vitl14")), dtype="float32", seed=int(cfg.seed),
+        field="config.loss.vf_dinov2")
     if dino.config.embed_dim != vf.dim:
       raise ConfigError(f"config.loss.vf_dim {vf.dim} differs from the width "
                         f"{dino.config.embed_dim} of the DINOv2 in config.loss.vf_dinov2; "
