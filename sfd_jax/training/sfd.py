@@ -281,8 +281,8 @@ def init_params_from(params: dict, abstract: dict, *, mode: str = "exact",
   is skipped (logged) and keeps the random initialisation (the result lacks it).
   """
   if mode not in INIT_FROM_MODES:
-    raise errors.ConfigError(f"config.init_from_mode must be one of {INIT_FROM_MODES}, got "
-                             f"{mode!r}")
+    raise errors.ConfigError(f"config.init_from_mode={mode!r}: expected one of "
+                             f"{INIT_FROM_MODES}")
   if mode == "exact":
     return params
 
@@ -334,8 +334,8 @@ def _init_from(config, setup: TrainSetup | None = None) -> Callable[[], Any] | N
     return None
   mode = str(config.get("init_from_mode", "exact"))
   if mode not in INIT_FROM_MODES:
-    raise errors.ConfigError(f"config.init_from_mode must be one of {INIT_FROM_MODES}, got "
-                             f"{mode!r}")
+    raise errors.ConfigError(f"config.init_from_mode={mode!r}: expected one of "
+                             f"{INIT_FROM_MODES}")
 
   def load():
     logging.info("initialising from converted checkpoint %s (%s)", config.init_from, mode)

@@ -145,7 +145,7 @@ def check_accumulation(k: int, global_batch_size: int, mesh) -> None:
   the batch axes of ``mesh`` (``config.optimizer.accumulate_steps``; checked at start-up
   by the trainers, again here)."""
   if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-    raise ConfigError(f"config.optimizer.accumulate_steps must be an integer >= 1, got {k!r}")
+    raise ConfigError(f"config.optimizer.accumulate_steps={k!r} must be >= 1")
   batch_devices = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
   if k > 1 and global_batch_size % (k * batch_devices):
     raise ConfigError(
