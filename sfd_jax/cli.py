@@ -48,7 +48,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "run"),
 }
 
-# modes that write into --workdir: one run at a time (export and plan only read a run)
+# modes that write into --workdir: one run at a time (export only reads a run)
 LOCKED_MODES = ("train", "sample", "eval", "encode", "extract", "train_semvae",
                 "train_texture_vae", "eval_tokenizer", "demo")
 

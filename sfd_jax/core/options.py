@@ -188,11 +188,6 @@ def comma_list(choices: Sequence[str], *, empty: bool = False) -> Callable[[str]
   return ok
 
 
-def _int_list(v: str) -> bool:
-  items = [s.strip() for s in v.split(",") if s.strip()]
-  return all(s.isdigit() and int(s) > 0 for s in items)
-
-
 DTYPES = ("float32", "bfloat16", "float16")
 
 # ------------------------------------------------------------------ shared blocks
@@ -279,41 +274,11 @@ SFD_OPTIMIZER_EXTRA = (
       "exceeds this (loss spikes)", ge=0, absent="0 (off)"),
 )
 
-PLAN = block("plan", (
-    F("topology", STR, "TPU slice to compile for, GENERATION:AxB[xC] (v4, v5p: 3-D; v5e, "
-      "v6e: 2-D)", ok=lambda v: ":" in v and "x" in v.split(":", 1)[1],
-      allowed="GENERATION:AxB[xC], e.g. v5p:2x2x2"),
-    F("num_slices", INT, "slices joined over DCN (multi-slice)", gt=0),
-    F("programs", STR, "programs to compile: auto (what the config runs) or a list",
-      ok=comma_list(("auto", "train", "sample", "vae_train", "encode")),
-      allowed="auto or a comma-separated list of train, sample, vae_train, encode"),
-    F("batch_sizes", STR, "global batches of the train step to compile (\"\": the "
-      "config's batch_size)", ok=_int_list, allowed="\"\" or comma-separated integers > 0"),
-    F("remat_policies", STR, "DiT remat policies to compile (\"\": model.remat_policy)",
-      ok=comma_list(("none", "full", "dots", "dots_no_batch", "save_attn_out"), empty=True),
-      allowed="\"\" or comma-separated remat policies"),
-    F("search_max_batch", BOOL, "per policy / program, search the largest global batch "
-      "that fits a chip"),
-    F("search_compiles", INT, "compiles a search may add after the first", ge=0),
-    F("search_limit", INT, "largest global batch a search tries", gt=0),
-    F("search_tolerance", FLOAT, "stop when the fitting and failing batches are this close "
-      "(relative)", gt=0),
-    F("hbm_gib", FLOAT, "HBM per chip to plan against (0: what the TPU compiler makes "
-      "available)", ge=0),
-    F("guide_variant", STR, "autoguidance: the guide's model size (its weights are not "
-      "read)", choices=("S", "B", "L", "XL", "XXL", "1p6B")),
-    F("decoder_preset", STR, "sample.texture_vae set: the decoder's architecture",
-      choices=("f16d32", "tiny")),
-    F("feature_tokens", INT, "SemVAE configs: tokens per example (DINOv2 at 224 px)", gt=0),
-    F("attention_baseline", STR, "with the splash kernel chosen, also compile with this "
-      "attention (\"\": no)", choices=("", "xla", "xla_heads", "cudnn")),
-))
-
 # ------------------------------------------------------------------ the SFD family
 
 VARIANTS = ("S", "B", "L", "XL", "XXL", "1p6B", "1p0B", "custom")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
-ATTENTION = ("", "auto", "xla", "xla_heads", "cudnn", "splash")
+ATTENTION = ("", "auto", "xla", "xla_heads", "cudnn")
 
 DIT_MODEL = block("model", (
     F("variant", STR, "LightningDiT size (S, B, L, XL, XXL = the reference's 1p0B, 1p6B); "
@@ -369,13 +334,6 @@ OBJECTIVE = block("objective", (
       "local-time density stays that of its base clock", absent="True"),
     F("clock_weight_max", FLOAT, "learned clocks: clip of those weights", gt=0,
       absent="10.0"),
-    F("name", STR, "training objective: flow_matching (the paper) or meanflow (average "
-      "velocity, for few-step sampling)", choices=("flow_matching", "meanflow")),
-    F("meanflow.equal_fraction", FLOAT, "meanflow: share of examples trained at ρ = τ "
-      "(plain flow matching)", ge=0, le=1),
-    F("meanflow.adaptive_p", FLOAT, "meanflow: adaptive loss weight 1/(mse + c)^p (0: off)",
-      ge=0),
-    F("meanflow.adaptive_c", FLOAT, "meanflow: the c of that weight", gt=0),
 ))
 
 SCHEDULE = block("schedule", (
@@ -424,11 +382,10 @@ VALIDATION = block("validation", (
     F("weights", STR, "weights evaluated", choices=("params", "ema")),
 ))
 
-METHODS = ("euler", "heun", "dopri5", "sde", "meanflow")
+METHODS = ("euler", "heun", "dopri5", "sde")
 SAMPLING_SHARED = (
-    F("method", STR, "solver (meanflow: jumps of an average-velocity model)",
-      choices=METHODS),
-    F("num_steps", INT, "grid points (euler / heun / sde; meanflow: jumps)", gt=0),
+    F("method", STR, "solver", choices=METHODS),
+    F("num_steps", INT, "grid points (euler / heun / sde)", gt=0),
     F("atol", FLOAT, "dopri5: absolute tolerance", gt=0),
     F("rtol", FLOAT, "dopri5: relative tolerance", gt=0),
     F("timestep_shift", FLOAT, "ODE grid shift (0 = none; not for sde)", ge=0),
@@ -780,7 +737,7 @@ def _family_list() -> list[Family]:
              SFD_TOP + DIT_MODEL + OBJECTIVE + SCHEDULE
              + adamw_fields("optimizer", "the denoiser") + SFD_OPTIMIZER_EXTRA
              + LOOP + MESH + SFD_DATA
-             + VALIDATION + SAMPLE + EVAL + TRAIN_EVAL + EXPORT + PLAN + DEMO,
+             + VALIDATION + SAMPLE + EVAL + TRAIN_EVAL + EXPORT + DEMO,
              defaults=(("demo.clock_sweep.", "configs/demo.py:clocks=1", ""),
                        ("demo.", "configs/demo.py", ""),
                        ("", "configs/sfd_xl.py", "")),
@@ -792,14 +749,14 @@ def _family_list() -> list[Family]:
                    "`configs/demo.py`). " + lock_note),
       Family("semvae", "Semantic VAE training", "train_semvae",
              VAE_TOP + SEMVAE + adamw_fields("optimizer", "the SemVAE") + LOOP + MESH
-             + VAE_EVAL + PLAN,
+             + VAE_EVAL,
              defaults=(("", "configs/semvae_ch16.py", ""),),
              intro="`configs/semvae_ch16.py` (options `data`, `eval`). " + lock_note),
       Family("texture_vae", "Texture VAE training and tokenizer evaluation",
              "train_texture_vae, eval_tokenizer",
              VAE_TOP + TEXTURE_MODEL + TEXTURE_LOSS + adamw_fields("optimizer", "the "
              "autoencoder") + adamw_fields("disc_optimizer", "the discriminator (ldm)")
-             + LOOP + MESH + TEXTURE_DATA + VAE_EVAL + EVAL_TOKENIZER + PLAN,
+             + LOOP + MESH + TEXTURE_DATA + VAE_EVAL + EVAL_TOKENIZER,
              defaults=(("", "configs/texture_vae_f16d32.py", ""),
                        ("", "configs/texture_vae_f16d32_ldm.py", ""),
                        ("", "configs/texture_vae_f16d32_vavae.py", "")),
@@ -818,7 +775,7 @@ def _family_list() -> list[Family]:
                           "fold_in(key(seed), i)", ge=0),
                         F("force_unlock", BOOL, "take over the workdir's lock even if its "
                           "owner looks alive (docs/errors.md)"),)
-             + ENCODE + PLAN,
+             + ENCODE,
              defaults=(("", "configs/encode_imagenet.py", ""),),
              intro="`configs/encode_imagenet.py` (options `source`, `split`, `root`, "
                    "`weights`; docs/encode.md). " + lock_note),
