@@ -596,8 +596,9 @@ def test_disk_full_keeps_checkpoints_and_rerun_finishes(saved, results):
   _check_one_line(r, "main.py", "resource error",
                   (str(root), "[EFBIG]", "checkpoints up to step 4", "rerun"))
   # Orbax / TensorStore do not report the failed save again (their E... log lines)
-  library_errors = [l for l in r["stderr"].splitlines()
-                    if re.match(r"E\d{4} ", l) or "RESOURCE_EXHAUSTED" in l or "OUT_OF_RANGE" in l]
+  library_errors = [line for line in r["stderr"].splitlines()
+                    if re.match(r"E\d{4} ", line) or "RESOURCE_EXHAUSTED" in line
+                    or "OUT_OF_RANGE" in line]
   assert not library_errors, library_errors
   changed = [p for p, h in r["hashes"].items() if results["before"].get(p, h) != h]
   assert not changed, changed
@@ -781,7 +782,7 @@ def test_killed_training_leaves_a_stale_lock_that_is_taken_over(saved):
   again = subprocess.run([sys.executable, MAIN, *_train_args(saved, wd)], cwd=REPO,
                          env=_env(), capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
-  took = [l for l in again.stderr.splitlines() if "took over the lock" in l]
+  took = [line for line in again.stderr.splitlines() if "took over the lock" in line]
   assert len(took) == 1 and f"process {first.proc.pid}" in took[0], took
   assert "is not running" in took[0], took[0]
   assert not (wd / workdir_lock.LOCK_NAME).exists()

@@ -73,7 +73,8 @@ class Field:
 
   # ---- what is allowed, in words
   def allowed_text(self, markdown: bool = False) -> str:
-    q = (lambda v: f"`{v}`" if markdown else repr(v))
+    def q(v):
+      return f"`{v}`" if markdown else repr(v)
     if self.allowed:
       text = self.allowed
     elif self.choices:
