@@ -274,6 +274,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str, model_kind: str
   (default: all). ``setup``: ``build_setup(config, model_kind, devices)`` built earlier.
   Returns ``{"step", "metrics" (last logged), "state"}``.
   """
+  if setup is not None and devices is None:     # the mesh the given setup was built on
+    devices = list(setup.core.mesh.devices.flat)
   validate_config(config, model_kind, devices)
   setup = setup or build_setup(config, model_kind, devices)
   hooks = []
