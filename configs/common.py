@@ -67,6 +67,7 @@ def loop_fields(c: ml_collections.ConfigDict, *, batch_size: int, num_train_step
   c.allow_config_change = ""
   c.writer = "auto"               # auto (clu if TensorFlow is installed, else tensorboardX)
                                   # | clu | tensorboardx | log
+  c.force_unlock = False          # take over the workdir's lock (docs/errors.md)
   c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="sfd_jax", entity="",
                                            name="", mode="online"))  # Weights & Biases
   return c
@@ -474,6 +475,7 @@ def encode_config(arg=None) -> ml_collections.ConfigDict:
     raise ValueError(f"split {opts['split']!r}: expected train or val")
   c = ml_collections.ConfigDict()
   c.seed = 42                     # image i draws its posterior noise from fold_in(key(seed), i)
+  c.force_unlock = False          # take over the workdir's lock (docs/errors.md)
 
   # --- images (sfd_jax.data.images.make_source) -------------------------------------
   c.data = ml_collections.ConfigDict()

@@ -28,9 +28,10 @@ from configs import common
 
 
 def _small_run(*, steps: int, batch: int, lr: float, model: dict, loss: dict, seed: int,
-               weight_decay: float = 0.0) -> ml_collections.ConfigDict:
+               weight_decay: float = 0.0, images: bool = True) -> ml_collections.ConfigDict:
   """A config of the small-network trainer: Adam(W), warm-up then cosine to 0.1×, one
-  checkpoint and one evaluation at the end, data parallel over the local devices."""
+  checkpoint and one evaluation at the end, data parallel over the local devices.
+  ``images``: the data are image folders (False: feature datasets)."""
   _, c = common.vae_run_fields(None, data="", batch_size=batch, num_train_steps=steps,
                                checkpoint_every_steps=steps, keep_period=0)
   c.seed = seed
@@ -45,8 +46,9 @@ def _small_run(*, steps: int, batch: int, lr: float, model: dict, loss: dict, se
                              warmup_init_factor=0.0, total_steps=steps,
                              decay_steps=steps - warmup, final_factor=0.1)
   c.data = ml_collections.ConfigDict(dict(
-      source="folder", path="", eval_path="", image_size=16, random_flip=False,
-      num_workers=0, read_threads=2, prefetch_batches=2))
+      path="", eval_path="", num_workers=0, read_threads=2, prefetch_batches=2))
+  if images:
+    c.data.update(source="folder", image_size=16, random_flip=False)
   return c
 
 
@@ -105,7 +107,7 @@ def get_config(arg=None):
                  attn_resolutions=(), z_channels=4, embed_dim=4, resolution=16,
                  num_groups=8))
   d.semvae = _small_run(
-      steps=300, batch=64, lr=1e-3, seed=2,
+      steps=300, batch=64, lr=1e-3, seed=2, images=False,
       loss=dict(mse_weight=1.0, l1_weight=0.0, cos_weight=1.0, kl_weight=1e-6,
                 cos_axis="token"),
       model=dict(input_dim=64, bottleneck_dim=4, hidden_dim=64, num_heads=4, num_blocks=2))

@@ -10,8 +10,16 @@ Modes (``MODES``; one job module each, ``sfd_jax/jobs/``, in the table ``JOBS``)
 (default), sample, eval, export, encode, extract, train_semvae, train_texture_vae,
 eval_tokenizer, demo; ``config`` prints the resolved config and runs nothing. Every run
 writes the resolved config to ``<workdir>/config.json`` (atomically) and logs it; a run
-that stops at a user error before it changed anything puts back what was there. Launched
-as several processes (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID
+that stops at a user error before it changed anything puts back what was there.
+
+Before a job runs, in every mode: every config field is checked against its declaration
+(``sfd_jax.core.options``, docs/options.md), then the job's own start-up checks (its
+``check`` function next to ``run``; ``check_semvae`` next to ``run_semvae``), and in the
+modes that write to the workdir (``LOCKED_MODES``) process 0 takes the workdir's lock
+(``sfd_jax.core.workdir_lock``: a second run on the same workdir stops with one line)
+before ``config.json`` is written. A mistake is one line and exit status 2
+(docs/errors.md). Launched as several processes (TPU pod, SLURM, or
+JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID
 set), it initialises ``jax.distributed`` first; on one process it runs as is.
 
 ``main.py`` is ``from sfd_jax.cli import run; run()``. Config files are paths
@@ -20,6 +28,7 @@ common``) is imported from the directory above that package, wherever ``sfd-jax`
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -30,9 +39,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sfd_jax.core import errors, paths, runner, trees
+from sfd_jax.core import errors, options, paths, runner, trees, workdir_lock
 from sfd_jax.core.errors import ConfigError
-from sfd_jax.parallel import distributed
+from sfd_jax.parallel import distributed, multihost
 
 # mode -> (job module under sfd_jax.jobs, its entry function fn(config, workdir))
 JOBS: dict[str, tuple[str, str]] = {
@@ -62,6 +71,10 @@ MODES: dict[str, str] = {
     "config": "print the resolved config (one 'field = value' line each) and exit",
 }
 CONFIG_FILE = "config.json"   # the resolved config, in every workdir
+
+# modes that write into --workdir: one run at a time (export only reads a run)
+LOCKED_MODES = ("train", "sample", "eval", "encode", "extract", "train_semvae",
+                "train_texture_vae", "eval_tokenizer", "demo")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (path[:args])",
                                           lock_config=True)
@@ -145,29 +158,34 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def _listing(directory: str) -> dict[str, int]:
-  """``{name: mtime_ns}`` of the entries of ``directory`` other than the config file (a
-  directory's mtime changes when an entry is added to or removed from it)."""
+  """``{name: mtime_ns}`` of the entries of ``directory`` other than the config file and
+  the workdir's lock (a directory's mtime changes when an entry is added to or removed
+  from it)."""
   try:
     with os.scandir(directory) as it:
       return {e.name: e.stat(follow_symlinks=False).st_mtime_ns for e in it
-              if e.name != CONFIG_FILE and not e.name.startswith(CONFIG_FILE + ".tmp-")}
+              if e.name not in (CONFIG_FILE, workdir_lock.LOCK_NAME)
+              and not e.name.startswith(CONFIG_FILE + ".tmp-")}
   except OSError:
     return {}
 
 
-def write_config(config, workdir: str, mode: str) -> Callable[[], None]:
+def write_config(config, workdir: str, mode: str,
+                 created: str | None = None) -> Callable[[], None]:
   """Logs the resolved config and writes it to ``<workdir>/config.json`` (atomically,
   process 0 only). Returns ``undo()``, which puts back what was there before (the earlier
   ``config.json``, or none and no workdir) when the run has changed nothing else in the
   workdir: a run that stops at a user error before doing anything leaves the workdir as it
   found it, and one that stops later keeps the config its outputs were made with. A workdir
-  that cannot be written is left to the job to report."""
+  that cannot be written is left to the job to report. ``created``: the outermost
+  directory of ``workdir`` that did not exist before the run (when something, e.g. the
+  workdir's lock, made it before this call)."""
   path = os.path.join(workdir, CONFIG_FILE)
   logging.info("sfd_jax %s: resolved config (written to %s):\n  %s", mode, path,
                "\n  ".join(config_lines(config)))
   if jax.process_index() != 0:
     return lambda: None
-  created = _first_missing(workdir)
+  created = created if created is not None else _first_missing(workdir)
   try:
     old = None
     if os.path.isfile(path):
@@ -223,20 +241,52 @@ def main(argv):
   if workdir is None:
     raise ConfigError("--workdir is required: the run's directory, e.g. --workdir=runs/NAME "
                       "(see --help)")
+  options.check(config)              # every field, before anything else (docs/options.md)
   check_workdir(workdir)
   distributed.maybe_initialize()
   workdir = paths.abspath(workdir)
   logging.info("sfd_jax %s: process %d/%d, %d local / %d global devices (%s)", mode,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
-  undo = write_config(config, workdir, mode)
   module, fn = JOBS[mode]
+  job = importlib.import_module(f"sfd_jax.jobs.{module}")
+  check = getattr(job, fn.replace("run", "check", 1), None)
+  if check is not None:
+    check(config)                    # the job's start-up checks: nothing written yet
+  created, undo = _first_missing(workdir), lambda: None
   try:
-    getattr(importlib.import_module(f"sfd_jax.jobs.{module}"), fn)(config, workdir)
+    with _workdir_lock(workdir, mode, config):
+      undo = write_config(config, workdir, mode, created)
+      getattr(job, fn)(config, workdir)
   except BaseException as e:
     if errors.user_error(e) is not None:      # stopped at a user error: nothing changed
-      undo()
+      undo()                                  # (after the lock is gone)
     raise
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str, mode: str, config):
+  """The workdir's lock for the job (``LOCKED_MODES``; taken by process 0, its outcome
+  shared with the other processes, so that all of them stop when it is refused)."""
+  if mode not in LOCKED_MODES:
+    yield
+    return
+  lock, err = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = workdir_lock.WorkdirLock(
+          workdir, mode=mode, command=" ".join(sys.argv),
+          force=bool(config.get("force_unlock", False))).acquire()
+    except Exception as e:  # pylint: disable=broad-except  (reported below, on every process)
+      err = e
+  if not multihost.process0_flag(err is None):
+    raise err if err is not None else workdir_lock.WorkdirInUseError(
+        f"{workdir}: process 0 could not take the workdir's lock (its error line says why)")
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 def _config_import_root(argv: list[str]) -> str | None:

@@ -69,10 +69,11 @@ def test_mode_config_prints_the_resolved_config(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
-def test_a_run_logs_its_config_and_a_user_error_leaves_the_workdir_as_it_was(tmp_path):
-  """The resolved config is logged and written to <workdir>/config.json (a full run:
-  tests/test_train.py, tests/test_wandb_resume.py); a run that stops at a user error puts
-  back the earlier config.json, or removes the workdir it created."""
+def test_a_start_up_error_leaves_the_workdir_as_it_was(tmp_path):
+  """A run whose start-up checks fail (here: the dataset is missing) stops before it writes
+  anything: the earlier config.json stays, a new workdir is not created. (The resolved
+  config of a run that starts is logged and written: tests/test_train.py,
+  tests/test_wandb_resume.py; the undo after a later user error: the next test.)"""
   wd = tmp_path / "run"
   wd.mkdir()
   earlier = '{"optimizer": {"lr": 0.001}}\n'
@@ -82,8 +83,7 @@ def test_a_run_logs_its_config_and_a_user_error_leaves_the_workdir_as_it_was(tmp
   proc = _run(args + [f"--workdir={wd}"])
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "data" in proc.stderr.strip().splitlines()[-1]
-  assert f"resolved config (written to {wd / 'config.json'})" in proc.stderr
-  assert "\n  optimizer.lr = 0.25\n" in proc.stderr
+  assert "resolved config (written to" not in proc.stderr
   assert sorted(p.name for p in wd.iterdir()) == ["config.json"]
   assert (wd / "config.json").read_text() == earlier
   fresh = tmp_path / "new" / "run"

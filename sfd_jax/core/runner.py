@@ -9,8 +9,10 @@ the process exits with status ``EXIT_CODE`` (2) without a traceback::
 
 ``--verbosity=1`` or ``SFD_JAX_TRACEBACK=1`` prints the traceback too. Internal errors
 keep Python's traceback. Orbax / TensorStore failures that libraries report again from
-their own threads, tasks and coroutines are shortened where they are reported (the
-thread hook, the logging handlers, the unraisable hook); nothing else is filtered.
+their own threads, tasks and coroutines are dropped or shortened where they are reported
+(the thread hook, the loggers and their handlers, the unraisable hook): their error log
+records about a failed save are not shown at all (the one line reports it); nothing else
+is filtered, and stderr is never rewritten.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import threading
 import traceback
 from typing import Any, Callable, Sequence
 
-from sfd_jax.core.errors import ConfigError, UserError, format_line, one_line, user_error
+from sfd_jax.core.errors import (ConfigError, UserError, format_line, one_line, resource_errno,
+                                 user_error)
 
 TRACEBACK_ENV = "SFD_JAX_TRACEBACK"
 EXIT_CODE = 2
@@ -147,21 +150,42 @@ def _raised_in_library(exc) -> bool:
   return False
 
 
+# What Orbax / TensorStore log when a save fails (its threads, the commit, the finalize
+# step): the failure reaches the caller, which reports it as its one line (or, for a bug,
+# with its traceback).
+_FAILED_SAVE = re.compile(
+    r"_SignalingThread\.run\(\) raised|Handler Commit operations|Commit callback|"
+    r"Save Finalize thread|background save thread|Error writing|Failed writing|"
+    r"RESOURCE_EXHAUSTED|OUT_OF_RANGE|No space left|File too large|Disk quota|Read-only file "
+    r"system|Permission denied|PERMISSION_DENIED", re.I)
+
+
+def _failed_save(msg: str, exc) -> bool:
+  if _FAILED_SAVE.search(msg or ""):
+    return True
+  return exc is not None and (_FAILED_SAVE.search(str(exc)) is not None
+                              or resource_errno(exc) is not None)
+
+
 class _OneLineLibraryErrors(logging.Filter):
   """ERROR records logged by Orbax / TensorStore, or carrying an exception raised inside
   them (asyncio's "Task exception was never retrieved" for a failed Orbax write, logged
-  whenever the task is collected), keep their first line and lose the traceback: the
-  entry point reports the error itself, once."""
+  whenever the task is collected): those about a failed save are dropped — the entry
+  point reports the failure itself, once, in its line — and the others keep their first
+  line and lose the traceback. Attached to the loggers and their handlers; stderr itself
+  is never rewritten (``--verbosity=1`` keeps every record)."""
 
   def filter(self, record) -> bool:
     path = getattr(record, "pathname", "") or ""
+    exc = record.exc_info[1] if record.exc_info else None
     if record.levelno >= logging.ERROR and (
-        any(lib in path for lib in _LIBRARIES)
-        or _raised_in_library(record.exc_info[1] if record.exc_info else None)):
+        any(lib in path for lib in _LIBRARIES) or _raised_in_library(exc)):
       try:
         msg = record.getMessage()
       except Exception:  # pylint: disable=broad-except
         msg = str(record.msg)
+      if _failed_save(msg, exc):
+        return False
       first = msg.splitlines()[0] if msg else ""
       record.msg, record.args = (first[:300] + ("..." if len(first) > 300 else "")), ()
       record.exc_info, record.exc_text, record.stack_info = None, None, None
@@ -206,7 +230,7 @@ def _quiet_library_reports() -> None:
   sys.unraisablehook._sfd_quiet = True  # pylint: disable=protected-access
   threading.excepthook = _quiet_thread_errors(threading.excepthook)
   flt = _OneLineLibraryErrors()
-  for logger in (logging.getLogger(), logging.getLogger("absl")):
+  for logger in (logging.getLogger(), logging.getLogger("absl"), logging.getLogger("asyncio")):
     logger.addFilter(flt)
     for handler in logger.handlers:
       handler.addFilter(flt)

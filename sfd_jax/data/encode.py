@@ -235,7 +235,7 @@ def extract_features(config: ml_collections.ConfigDict, workdir: str,
   errors.check_writable(workdir, "the output feature dataset directory")
   recipe = e.get("recipe", "semvae")
   if recipe not in RECIPES:
-    raise ValueError(f"config.extract.recipe {recipe!r} not one of {RECIPES}")
+    raise ConfigError(f"config.extract.recipe must be one of {RECIPES}, got {recipe!r}")
   source = images_lib.Subset(images_lib.make_source(config.data),
                              int(config.data.get("max_images", 0)))
   options = compiler_options(config.job)

@@ -45,7 +45,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from sfd_jax.core import checks, files, optional, progress
+from sfd_jax.core import checks, files, optional, options, progress
 from sfd_jax.core.errors import ConfigError, DataError, MissingFileError, OutputExistsError
 from sfd_jax.data import preprocess
 from sfd_jax.data import records
@@ -199,28 +199,12 @@ def make_source(cfg: Mapping[str, Any]):
 
 
 def validate_job_config(config, section: str) -> None:
-  """The fields of a data job (``config.<section>``: ``encode`` or ``extract``, and
-  ``config.job`` / ``config.data``), checked before any network is loaded."""
-  e = checks
-  e.require_sections(config, (section, "job", "data"), mode=section,
-                     example="configs/encode_imagenet.py")
-  rules = [(f"{section}.per_device_batch", e.positive_int, "an integer > 0"),
-           (f"{section}.records_per_shard", e.positive_int, "an integer > 0")]
-  if section == "encode":
-    rules += [("encode.image_size", e.positive_int, "an integer > 0 (the ADM centre crop)"),
-              ("encode.dino_size", e.positive_int, "an integer > 0"),
-              ("encode.stats_samples", e.positive_int, "an integer > 0")]
-  else:
-    rules += [("extract.resize", e.positive_int, "an integer > 0"),
-              ("extract.crop", e.positive_int, "an integer > 0")]
-  rules += [("job.decode_threads", e.positive_int, "an integer > 0"),
-            ("job.prefetch_batches", e.positive_int, "an integer > 0"),
-            ("job.log_every_batches", e.positive_int, "an integer > 0"),
-            ("job.compression", e.one_of(records.COMPRESSIONS),
-             f"one of {records.COMPRESSIONS}"),
-            ("data.max_images", e.non_negative_int, "an integer >= 0 (0: all)"),
-            ("data.source", e.one_of(SOURCE_KINDS), f"one of {SOURCE_KINDS}")]
-  e.check_fields(config, rules)
+  """A data job's config (``config.<section>``: ``encode`` or ``extract``, and
+  ``config.job`` / ``config.data``): every field against its declaration
+  (``core.options``), checked before any network is loaded."""
+  checks.require_sections(config, (section, "job", "data"), mode=section,
+                          example="configs/encode_imagenet.py")
+  options.check(config, "encode")
 
 
 def write_folder(root: str, images: np.ndarray, labels: np.ndarray) -> None:

@@ -61,6 +61,7 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from sfd_jax.core.errors import ConfigError
 from sfd_jax.diffusion import clocks
 
 TIME_SAMPLERS = ("logit_normal", "uniform")
@@ -141,12 +142,12 @@ class ObjectiveConfig:
     o = config.objective.to_dict()
     unknown = set(o) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-      raise ValueError(f"config.objective has unknown fields {sorted(unknown)}")
+      raise ConfigError(f"config.objective has unknown fields {sorted(unknown)}")
     o["semantic_chans"] = config.model.semantic_chans
     o["use_repa"] = bool(o.get("use_repa", True) and config.model.use_repa)
     if "schedule" in o:
-      raise ValueError("config.objective.schedule is not a field: the schedule is the "
-                       "top-level section config.schedule")
+      raise ConfigError("config.objective.schedule is not a field: the schedule is the "
+                        "top-level section config.schedule")
     section = config.get("schedule") if hasattr(config, "get") else None
     if section is not None and section.get("parts"):
       o["schedule"] = clocks.from_config(config)

@@ -22,7 +22,7 @@ from PIL import Image
 from sfd_jax import sampling, sweep
 from sfd_jax.checkpoint import export
 from sfd_jax.convert import networks
-from sfd_jax.core import checks, errors, files, optional
+from sfd_jax.core import checks, errors, files, optional, options
 from sfd_jax.core import images as images_lib
 from sfd_jax.data import encode
 from sfd_jax.data import images as data_images
@@ -244,18 +244,22 @@ def _stage_report(cfg, workdir: str, results: dict[str, Any]) -> dict[str, Any]:
           [f"samples_{r}.png" for r in names]}
 
 
-def run(config, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the whole demo; returns the content of ``metrics.json``."""
-  t_start, workdir = time.time(), os.path.abspath(workdir)
+def check(config) -> None:
+  """The demo's start-up checks: a demo config (every field, its trainers' configs
+  included, against ``core.options``) in one process."""
   checks.require_sections(config, ("demo", "model", "data", "sample", "train_eval"),
                           mode="demo", example="configs/demo.py")
-  if config.demo.get("dataset", "digits") != "digits":
-    raise errors.ConfigError(f"config.demo.dataset must be 'digits' (scikit-learn's "
-                             f"load_digits), got {config.demo.dataset!r}")
-  errors.check_writable(workdir, "the demo workdir")
+  options.check(config, "sfd")
   if jax.process_count() > 1:
     raise errors.ConfigError("the demo runs in one process (it is meant for one CPU "
                              "machine): run it without the multi-process environment")
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the whole demo; returns the content of ``metrics.json``."""
+  t_start, workdir = time.time(), os.path.abspath(workdir)
+  check(config)
+  errors.check_writable(workdir, "the demo workdir")
   log(f"workdir {workdir}; {jax.device_count()} {jax.devices()[0].platform} device(s)")
   c, wd = config, lambda *p: os.path.join(workdir, *p)
   images = (wd("data", "train"), wd("data", "holdout"))

@@ -40,15 +40,36 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sfd_jax.checkpoint import runs
 from sfd_jax.convert import lpips as lpips_convert
 from sfd_jax.convert import networks
+from sfd_jax.core import checks, options
 from sfd_jax.core import images as images_lib
 from sfd_jax.core import writers as writers_lib
+from sfd_jax.core.errors import ConfigError
 from sfd_jax.data import images as data_images
 from sfd_jax.metrics import features as features_lib
 from sfd_jax.metrics import reconstruction
 
 
-class TokenizerEvalError(ValueError):
-  pass
+LPIPS_EMPTY = ("config.eval_tokenizer.lpips is empty: convert the LPIPS weights once (python "
+               "-m sfd_jax.convert.lpips --vgg ... --lin ... --dst DIR) and point the field "
+               "at DIR")
+
+
+class TokenizerEvalError(ConfigError):
+  """config.eval_tokenizer is incomplete or names files that cannot be used."""
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """The fields (``core.options``), the held-out images and the LPIPS network named, before
+  the workdir is touched."""
+  checks.require_sections(config, ("eval_tokenizer", "data"), mode="eval_tokenizer",
+                          example="configs/texture_vae_f16d32_vavae.py")
+  options.check(config)
+  e = config.eval_tokenizer
+  if not (e.get("images") or config.data.get("eval_path", "")):
+    raise TokenizerEvalError("config.eval_tokenizer.images is empty (and data.eval_path "
+                             "too): point it at a folder of held-out images")
+  if not e.get("lpips") and not e.get("random_init", False):
+    raise TokenizerEvalError(LPIPS_EMPTY)
 
 
 def _vae(e):
@@ -66,9 +87,7 @@ def _lpips(e):
   if e.get("random_init", False) and not e.get("lpips"):
     return lpips_convert.random_lpips(int(e.seed), width=float(e.get("lpips_random_width", 1.0)))
   if not e.get("lpips"):
-    raise TokenizerEvalError("config.eval_tokenizer.lpips is empty: convert the LPIPS weights "
-                             "once (python -m sfd_jax.convert.lpips --vgg ... --lin ... --dst "
-                             "DIR) and point the field at DIR")
+    raise TokenizerEvalError(LPIPS_EMPTY)
   return lpips_convert.load_lpips(e.lpips)
 
 
@@ -83,11 +102,9 @@ def _batches(source, transform, batch: int, limit: int, threads: int):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  check(config)
   e = config.eval_tokenizer
   images_dir = e.get("images") or config.data.get("eval_path", "")
-  if not images_dir:
-    raise TokenizerEvalError("config.eval_tokenizer.images is empty (and data.eval_path "
-                             "too): point it at a folder of held-out images")
   if jax.process_index() != 0:
     return {}
   out_dir = os.path.join(workdir, "eval_tokenizer")

@@ -146,8 +146,8 @@ def iter_npz_batches(path: str | os.PathLike, key: str = "arr_0",
         count = min(batch_size, shape[0] - start)
         data = member.read(count * row_bytes)
         if len(data) != count * row_bytes:
-          raise ValueError(f"{path}: '{key}' ended early: expected {shape[0]} rows, "
-                           f"got {start + len(data) // max(row_bytes, 1)}")
+          raise DataError(f"{path}: '{key}' ended early: expected {shape[0]} rows, got "
+                          f"{start + len(data) // max(row_bytes, 1)} (a truncated file?)")
         yield np.frombuffer(data, dtype=dtype).reshape((count,) + tuple(shape[1:]))
       return
   arr = files.load_npz(path, what="batch file", keys=[key])[key]

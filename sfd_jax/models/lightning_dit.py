@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from sfd_jax.core.errors import ConfigError, ConverterInputError
 from sfd_jax.models import attention as attn_lib
 from sfd_jax.models import layers as L
 
@@ -193,7 +194,7 @@ class DiTConfig:
     variant = m.pop("variant")
     unknown = set(m) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-      raise ValueError(f"config.model has unknown fields {sorted(unknown)}")
+      raise ConfigError(f"config.model has unknown fields {sorted(unknown)}")
     m["attention_impl"] = m.get("attention_impl") or None
     m["delta_t"] = config.objective.delta_t
     m["interval_embedding"] = config.objective.get("name", "flow_matching") == "meanflow"
@@ -248,11 +249,14 @@ class DiTConfig:
     data = dict(train_config.get("data", {}))
     model_type = m.get("model_type")
     if not model_type:
-      raise ValueError("reference config has no model.model_type (e.g. 'LightningDiT-XL/1')")
+      raise ConverterInputError("the reference training config has no model.model_type "
+                                "(e.g. 'LightningDiT-XL/1')")
     name, _, patch = str(model_type).replace("LightningDiT-", "").partition("/")
     key = VARIANT_ALIASES.get(name, name)
     if key not in VARIANTS:
-      raise ValueError(f"model.model_type {model_type!r}: unknown size {name!r}")
+      raise ConverterInputError(f"the reference training config's model.model_type "
+                                f"{model_type!r}: unknown size {name!r} (known: "
+                                f"{', '.join(VARIANTS)})")
     depth, hidden, heads = VARIANTS[key]
     kw = {"input_size": overrides.pop("input_size", int(data.get("image_size", 256)) // 16),
           "patch_size": int(patch or 1), "hidden_size": hidden, "depth": depth,
@@ -279,8 +283,8 @@ def _schedule_layout(config) -> dict[str, Any]:
       or list(parts)
   order = [order] if isinstance(order, str) else list(order)
   if sorted(order) != sorted(parts):
-    raise ValueError(f"config.schedule.order={order} must name each of config.schedule."
-                     f"parts ({sorted(parts)}) exactly once")
+    raise ConfigError(f"config.schedule.order={order} must name each of config.schedule."
+                      f"parts ({sorted(parts)}) exactly once")
   clock_keys = ("family", "start", "rate", "power", "shift", "knots", "bins")
   clock = lambda f: tuple((k, str(f.get(k))) for k in clock_keys)
   shared = len({clock(dict(parts[n])) for n in order}) == 1
