@@ -176,6 +176,13 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.objective.repa_mode = "cos"   # cos | mse | cos_mse
   c.objective.repa_weight = 1.0
   c.objective.repa_requires_cosine = False    # True = reference trap (REPA dropped w/o cos)
+  # flow_matching (the paper) | meanflow: average-velocity training for 1-4 step sampling
+  # (sample.method="meanflow"; docs/fewstep.md)
+  c.objective.name = "flow_matching"
+  c.objective.meanflow = ml_collections.ConfigDict()
+  c.objective.meanflow.equal_fraction = 0.75  # share of examples with ρ = τ (flow matching)
+  c.objective.meanflow.adaptive_p = 0.0       # adaptive loss weight 1/(mse + c)^p (0: off)
+  c.objective.meanflow.adaptive_c = 1e-3
 
   c.optimizer = adamw()           # sfd_jax.training.optim
   c.optimizer.accumulate_steps = 1      # gradient accumulation over k micro-batches
@@ -227,7 +234,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.sample.guide_checkpoint = ""
   c.sample.checkpoint_step = -1   # training workdir: step to load (-1 = latest)
   c.sample.guide_step = -1        # guide's training workdir: step (-1 = latest; e.g. 70000)
-  c.sample.method = "dopri5"      # euler | heun | dopri5 | sde
+  c.sample.method = "dopri5"      # euler | heun | dopri5 | sde | meanflow (jumps; num_steps = NFE)
   c.sample.num_steps = 250
   c.sample.atol = 1e-6
   c.sample.rtol = 1e-3

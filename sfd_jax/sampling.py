@@ -33,7 +33,8 @@ from sfd_jax.core import jit as jit_lib
 from sfd_jax.data import stats as stats_lib
 from sfd_jax.diffusion import clocks
 from sfd_jax.diffusion.generation import (LatentDecoder, SamplingError, SamplingOptions,
-                                          check_decoder, check_guide, generate, sample_labels)
+                                          check_decoder, check_guide, check_method, generate,
+                                          sample_labels)
 from sfd_jax.models.lightning_dit import LightningDiT
 from sfd_jax.parallel.multihost import gather, process_barrier
 
@@ -162,7 +163,7 @@ def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: Sampl
     logging.info("sampling: XLA compiler options %s", options)
   gen = jax.jit(generate_batch, out_shardings=(batch_sh, rep), compiler_options=options or None)
   ext = "png" if decoder is not None else "npy"
-  t0, done_images, total_nfe = time.time(), 0, 0
+  t0, done_images, total_nfe, batches_run = time.time(), 0, 0, 0
   num_batches = -(-n // bs)
   bar = progress.track(n, f"sampling {os.path.basename(out_dir.rstrip('/')) or out_dir}",
                        "images", enabled=jax.process_index() == 0)
@@ -182,6 +183,7 @@ def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: Sampl
     _write(out_dir, gather(imgs)[:len(real)], start, ext)
     done_images += len(real)
     total_nfe += int(nfe)
+    batches_run += 1
     bar.update(len(real))
     logging.debug("sampled batch %d/%d (%d images, NFE %d)", b + 1, num_batches, len(real),
                   int(nfe))
@@ -192,7 +194,8 @@ def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: Sampl
   process_barrier("sampling_done")
   result = {"num_images": n, "out_dir": out_dir, "images_per_sec_this_run":
             done_images / max(time.time() - t0, 1e-9), "format": ext,
-            "compiler_options": options}
+            "compiler_options": options,
+            "nfe_per_batch": total_nfe / batches_run if batches_run else None}
   if jax.process_index() == 0:
     labels_path = os.path.join(out_dir, f"labels_{n}.npy")
     np.save(labels_path, sample_labels(np.arange(n), n, cfg.num_classes, opts,
@@ -251,9 +254,12 @@ def prepare(config):
       raise SamplingError(f"config.sample.guide_step={s.guide_step}: no guide is loaded "
                           "(guidance is not 'autoguidance' with scale > 1)")
     main_cfg = checkpoint.dit_config(s.checkpoint, "config.sample.checkpoint")
+    check_method(main_cfg, opts, what=f"config.sample.checkpoint={s.checkpoint!r}")
     if autoguidance:
-      check_guide(main_cfg, checkpoint.dit_config(s.guide_checkpoint,
-                                                  "config.sample.guide_checkpoint"))
+      guide_cfg = checkpoint.dit_config(s.guide_checkpoint, "config.sample.guide_checkpoint")
+      check_guide(main_cfg, guide_cfg)
+      check_method(guide_cfg, opts, what=f"the guide, config.sample.guide_checkpoint="
+                   f"{s.guide_checkpoint!r},")
     decoder = load_decoder(config)
     sch = schedule_of(config, s.checkpoint)
     tex_part = None if sch is None else sch.parts[

@@ -25,7 +25,7 @@ VARIANTS = {
     "sfd_b.py": [(None, "sfd")],
     "sfd_xl.py": [(None, "sfd"), ("recipe=80ep", "sfd")],
     "sfd_xxl.py": [(None, "sfd")],
-    "demo.py": [(None, "sfd"), ("fast=1", "sfd"), ("clocks=1", "sfd")],
+    "demo.py": [(None, "sfd"), ("fast=1", "sfd"), ("clocks=1", "sfd"), ("fewstep=1", "sfd")],
     "encode_imagenet.py": [(None, "encode"), ("source=tfds,split=val", "encode")],
     "semvae_ch16.py": [(None, "semvae")],
     "texture_vae_f16d32.py": [(None, "texture_vae")],

@@ -275,6 +275,9 @@ def _solve_all(z, y, key, dopri5_field=gaussian_field, jump_ts=False):
   out["dopri5"] = S.sample(dopri5_field, z, y, method="dopri5", semantic_chans=SEM,
                            rtol=1e-4, atol=1e-6, jump_ts=jump_ts, num_steps=5,
                            return_trajectory=True)
+  # the few-step sampler with the flow's velocity as the average velocity of every jump
+  out["meanflow"] = S.sample(lambda x, a, b, y, interval: gaussian_field(x, a, b, y), z, y,
+                             method="meanflow", num_steps=8, semantic_chans=SEM)
   return out
 
 

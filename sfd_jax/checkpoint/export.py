@@ -167,6 +167,10 @@ def to_reference_state_dict(params: Mapping[str, Any], cfg) -> dict[str, np.ndar
                      "no learned clocks; this model's clock schedule has "
                      f"{cfg.num_time_embedders} embedders / learned clocks "
                      f"{[n for n, _ in cfg.learned_clocks]}")
+  if getattr(cfg, "interval_embedding", False):
+    raise ExportError("the reference (PyTorch) format has no interval embedders: this is an "
+                      "average-velocity (objective.name='meanflow') model; export it with "
+                      "config.export.formats='orbax'")
   embedders = (("t_embedder_sem", "t_embedder_tex") if cfg.num_time_embedders == 2
                else ("t_embedder",))
   for name in embedders:

@@ -335,6 +335,14 @@ OBJECTIVE = block("objective", (
       "local-time density stays that of its base clock", absent="True"),
     F("clock_weight_max", FLOAT, "learned clocks: clip of those weights", gt=0,
       absent="10.0"),
+    F("name", STR, "training objective: flow_matching (the paper) or meanflow (average "
+      "velocity, for few-step sampling; docs/fewstep.md)", choices=("flow_matching", "meanflow"),
+      absent="flow_matching"),
+    F("meanflow.equal_fraction", FLOAT, "meanflow: share of examples trained at ρ = τ "
+      "(plain flow matching)", ge=0, le=1, absent="0.75"),
+    F("meanflow.adaptive_p", FLOAT, "meanflow: adaptive loss weight 1/(mse + c)^p (0: off)",
+      ge=0, absent="0.0"),
+    F("meanflow.adaptive_c", FLOAT, "meanflow: the c of that weight", gt=0, absent="1e-3"),
 ))
 
 SCHEDULE = block("schedule", (
@@ -383,10 +391,11 @@ VALIDATION = block("validation", (
     F("weights", STR, "weights evaluated", choices=("params", "ema")),
 ))
 
-METHODS = ("euler", "heun", "dopri5", "sde")
+METHODS = ("euler", "heun", "dopri5", "sde", "meanflow")
 SAMPLING_SHARED = (
-    F("method", STR, "solver", choices=METHODS),
-    F("num_steps", INT, "grid points (euler / heun / sde)", gt=0),
+    F("method", STR, "solver (meanflow: jumps of an average-velocity model)",
+      choices=METHODS),
+    F("num_steps", INT, "grid points (euler / heun / sde; meanflow: jumps)", gt=0),
     F("atol", FLOAT, "dopri5: absolute tolerance", gt=0),
     F("rtol", FLOAT, "dopri5: relative tolerance", gt=0),
     F("timestep_shift", FLOAT, "ODE grid shift (0 = none; not for sde)", ge=0),
@@ -499,6 +508,16 @@ DEMO = block("demo", (
     F("clock_sweep.order", STRS, "the schedules, in report order"),
     F("clock_sweep.schedules", MAPPING, "schedule name → sweep overrides (fields of the "
       "objective or a config.schedule section)"),
+    F("fewstep.seeds", INTS, "seeds of each few-step setting (config.seed and sample.seed)",
+      ge=0),
+    F("fewstep.order", STRS, "the few-step settings, in report order"),
+    F("fewstep.schedules", MAPPING, "setting name → sweep overrides (objective and "
+      "train_eval fields)"),
+    F("fewstep.nfe.*", TUPLE, "setting → the sampler and the NFEs it is sampled at",
+      ok=lambda v: (len(v) == 2 and v[0] in METHODS
+                    and all(_type_ok(INT, n) and n > 0 for n in v[1])),
+      allowed="(method, (NFE, ...))"),
+    F("fewstep.labels", MAPPING, "setting name → its label in the report"),
 ))
 
 # ------------------------------------------------------------------ the autoencoders

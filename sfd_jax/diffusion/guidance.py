@@ -374,3 +374,25 @@ def make_guided_velocity(model: VelocityFn, guide: VelocityFn | None = None, *,
   def ag_fn(x, t_tex, t_sem, y):
     return autoguidance_velocity(model, guide, x, t_tex, t_sem, y, **kw)
   return with_cfg(ag_fn)
+
+
+class _WithInterval:
+  """``model`` with its ``interval`` argument bound (keeps ``cfg`` for the defaults)."""
+
+  def __init__(self, model, interval):
+    self.model, self.interval = model, interval
+    self.cfg = getattr(model, "cfg", None)
+
+  def __call__(self, *args, **kwargs):
+    return self.model(*args, interval=self.interval, **kwargs)
+
+
+def make_guided_average_velocity(model, guide=None, **options):
+  """:func:`make_guided_velocity` for average-velocity models (``samplers.meanflow``):
+  returns ``fn(x, t_a, t_b, y, interval=h)``; guidance combines the conditional and
+  reference *average* velocities of the same jump per part, as it does velocities."""
+  def fn(x, t_a, t_b, y, interval):
+    g = None if guide is None else _WithInterval(guide, interval)
+    return make_guided_velocity(_WithInterval(model, interval), g, **options)(x, t_a, t_b, y)
+  fn.cfg = getattr(model, "cfg", None)
+  return fn

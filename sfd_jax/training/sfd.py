@@ -187,17 +187,22 @@ def loss_and_metrics(setup: TrainSetup, model: LightningDiT, batch: dict[str, ja
 
   presampled = "_x0" in batch            # gradient accumulation: drawn for the whole batch
 
-  def apply_fn(xt, t_tex, t_sem, y, drop_key):
+  def apply_fn(xt, t_tex, t_sem, y, drop_key, interval=None):
     out = model(xt, t_tex, t_sem, y, label_drop_key=None if presampled else drop_key,
-                return_repa=want_repa, activation_sharding=act)
+                return_repa=want_repa, activation_sharding=act, interval=interval)
     return out if want_repa else (out, None)
 
   clock_params = None
   if obj_cfg.schedule is not None and obj_cfg.schedule.learned_parts:
     clock_params = clocks_lib.params_from_model(model, obj_cfg.schedule)
-  loss, metrics = obj_lib.training_losses(
-      apply_fn, batch["latent"], batch["label"], key, obj_cfg, repa_target=repa_target,
-      x0=batch.get("_x0"), t=batch.get("_t"), clock_params=clock_params)
+  common = dict(repa_target=repa_target, x0=batch.get("_x0"), t=batch.get("_t"),
+                clock_params=clock_params)
+  if obj_cfg.name == "meanflow":
+    loss, metrics = obj_lib.meanflow_losses(apply_fn, batch["latent"], batch["label"], key,
+                                            obj_cfg, r=batch.get("_r"), **common)
+  else:
+    loss, metrics = obj_lib.training_losses(apply_fn, batch["latent"], batch["label"], key,
+                                            obj_cfg, **common)
   metrics.pop("per_example")
   return loss, metrics
 
@@ -211,7 +216,10 @@ def presample(setup: TrainSetup, batch: dict[str, jax.Array], key: jax.Array):
   k_noise, k_time, k_drop = jax.random.split(key, 3)       # as objective.training_losses
   out = dict(batch)
   out["_x0"] = jax.random.normal(k_noise, x1.shape, jnp.float32)
-  out["_t"] = obj_lib.sample_times(k_time, x1.shape[0], cfg)
+  if cfg.name == "meanflow":
+    out["_t"], out["_r"] = obj_lib.sample_time_pairs(k_time, x1.shape[0], cfg)
+  else:
+    out["_t"] = obj_lib.sample_times(k_time, x1.shape[0], cfg)
   y = jnp.asarray(batch["label"], jnp.int32)
   if model_cfg.class_dropout_prob > 0:                     # as LightningDiT.embed_condition
     drop = jax.random.uniform(k_drop, y.shape) < model_cfg.class_dropout_prob
@@ -345,6 +353,15 @@ def _init_from(config, setup: TrainSetup | None = None) -> Callable[[], Any] | N
       return params
     abstract = setup.abstract_state[setup.main.part.params_key]
     if mode == "exact":
+      if setup.model_cfg.interval_embedding:
+        # a flow-matching checkpoint into an average-velocity model: the interval
+        # embedders keep their initial values (output 0: the same function)
+        fresh = sorted(k for k in abstract if k.startswith("r_embedder") and k not in params)
+        abstract = {k: v for k, v in abstract.items() if k not in fresh}
+        if fresh:
+          logging.info("init_from: %s not in the checkpoint (a flow-matching model): they "
+                       "start at their initial values, so the model starts as the same "
+                       "function", ", ".join(fresh))
       trees.check_shapes(params, abstract, f"config.init_from={config.init_from} (exact; "
                          "init_from_mode='shape_check' copies what matches)")
       return params
