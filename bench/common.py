@@ -2,7 +2,7 @@
 
 * ``env_info``: what the numbers were measured on (machine, device kind and count, jax /
   jaxlib / flax versions), written into every report;
-* ``PEAK_BF16_TFLOPS`` / ``device_peak_tflops``: dense bf16 peak per chip (SPEC §16);
+* ``PEAK_BF16_TFLOPS`` / ``device_peak_tflops``: dense bf16 peak per chip (docs/method.md §16);
 * ``timed``: warm-up calls, then timed calls that each end in ``block_until_ready``;
 * ``write_report``: one JSON file plus one markdown table per benchmark run.
 
@@ -124,7 +124,8 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", default=DEFAULT_OUT,
                       help="directory for the JSON and markdown results (default: %(default)s)")
   parser.add_argument("--tag", default="",
-                      help="file-name suffix (default: the device kind, e.g. nvidia-h100-80gb-hbm3)")
+                      help="file-name suffix (default: the device kind, e.g. "
+                      "nvidia-h100-80gb-hbm3)")
   parser.add_argument("--machine", default=None,
                       help="how to name the machine in the report (default: devices and CPU)")
 
@@ -159,6 +160,22 @@ def env_line(env: Mapping[str, Any]) -> str:
           f"{env['date_utc']} UTC.")
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def portable(value: Any) -> Any:
+  """A setting as a report records it: an absolute path becomes relative to the repository
+  when inside it, else ``.../<last part>`` (reports name no machine's directories)."""
+  if isinstance(value, Mapping):
+    return {k: portable(v) for k, v in value.items()}
+  if not isinstance(value, str) or not os.path.isabs(value):
+    return value
+  path = os.path.normpath(value)
+  if path == REPO or path.startswith(REPO + os.sep):
+    return os.path.relpath(path, REPO)
+  return ".../" + os.path.basename(path)
+
+
 def write_report(name: str, title: str, rows: Sequence[Mapping[str, Any]],
                  columns: Sequence[tuple[str, str, str | None]], *, env: Mapping[str, Any],
                  settings: Mapping[str, Any], out_dir: str, tag: str = "",
@@ -168,7 +185,8 @@ def write_report(name: str, title: str, rows: Sequence[Mapping[str, Any]],
   stem = os.path.join(out_dir, f"{name}_{_slug(tag or env['device_kind'])}")
   with open(stem + ".json", "w") as f:
     json.dump({"benchmark": name, "title": title, "env": dict(env),
-               "settings": dict(settings), "rows": list(rows), "notes": list(notes)},
+               "settings": portable(dict(settings)), "rows": list(rows),
+               "notes": list(notes)},
               f, indent=1, default=str)
   md = [f"### {title}", "", env_line(env), "", md_table(rows, columns)]
   if notes:

@@ -1,6 +1,6 @@
 """Analytic FLOP count of the LightningDiT forward, checked against XLA's cost analysis.
 
-Counting rules (SPEC §16; one multiply-accumulate = 2 FLOP; matrix products only —
+Counting rules (docs/method.md §16; one multiply-accumulate = 2 FLOP; matrix products only —
 norms, RoPE, softmax and other elementwise work are left out):
 
 * per block and token: qkv 2·D·3D + output projection 2·D² + SwiGLU 2·D·2H + 2·H·D

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The single-GPU run behind the GPU numbers in docs/benchmarks.md: one call, < ~9 min.
+# The single-GPU benchmark suite (docs/benchmarks.md): every configuration within one time
+# budget (default 530 s).
 #
 #   bash bench/gpu_suite.sh OUT_DIR [--dry-run] [--budget SECONDS] [--only NAME,NAME]
 #
@@ -12,7 +13,7 @@
 # Needs only the JAX stack (jax with CUDA, flax, optax and their dependencies): the
 # benchmarks do not import grain, array-record or ml-collections. jax, flax and optax are
 # the machine's own (the pinned flax may not import with a newer jax). Wheels in .whl/
-# (if any) are installed into a fresh /tmp/site first.
+# (if any) are installed into a fresh temporary directory first and put on PYTHONPATH.
 #
 # Optional last stage: the reference PyTorch train step side by side on the same GPU,
 # when REFERENCE=/path/to/SFD-checkout is set (torch from the machine; TORCH_PYTHON).
@@ -43,10 +44,10 @@ START=$(date +%s)
 
 if [ "$DRY" = 0 ]; then
   if compgen -G ".whl/*.whl" >/dev/null; then
-    rm -rf /tmp/site   # a machine kept warm between calls still has the last call's packages
+    SITE=$(mktemp -d)
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl || echo "wheel install failed; continuing without"
-    export PYTHONPATH=/tmp/site
+      --target "$SITE" .whl/*.whl || echo "wheel install failed; continuing without"
+    export PYTHONPATH=$SITE
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
   "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" \

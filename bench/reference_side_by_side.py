@@ -33,9 +33,10 @@ Timing is interleaved: the torch side runs in a long-lived worker process
 call whenever the parent asks; the parent alternates reference call, sfd_jax call,
 reference call, … after ``--warmup`` untimed calls of each, so both sides see the same
 machine load. Each side times its own calls (wall clock, results waited for; and process
-CPU time). The report gives medians and minima of both and their ratios (reference / sfd_jax: > 1 means sfd_jax
-is faster), plus the median of the per-pair ratios. Results: ``--out`` (default
-bench/results/) as ``reference_side_by_side_<mode>_<size>_<tag>.json`` and ``.md``.
+CPU time). The report gives medians and minima of both and their ratios (reference /
+sfd_jax: > 1 means sfd_jax is faster), plus the median of the per-pair ratios. Results:
+``--out`` (default bench/results/) as ``reference_side_by_side_<mode>_<size>_<tag>.json``
+and ``.md``.
 
 Without a checkout or without torch the script exits with status 2 and says what is
 missing.

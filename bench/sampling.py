@@ -3,8 +3,10 @@
   python -m bench.sampling --variant XL --guide-variant B --batch 16 \\
       --runs euler:250:none,euler:250:autoguidance,heun:125:none,dopri5::none
 
-Each run ``METHOD[:STEPS[:GUIDANCE]]`` (method: euler | heun | dopri5; STEPS = grid
-points of the fixed-grid solvers; guidance: none | cfg | autoguidance, scale
+Each run ``METHOD[:STEPS[:GUIDANCE]]`` (method: euler | heun | dopri5 | meanflow; STEPS =
+grid points of the fixed-grid solvers, jumps of ``meanflow`` (the few-step sampler of an
+average-velocity model, docs/fewstep.md; e.g. ``meanflow:1:cfg``); guidance: none | cfg |
+autoguidance, scale
 ``--scale``) integrates the semantic-first ODE with ``sfd_jax.diffusion.samplers.sample``
 and a velocity from ``sfd_jax.diffusion.guidance.make_guided_velocity``, jitted as one
 program (weights passed as arguments, not baked in). It reports the compile time, then
@@ -27,7 +29,7 @@ import time
 from bench import common
 from bench.flops import forward_flops
 
-METHODS = ("euler", "heun", "dopri5")
+METHODS = ("euler", "heun", "dopri5", "meanflow")
 GUIDANCE = ("none", "cfg", "autoguidance")
 
 
@@ -57,9 +59,11 @@ class SampleSpec:
     return f"{self.method}:{steps}:{self.guidance}"
 
 
-def make_model(variant: str, *, dtype: str, seed: int, params_dir: str | None = None):
+def make_model(variant: str, *, dtype: str, seed: int, params_dir: str | None = None,
+               interval: bool = False):
   """A LightningDiT with converted weights, or random weights whose zero-initialised
-  layers are randomised too (so the velocity field is not identically zero)."""
+  layers are randomised too (so the velocity field is not identically zero);
+  ``interval``: an average-velocity model (interval embedders, method ``meanflow``)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -67,7 +71,8 @@ def make_model(variant: str, *, dtype: str, seed: int, params_dir: str | None = 
   import sfd_jax  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT  # pylint: disable=import-outside-toplevel
 
-  cfg = DiTConfig.variant(variant, dtype=dtype, scan_blocks=True, use_repa=False)
+  cfg = DiTConfig.variant(variant, dtype=dtype, scan_blocks=True, use_repa=False,
+                          interval_embedding=interval)
   model = LightningDiT(cfg, rngs=nnx.Rngs(seed))
   state = nnx.state(model, nnx.Param)
   if params_dir:
@@ -111,7 +116,9 @@ def bench_one(spec: SampleSpec, model, guide, args, env) -> dict:
   def run(state, guide_state, z, y):
     main = nnx.merge(gdef, state)
     weak = nnx.merge(guide_def, guide_state) if mode == "autoguidance" else None
-    fn = guidance_lib.make_guided_velocity(main, weak, mode=mode, scale=args.scale)
+    make = (guidance_lib.make_guided_average_velocity if spec.method == "meanflow" else
+            guidance_lib.make_guided_velocity)
+    fn = make(main, weak, mode=mode, scale=args.scale)
     out = samplers.sample(fn, z, y, method=spec.method, num_steps=spec.steps,
                           delta_t=cfg.delta_t, semantic_chans=cfg.semantic_chans,
                           atol=args.atol, rtol=args.rtol, max_steps=args.max_steps)
@@ -173,11 +180,13 @@ def main(argv=None) -> None:
   env = common.env_info(args.machine)
   common.log(f"building {args.variant} (and guide {args.guide_variant}) with "
              f"{'converted' if args.params else 'random'} weights")
-  model = make_model(args.variant, dtype=args.dtype, seed=args.seed, params_dir=args.params)
+  interval = any(s.method == "meanflow" for s in specs)   # one model serves every run
+  model = make_model(args.variant, dtype=args.dtype, seed=args.seed, params_dir=args.params,
+                     interval=interval)
   guide = None
   if any(s.guidance == "autoguidance" for s in specs):
     guide = make_model(args.guide_variant, dtype=args.dtype, seed=args.seed + 7,
-                       params_dir=args.guide_params)
+                       params_dir=args.guide_params, interval=interval)
   columns = [("run", "method:steps:guidance", None), ("nfe", "NFE", None),
              ("batch", "batch", None), ("batch_s", "s/batch", ".2f"),
              ("images_per_s", "img/s", ".2f"), ("ms_per_nfe", "ms/NFE", ".1f"),

@@ -4,14 +4,15 @@
       --per-device-batch 256,128,64 --dtype bfloat16
 
 Each run ``VARIANT[:REMAT[:ATTENTION]][@B1/B2]`` (remat: none | full | dots | dots_no_batch |
-save_attn_out; attention: auto | xla | xla_heads | cudnn | splash) builds the real train state and step
-(``sfd_jax.training.sfd``: AdamW, EMA, semantic-first loss with cosine and REPA terms) on a
-mesh over all local devices (``--mesh``, FSDP by default), then:
+save_attn_out; attention: auto | xla | xla_heads | cudnn | splash) builds the real train
+state and step (``sfd_jax.training.sfd``: AdamW, EMA, semantic-first loss with cosine and
+REPA terms) on a mesh over all local devices (``--mesh``, FSDP by default), then:
 
 1. lowers and compiles the step for the first per-device batch of the run's ``@`` list
-   or else ``--per-device-batch`` (largest first); if the compiled program's memory (arguments + outputs − aliased +
-   temporaries, ``compiled.memory_analysis()``) exceeds the device's memory limit, or
-   running it raises RESOURCE_EXHAUSTED, it moves on to the next batch size;
+   or else ``--per-device-batch`` (largest first); if the compiled program's memory
+   (arguments + outputs − aliased + temporaries, ``compiled.memory_analysis()``) exceeds
+   the device's memory limit, or running it raises RESOURCE_EXHAUSTED, it moves on to the
+   next batch size;
 2. runs ``--warmup`` steps, then times ``--iters`` steps one by one, each ended by
    ``block_until_ready`` (synthetic batch held on the devices: no input pipeline);
 3. reports the median step time, images/s, achieved model TFLOP/s (3 × the analytic

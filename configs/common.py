@@ -68,6 +68,7 @@ def loop_fields(c: ml_collections.ConfigDict, *, batch_size: int, num_train_step
   c.allow_config_change = ""
   c.writer = "auto"               # auto (clu if TensorFlow is installed, else tensorboardX)
                                   # | clu | tensorboardx | log
+  c.force_unlock = False          # take over the workdir's lock (docs/errors.md)
   c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="sfd_jax", entity="",
                                            name="", mode="online"))  # Weights & Biases
   return c
@@ -157,7 +158,7 @@ def sfd_config(arg, variant: str) -> ml_collections.ConfigDict:
 
 
 def base_config(variant: str, recipe: str = "original") -> ml_collections.ConfigDict:
-  """The reference SFD recipe (SPEC §7) for a LightningDiT variant."""
+  """The reference SFD recipe (docs/method.md §7) for a LightningDiT variant."""
   if recipe not in RECIPES:
     raise ValueError(f"unknown recipe {recipe!r}; known: {RECIPES}")
   c = ml_collections.ConfigDict()
@@ -199,6 +200,13 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.objective.repa_mode = "cos"   # cos | mse | cos_mse
   c.objective.repa_weight = 1.0
   c.objective.repa_requires_cosine = False    # True = reference trap (REPA dropped w/o cos)
+  # flow_matching (the paper) | meanflow: average-velocity training for 1-4 step sampling
+  # (sample.method="meanflow"; docs/fewstep.md)
+  c.objective.name = "flow_matching"
+  c.objective.meanflow = ml_collections.ConfigDict()
+  c.objective.meanflow.equal_fraction = 0.75  # share of examples with ρ = τ (flow matching)
+  c.objective.meanflow.adaptive_p = 0.0       # adaptive loss weight 1/(mse + c)^p (0: off)
+  c.objective.meanflow.adaptive_c = 1e-3
 
   c.optimizer = adamw()           # sfd_jax.training.optim
   c.optimizer.accumulate_steps = 1      # gradient accumulation over k micro-batches
@@ -244,13 +252,13 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
   c.strict_sharding = False       # True: a weight dim that does not divide is an error
   c.compiler_options = ml_collections.ConfigDict()  # XLA options of init / train step / eval
 
-  # --- sampling / evaluation (filled by the sampling issue) ---------------------------
+  # --- sampling / evaluation ---------------------------------------------------------
   c.sample = ml_collections.ConfigDict()
   c.sample.checkpoint = ""        # workdir, training checkpoint dir or converted dir
   c.sample.guide_checkpoint = ""
   c.sample.checkpoint_step = -1   # training workdir: step to load (-1 = latest)
   c.sample.guide_step = -1        # guide's training workdir: step (-1 = latest; e.g. 70000)
-  c.sample.method = "dopri5"      # euler | heun | dopri5 | sde
+  c.sample.method = "dopri5"      # euler | heun | dopri5 | sde | meanflow (jumps; num_steps = NFE)
   c.sample.num_steps = 250
   c.sample.atol = 1e-6
   c.sample.rtol = 1e-3
@@ -269,7 +277,7 @@ def base_config(variant: str, recipe: str = "original") -> ml_collections.Config
 
   # --- evaluation (sfd_jax.jobs.evaluate) --------------------------------------------
   c.eval = ml_collections.ConfigDict()
-  c.eval.inception = ""           # converted FID Inception dir (python -m sfd_jax.convert.inception)
+  c.eval.inception = ""           # converted FID Inception dir (sfd_jax.convert.inception)
   c.eval.reference_npz = ""       # ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz
   c.eval.preprocess = "adm"       # adm (TF-graph resize, as the ADM evaluator) | pytorch_fid
   c.eval.batch_size = 200         # images per Inception call (split over local devices)
@@ -338,7 +346,7 @@ def semvae_config(arg=None) -> ml_collections.ConfigDict:
   c.loss.l1_weight = 0.0
   c.loss.cos_weight = 1.0
   c.loss.kl_weight = 1e-7
-  c.loss.cos_axis = "token"       # reference's dim=1 cosine (SPEC §12.14); "channel": per token
+  c.loss.cos_axis = "token"       # reference: dim=1 cosine (method.md §12.14); "channel": per token
 
   # --- optimizer (sfd_jax.training.optim): warm-up, constant, cosine tail -----------
   c.optimizer = adamw(lr=5e-5, weight_decay=0.01, schedule="warmup_constant_cosine",
@@ -494,6 +502,7 @@ def encode_config(arg=None) -> ml_collections.ConfigDict:
     raise ValueError(f"split {opts['split']!r}: expected train or val")
   c = ml_collections.ConfigDict()
   c.seed = 42                     # image i draws its posterior noise from fold_in(key(seed), i)
+  c.force_unlock = False          # take over the workdir's lock (docs/errors.md)
 
   # --- images (sfd_jax.data.images.make_source) -------------------------------------
   c.data = ml_collections.ConfigDict()
@@ -542,7 +551,7 @@ def encode_config(arg=None) -> ml_collections.ConfigDict:
   c.job = ml_collections.ConfigDict()
   c.job.decode_threads = 16       # host threads decoding images
   c.job.prefetch_batches = 4
-  c.job.log_every_batches = 50
+  c.job.log_every_batches = 50    # no terminal: a progress line every 50 batches (0: every 10 %)
   c.job.compression = "uncompressed"
   c.job.debug_stop_after_shards = -1   # testing: stop after writing this many shards
   c.job.compiler_options = ml_collections.ConfigDict()  # XLA options of the jitted steps

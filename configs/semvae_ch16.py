@@ -4,7 +4,7 @@
   python main.py --mode=train_semvae --config=configs/semvae_ch16.py:data=/data/in1k_dino \
       --workdir=runs/semvae_ch16
 
-The reference recipe (``semvae_train/ch16.yaml`` + ``train.py``, SPEC §3.4): transformer
+The reference recipe (``semvae_train/ch16.yaml`` + ``train.py``, docs/method.md §3.4): transformer
 VAE 768 → 16 channels per token (hidden 768, 6 heads, 4 blocks), loss MSE + token-axis
 cosine + 1e-7·KL, AdamW lr 5e-5 (β 0.9/0.999, eps 1e-8, weight decay 0.01, no
 clipping), linear warm-up from 0.01× over 500 steps, constant, cosine to 0.1× over the

@@ -1,4 +1,4 @@
-"""SFD with LightningDiT-B/1 on ImageNet 256 (reference recipe, SPEC §7).
+"""SFD with LightningDiT-B/1 on ImageNet 256 (reference recipe, docs/method.md §7).
 
 Options (``--config=configs/sfd_b.py:recipe=80ep,variant=XL``): ``recipe`` (original |
 80ep) and ``variant`` (model size, default B); see ``common.sfd_config``.

@@ -14,7 +14,7 @@ Fields are dotted config paths (``objective.delta_t``). Each run trains in
 (``objective.delta_t=0.3`` → ``delta_t-0.3``; see ``sfd_jax.sweep.run_name``).
 """
 
-# SPEC §11.4: FID-50K against Δt, 0 = synchronous joint denoising (one clock),
+# docs/method.md §11.4: FID-50K against Δt, 0 = synchronous joint denoising (one clock),
 # 1 = fully sequential; optimum at 0.3. The figure does not state model, steps or guidance.
 DELTA_T_FIGURE = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 DELTA_T_COARSE = [0.0, 0.1, 0.3, 0.5, 1.0]
@@ -23,7 +23,7 @@ ABLATION_STEPS = 400_000
 
 SWEEPS = {
     "delta_t": {
-        "description": "Δt ablation of SPEC §11.4 (every point of the figure), 400K steps",
+        "description": "Δt ablation of method.md §11.4 (every point of the figure), 400K steps",
         "product": {"objective.delta_t": DELTA_T_FIGURE},
         "base": {"num_train_steps": ABLATION_STEPS},
     },
@@ -38,8 +38,8 @@ SWEEPS = {
         "base": {"num_train_steps": ABLATION_STEPS},
     },
     "semantic_weight": {
-        "description": "weight of the semantic-channel MSE (reference 2.0; not ablated in "
-                       "the paper's retrievable material, SPEC §11.7)",
+        "description": "weight of the semantic-channel MSE (reference 2.0; the paper's "
+                       "ablation of it is not available, docs/method.md §11.6)",
         "product": {"objective.semantic_weight": [0.5, 1.0, 2.0, 4.0]},
         "base": {"num_train_steps": ABLATION_STEPS},
     },

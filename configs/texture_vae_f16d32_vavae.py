@@ -1,8 +1,9 @@
-"""VA-VAE f16d32: the LDM GAN recipe plus the VF loss to DINOv2 ViT-L/14 (``--mode=train_texture_vae``).
+"""VA-VAE f16d32: the LDM GAN recipe plus the VF loss to DINOv2 ViT-L/14
+(``--mode=train_texture_vae``).
 
+  OPTS=data=/data/imagenet/train,lpips=weights/lpips_vgg,dinov2=weights/dinov2_vitl14
   python main.py --mode=train_texture_vae \
-      --config=configs/texture_vae_f16d32_vavae.py:data=/data/imagenet/train,lpips=weights/lpips_vgg,dinov2=weights/dinov2_vitl14 \
-      --workdir=runs/vavae
+      --config=configs/texture_vae_f16d32_vavae.py:$OPTS --workdir=runs/vavae
 
 The reference's ``vavae/configs/f16d32_vfdinov2.yaml``: ``configs/texture_vae_f16d32_ldm.py``
 plus ``use_vf: dinov2`` with ``reverse_proj`` (a 1×1 projection 32 → 1024 of the sampled

@@ -19,7 +19,7 @@
 #   --dry-run           print the srun command, run nothing (works outside SLURM too)
 #   -h, --help          this text
 #
-# How the processes find each other (sfd_jax/distributed.py runs before anything else):
+# How the processes find each other (sfd_jax/parallel/distributed.py runs before anything else):
 # * --per-gpu: srun starts SLURM_NTASKS > 1 tasks, so main.py calls
 #   jax.distributed.initialize() without arguments and JAX reads SLURM_JOB_ID,
 #   SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID and SLURM_LOCALID: coordinator on the

@@ -19,10 +19,11 @@
 #                     (default sfd_jax)
 #   --sync            copy this working tree (git-tracked and untracked, non-ignored
 #                     files) to every worker first
-#   --setup           create <remote-dir>/.venv on every worker: requirements.txt plus
+#   --setup           create <remote-dir>/.venv on every worker (launch/install.sh): the
+#                     runtime pinned set of its Python (requirements/pyXY.txt) plus
 #                     jax[tpu] of the pinned jax version
-#   --python=BIN      interpreter for --setup (default python3; requirements.txt pins
-#                     Python 3.11, e.g. --python=python3.11 on older TPU VM images)
+#   --python=BIN      interpreter for --setup (default python3; Python 3.11-3.13, e.g.
+#                     --python=python3.11 on older TPU VM images)
 #   --run-name=NAME   log directory <remote-dir>/logs/NAME (default: a UTC timestamp)
 #   --foreground      stay attached and stream the output until training ends (default:
 #                     start detached under nohup, so a dropped connection does not stop it)
@@ -31,15 +32,15 @@
 #
 # Multi-host start-up: TPU VM workers have TPU_WORKER_HOSTNAMES set, so main.py calls
 # jax.distributed.initialize() without arguments and JAX finds the coordinator and its
-# own process index from the TPU metadata (sfd_jax/distributed.py). Every worker runs the
+# own process index from the TPU metadata (sfd_jax/parallel/distributed.py). Every worker runs the
 # same command with the same flags; each feeds its share of every global batch.
 # Logs: each worker writes <remote-dir>/logs/<run-name>/<hostname>.log on its own disk
 # (hostnames end in -w-<worker index>); to look at them:
 #   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all \
 #       --command='tail -n 3 sfd_jax/logs/RUN/*.log'
 # --workdir (and config.data.path) must name the same storage on every worker: mount a
-# bucket (gcsfuse) or a Filestore share at the same path on all of them. main.py makes
-# the workdir an absolute local path, so gs:// URLs are not accepted as workdirs.
+# bucket (gcsfuse) or a Filestore share at the same path on all of them. A URL workdir
+# (gs://...) is refused here before anything runs, as main.py refuses it.
 #
 # Environment of the training processes:
 #   LIBTPU_INIT_ARGS   XLA:TPU flags that let the FSDP all-gathers and reduce-scatters run
@@ -50,7 +51,7 @@
 #   JAX_COMPILATION_CACHE_DIR  passed on when set here (e.g. gs://BUCKET/jax_cache, which
 #                      JAX writes directly): a
 #                      restarted job (preemption, maintenance) then skips compilation.
-#   TF_CPP_MIN_LOG_LEVEL=2  TensorFlow (imported by clu for summaries) stays quiet.
+#   TF_CPP_MIN_LOG_LEVEL=2  TensorFlow (if the tf extra is installed) stays quiet.
 #   PYTHONUNBUFFERED=1      log lines reach the log file immediately.
 set -euo pipefail
 
@@ -99,6 +100,16 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$TPU" ]] || die "no TPU name: pass --tpu=NAME or set TPU_NAME"
 [[ $# -gt 0 ]] || die "no main.py flags given (expected: -- --config=... --workdir=...)"
+prev=""
+for arg in "$@"; do
+  workdir=""
+  case "$arg" in --workdir=*) workdir="${arg#*=}" ;; esac
+  [[ "$prev" == --workdir ]] && workdir="$arg"
+  if [[ "$workdir" == *://* ]]; then
+    die "--workdir=$workdir: a URL is not accepted as a workdir; mount the bucket (gcsfuse) at the same path on every worker and give that path, e.g. --workdir=/mnt/gcs/runs/NAME"
+  fi
+  prev="$arg"
+done
 [[ "$REMOTE_DIR" =~ ^[A-Za-z0-9_./-]+$ ]] || die "--remote-dir: use letters, digits, _ . / - only"
 RUN_NAME="${RUN_NAME:-$(date -u +%Y%m%d-%H%M%S)}"
 [[ "$RUN_NAME" =~ ^[A-Za-z0-9_.+-]+$ ]] || die "--run-name: use letters, digits, _ . + - only"
@@ -125,15 +136,9 @@ if [[ "$SYNC" == 1 ]]; then
   run rm -f "$ARCHIVE"
 fi
 
-# 2. Environment: the pinned requirements plus the TPU runtime for the pinned jax.
+# 2. Environment: the runtime pinned set of the workers' Python plus jax[tpu] of its jax.
 if [[ "$SETUP" == 1 ]]; then
-  # requirements.txt is the Python 3.11 pinned set (it may just include requirements/py311.txt)
-  PINS="$REPO/requirements.txt"
-  INCLUDED="$(sed -n 's/^-r[[:space:]]*\([^ ]*\).*/\1/p' "$PINS" | head -n 1)"
-  [[ -z "$INCLUDED" ]] || PINS="$REPO/$INCLUDED"
-  JAX_VERSION="$(sed -n 's/^jax==\([^ ;#]*\).*/\1/p' "$PINS")"
-  [[ -n "$JAX_VERSION" ]] || die "no 'jax==' pin in $PINS"
-  on_all_workers "cd ~/$REMOTE_DIR && $(quote "$SETUP_PYTHON") -m venv .venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]==$JAX_VERSION' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+  on_all_workers "cd ~/$REMOTE_DIR && bash launch/install.sh $(quote "--python=$SETUP_PYTHON") --accelerator=tpu"
 fi
 
 # 3. Training: the same command on every worker, one log per worker.

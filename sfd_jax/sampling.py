@@ -27,13 +27,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from sfd_jax import checkpoint, parallel
-from sfd_jax.core import checks, errors, progress
+from sfd_jax.core import checks, errors, options, progress
 from sfd_jax.core import images as images_lib
 from sfd_jax.core import jit as jit_lib
 from sfd_jax.data import stats as stats_lib
-from sfd_jax.diffusion import clocks, guidance, samplers
+from sfd_jax.diffusion import clocks
 from sfd_jax.diffusion.generation import (LatentDecoder, SamplingError, SamplingOptions,
-                                          check_decoder, check_guide, generate, sample_labels)
+                                          check_decoder, check_guide, check_method, generate,
+                                          sample_labels)
 from sfd_jax.models import attention
 from sfd_jax.models.lightning_dit import LightningDiT
 from sfd_jax.parallel.multihost import gather, process_barrier
@@ -50,7 +51,9 @@ def load_decoder(config) -> LatentDecoder | None:
     vae = checkpoint.load_texture_vae(config.sample.texture_vae,
                                       field="config.sample.texture_vae")
   except errors.UserError as e:
-    raise SamplingError(f"config.sample.texture_vae={config.sample.texture_vae!r}: {e}") from e
+    text = str(e)
+    raise SamplingError(text if text.startswith("config.sample.texture_vae") else
+                        f"config.sample.texture_vae={config.sample.texture_vae!r}: {text}") from e
   multiplier = float(config.data.get("latent_multiplier", 1.0))
   if not config.data.get("normalize", True):     # latents = stored · multiplier
     return LatentDecoder(vae, jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32),
@@ -90,24 +93,13 @@ def schedule_of(config, checkpoint_path: str = "") -> clocks.Schedule | None:
 
 
 def validate_config(config, section: str = "sample") -> SamplingOptions:
-  """The sampling fields of ``config.<section>`` (ranges, choices), checked before any
+  """The config's fields (``core.options``) and the sampling options of
+  ``config.<section>`` across fields (``SamplingOptions.validate``), checked before any
   model is loaded; returns the options."""
-  e = checks
-  e.require_sections(config, (section, "data"), mode="sample", example="configs/sfd_xl.py")
-  rules = [
-      ("num_images", e.positive_int, "an integer > 0"),
-      ("batch_size", e.positive_int, "an integer > 0 (global)"),
-      ("method", e.one_of(samplers.METHODS), f"one of {samplers.METHODS}"),
-      ("guidance", e.one_of(guidance.GUIDANCE_MODES), f"one of {guidance.GUIDANCE_MODES}"),
-      ("scale", e.non_negative_number, "a number >= 0 (1: no guidance)"),
-      ("num_steps", lambda v: e.positive_int(v) and v >= 2, "an integer >= 2"),
-      ("atol", e.positive_number, "a number > 0"),
-      ("rtol", e.positive_number, "a number > 0"),
-      ("timestep_shift", e.non_negative_number, "a number >= 0"),
-      ("seed", e.non_negative_int, "an integer >= 0"),
-  ]
-  e.check_fields(config[section], rules, prefix=f"config.{section}")
-  opts = SamplingOptions.from_config(config[section])
+  checks.require_sections(config, (section, "data"), mode="sample",
+                          example="configs/sfd_xl.py")
+  options.check(config)
+  opts = SamplingOptions.from_config(config[section], f"config.{section}")
   if section == "sample" and opts.guidance == "autoguidance" and opts.scale > 1 and not (
       config.sample.get("guide_checkpoint", "")):
     raise SamplingError("config.sample.guidance='autoguidance' with scale > 1 needs "
@@ -172,7 +164,7 @@ def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: Sampl
     logging.info("sampling: XLA compiler options %s", options)
   gen = jax.jit(generate_batch, out_shardings=(batch_sh, rep), compiler_options=options or None)
   ext = "png" if decoder is not None else "npy"
-  t0, done_images, total_nfe = time.time(), 0, 0
+  t0, done_images, total_nfe, batches_run = time.time(), 0, 0, 0
   num_batches = -(-n // bs)
   bar = progress.track(n, f"sampling {os.path.basename(out_dir.rstrip('/')) or out_dir}",
                        "images", enabled=jax.process_index() == 0)
@@ -193,6 +185,7 @@ def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: Sampl
     _write(out_dir, gather(imgs)[:len(real)], start, ext)
     done_images += len(real)
     total_nfe += int(nfe)
+    batches_run += 1
     bar.update(len(real))
     logging.debug("sampled batch %d/%d (%d images, NFE %d)", b + 1, num_batches, len(real),
                   int(nfe))
@@ -203,7 +196,8 @@ def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: Sampl
   process_barrier("sampling_done")
   result = {"num_images": n, "out_dir": out_dir, "images_per_sec_this_run":
             done_images / max(time.time() - t0, 1e-9), "format": ext,
-            "compiler_options": options}
+            "compiler_options": options,
+            "nfe_per_batch": total_nfe / batches_run if batches_run else None}
   if jax.process_index() == 0:
     labels_path = os.path.join(out_dir, f"labels_{n}.npy")
     np.save(labels_path, sample_labels(np.arange(n), n, cfg.num_classes, opts,
@@ -262,9 +256,12 @@ def prepare(config):
       raise SamplingError(f"config.sample.guide_step={s.guide_step}: no guide is loaded "
                           "(guidance is not 'autoguidance' with scale > 1)")
     main_cfg = checkpoint.dit_config(s.checkpoint, "config.sample.checkpoint")
+    check_method(main_cfg, opts, what=f"config.sample.checkpoint={s.checkpoint!r}")
     if autoguidance:
-      check_guide(main_cfg, checkpoint.dit_config(s.guide_checkpoint,
-                                                  "config.sample.guide_checkpoint"))
+      guide_cfg = checkpoint.dit_config(s.guide_checkpoint, "config.sample.guide_checkpoint")
+      check_guide(main_cfg, guide_cfg)
+      check_method(guide_cfg, opts, what=f"the guide, config.sample.guide_checkpoint="
+                   f"{s.guide_checkpoint!r},")
     decoder = load_decoder(config)
     sch = schedule_of(config, s.checkpoint)
     tex_part = None if sch is None else sch.parts[
@@ -288,14 +285,31 @@ def prepare(config):
   return model, guide, decoder, opts
 
 
-def sample_from_config(config, workdir: str, devices=None) -> dict[str, Any]:
-  """``config.sample`` end to end: load, sample into ``<workdir>/samples`` (resumable),
-  write ``<workdir>/sample_info.json``."""
-  validate_config(config)
+def check_config(config, devices=None) -> SamplingOptions:
+  """``validate_config``, the batch against the devices (``devices``: default all) and the
+  kind of the networks named (a LightningDiT, its guide, a texture VAE): what
+  ``sample_from_config`` checks before it writes anything."""
+  opts = validate_config(config)
   n_dev = len(devices) if devices is not None else jax.device_count()
   if int(config.sample.batch_size) % n_dev:
     raise SamplingError(f"config.sample.batch_size={int(config.sample.batch_size)} is not "
                         f"divisible by the {n_dev} devices; use a multiple of {n_dev}")
+  s = config.sample
+  try:      # the networks named are of the right kind (nothing read but their configs)
+    checkpoint.dit_config(s.checkpoint, "config.sample.checkpoint")
+    if opts.guidance == "autoguidance" and opts.guided:
+      checkpoint.dit_config(s.guide_checkpoint, "config.sample.guide_checkpoint")
+    if s.get("texture_vae", ""):
+      checkpoint.check_texture_vae(s.texture_vae, "config.sample.texture_vae")
+  except errors.CheckpointError as e:
+    raise SamplingError(str(e)) from e
+  return opts
+
+
+def sample_from_config(config, workdir: str, devices=None) -> dict[str, Any]:
+  """``config.sample`` end to end: load, sample into ``<workdir>/samples`` (resumable),
+  write ``<workdir>/sample_info.json``."""
+  check_config(config, devices)
   errors.check_writable(os.path.join(workdir, "samples"), "the samples directory")
   model, guide, decoder, opts = prepare(config)
   result = sample_to_directory(

@@ -18,7 +18,8 @@ Modes: ``--dry-run`` (default) prints one ``main.py`` command per run (a shell s
 ``--run`` runs them one after another as subprocesses (from the repository root);
 ``--emit=slurm|tpu|gpu`` prints the commands that submit each run through the scripts in
 ``launch/``. Overrides are checked against the config before anything is printed or run:
-an unknown field or a value of the wrong type is an error naming the field.
+an unknown field, a value of the wrong type or out of the range its declaration allows
+(``sfd_jax.core.options``) is an error naming the field.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from sfd_jax.core import paths
+from sfd_jax.core import options, paths
 from sfd_jax.core.errors import ConfigError, format_line
 from sfd_jax.core.runner import EXIT_CODE, ArgumentParser, run_cli
 
@@ -364,7 +365,8 @@ def make_runs(config, sweep: str | Mapping, workdir_root: str = "runs",
   root = os.path.join(workdir_root, sweep_dir or name)
   for raw in raw_runs:
     typed = _typed(config, raw)
-    apply_overrides(config, typed_shared + typed)     # the combination must be valid too
+    # the combination must be valid too: every field against its declaration
+    options.check(apply_overrides(config, typed_shared + typed))
     rname = run_name(typed, labels)
     if rname in seen:
       raise SweepError(f"sweep '{name}': runs {dict(seen[rname])} and {dict(typed)} get the "

@@ -16,7 +16,7 @@ SMALL = DiTConfig(input_size=8, hidden_size=128, depth=2, num_heads=4, repa_dim=
 @pytest.mark.parametrize("variant,gflop,train_tflop", [
     ("B", 50, 38), ("XL", 241, 185), ("XXL", 363, 279)])
 def test_reference_numbers(variant, gflop, train_tflop):
-  """SPEC §16: forward per image with the REPA head, train step at global batch 256."""
+  """docs/method.md §16: forward per image with the REPA head, train step at global batch 256."""
   count = flops.forward_flops(DiTConfig.variant(variant))
   assert count.total / 1e9 == pytest.approx(gflop, rel=0.01)
   assert count.train_step == 3 * count.total

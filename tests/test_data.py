@@ -7,7 +7,9 @@ record and the flip choice can be read back from any output.
 """
 import json
 import os
+import pickle
 import shutil
+import sys
 
 from etils import epath
 import grain
@@ -18,6 +20,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import sfd_jax  # noqa: F401  (package set-up)
+from sfd_jax.core import optional
 from sfd_jax.data import convert_reference
 from sfd_jax.data import global_batch
 from sfd_jax.data import pipeline
@@ -215,6 +218,35 @@ def test_reference_stats_files(tmp_path):
   np.testing.assert_allclose(st.texture_std, t_std.ravel(), rtol=1e-6)
   np.testing.assert_allclose(st.semantic_mean, s_mean.ravel(), rtol=1e-6)
   assert st.texture_mean.dtype == np.float32
+
+
+def test_reference_stats_pt_files_read_without_torch(tmp_path, monkeypatch):
+  """The reference's latents_stats.pt / latents_sv_stats.pt (torch.save zip archives) are
+  read by the restricted reader: PyTorch is not imported (made unimportable here)."""
+  from tests import torch_format  # pylint: disable=import-outside-toplevel
+  monkeypatch.setitem(sys.modules, "torch", None)            # import torch -> ImportError
+  rng = np.random.default_rng(1)
+  arrays = {"texture": (rng.normal(size=(1, 3, 1, 1)), rng.uniform(1, 2, (1, 3, 1, 1))),
+            "semantic": (rng.normal(size=(1, 2, 1, 1)), rng.uniform(1, 2, (1, 2, 1, 1)))}
+  for part, name in stats_lib.REFERENCE_STATS.items():
+    mean, std = (a.astype(np.float32) for a in arrays[part])
+    torch_format.save({"mean": torch_format.Tensor(mean), "std": torch_format.Tensor(std)},
+                      tmp_path / f"{name}.pt")
+  paths = stats_lib.find_reference_stats(tmp_path)
+  assert [os.path.basename(p) for p in paths] == ["latents_stats.pt", "latents_sv_stats.pt"]
+  st = stats_lib.load_reference_stats(*paths, schema=SCHEMA)
+  np.testing.assert_array_equal(st.texture_std, arrays["texture"][1].astype(np.float32).ravel())
+  np.testing.assert_array_equal(st.semantic_mean,
+                                arrays["semantic"][0].astype(np.float32).ravel())
+  # A legacy (pre-1.6, non-zip) file is the one case that needs PyTorch: one line naming
+  # the extra.
+  legacy = tmp_path / "legacy" / "latents_stats.pt"
+  legacy.parent.mkdir()
+  legacy.write_bytes(pickle.dumps({"mean": [0.0]}, protocol=2))
+  with pytest.raises(optional.MissingPackageError, match=r"a legacy \(pre-1.6, non-zip\) "
+                     r"PyTorch file needs torch, which is not installed: pip install -e "
+                     r"'.\[torch\]'"):
+    stats_lib.load_reference_stats(legacy, tmp_path / "latents_sv_stats.pt")
 
 
 # --------------------------------------------------------------------- pipeline

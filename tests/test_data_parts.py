@@ -1,14 +1,12 @@
 """Datasets with a third latent part (LatentSchema.extra_parts): records, statistics and
 the training pipeline's composite latent [texture | semantic | extra]."""
 import json
-import os
 
 import numpy as np
 import pytest
 
 import sfd_jax  # noqa: F401  (package set-up)
 from sfd_jax.data import records
-from sfd_jax.data import schema as schema_lib
 from sfd_jax.data import stats as stats_lib
 from sfd_jax.data.schema import DataFormatError, LatentSchema
 

@@ -160,7 +160,7 @@ def test_clock_sweep_mean_std_and_plot(demo_run, tmp_path):
   out = pipeline.run(cfg, str(sweep_wd))
   summ = out["summary"]["clock_sweep"]
   assert set(summ) == {"sfd", "learned"}
-  for name, row in summ.items():
+  for _name, row in summ.items():
     for metric in ("fid", "class_accuracy"):
       vals = row[metric]["values"]
       assert len(vals) == 2 and np.all(np.isfinite(vals))
@@ -173,3 +173,33 @@ def test_clock_sweep_mean_std_and_plot(demo_run, tmp_path):
   with open(sweep_wd / "metrics.json") as f:
     assert json.load(f)["summary"]["clock_sweep"]["learned"]["fid"]["values"] == \
         summ["learned"]["fid"]["values"]
+
+
+def test_fewstep_sweep_nfe_table_and_plot(demo_run, tmp_path):
+  """The few-step demo (configs/demo.py:fewstep=1) on the fast demo's encoded data: flow
+  matching at Euler NFE 1 and 2 and the average-velocity SFD model at 1 and 2 jumps, one
+  seed, in-process."""
+  import shutil
+  wd, _, _, _ = demo_run
+  sweep_wd = tmp_path / "fewstep"
+  for stage in ("data", "feature_net", "texture_vae", "semvae", "latents"):
+    shutil.copytree(wd / stage, sweep_wd / stage)
+  cfg = demo_config.get_config("fast=1,fewstep=1,seeds=1")
+  assert tuple(cfg.demo.fewstep.order) == ("sfd", "meanflow_sfd", "meanflow_sync")
+  assert tuple(cfg.demo.fewstep.nfe.sfd[1]) == (1, 2, 4, 8, 20)
+  cfg.demo.fewstep.order = ("sfd", "meanflow_sfd")
+  cfg.demo.fewstep.nfe.sfd = ("euler", (1, 2))
+  cfg.demo.fewstep.nfe.meanflow_sfd = ("meanflow", (1, 2))
+  cfg.train_eval.every_steps = 0
+  cfg.lock()
+  out = pipeline.run(cfg, str(sweep_wd))
+  summ = out["summary"]["fewstep"]
+  assert set(summ) == {"sfd@1", "sfd@2", "meanflow_sfd@1", "meanflow_sfd@2"}
+  samples = out["stages"]["sample"]
+  for key in summ:
+    name, nfe = key.split("@")
+    row = samples[f"{name}_s0@{nfe}"]
+    assert row["nfe"] == int(nfe) and np.isfinite(row["fid"])      # what the sampler did
+    assert summ[key]["fid"]["values"] == [row["fid"]]
+  assert (sweep_wd / "fewstep.png").stat().st_size > 0
+  assert (sweep_wd / "runs" / "meanflow_sfd_s0" / "nfe1" / "sample_info.json").exists()

@@ -214,22 +214,44 @@ def test_extract_features(image_dir, tmp_path):
     spec.encode(np.zeros((64, 64), np.float32), 0, where="x")
 
 
+def _toy_job(image_dir, directory, p=0, count=1, **kw):
+  """A sharded job over the image folder with a trivial host computation (4 shards)."""
+  src = images_lib.ImageFolderSource(image_dir)
+  plan = images_lib.ShardPlan(len(src), 4)
+  spec = features.FeatureSpec(2, 3, "float16")
+  return images_lib.run_sharded_job(
+      src, directory, plan, batch_size=3,
+      prepare=lambda img: np.asarray(img.resize((4, 4)), np.float32),
+      compute=lambda x, idx: {"f": np.broadcast_to(
+          (x.mean(axis=(1, 2, 3)) + idx)[:, None, None], (len(x), 2, 3))},
+      to_records=lambda out, labels: [
+          {"features": f.astype(np.float16), "label": l} for f, l in zip(out["f"], labels)],
+      open_writer=lambda path: features.FeatureShardWriter(path, spec),
+      process_index=p, process_count=count, decode_threads=2, name="test", **kw)
+
+
+def test_sharded_job_progress_bar_on_a_terminal_lines_otherwise(image_dir, tmp_path,
+                                                                 monkeypatch, capsys, caplog):
+  """encode / extract report through core.progress: a bar (with the shard being written)
+  on a terminal, log lines with the same counts otherwise."""
+  monkeypatch.setenv("SFD_PROGRESS", "bar")
+  _toy_job(image_dir, str(tmp_path / "bar"))
+  err = capsys.readouterr().err
+  assert "test: 100%" in err and "13/13" in err and "shard data-00003-of-00004" in err, err
+  monkeypatch.setenv("SFD_PROGRESS", "log")
+  caplog.set_level("INFO")
+  _toy_job(image_dir, str(tmp_path / "log"), log_every_batches=1)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("test: ")]
+  assert any("img (" in l and "img/s" in l and ", shard data-0000" in l for l in lines), lines
+  assert any(l.startswith("test: done, 13 img in ") for l in lines), lines
+
+
 def test_sharded_job_splits_shards_between_processes(image_dir, tmp_path):
   """Process p of P writes shards s ≡ p (mod P); together they equal one process."""
-  src = images_lib.ImageFolderSource(image_dir)
-  plan = images_lib.ShardPlan(len(src), 4)                    # 4 shards
-  spec = features.FeatureSpec(2, 3, "float16")
+  plan = images_lib.ShardPlan(len(images_lib.ImageFolderSource(image_dir)), 4)
 
   def run(directory, p, count):
-    return images_lib.run_sharded_job(
-        src, directory, plan, batch_size=3,
-        prepare=lambda img: np.asarray(img.resize((4, 4)), np.float32),
-        compute=lambda x, idx: {"f": np.broadcast_to(
-            (x.mean(axis=(1, 2, 3)) + idx)[:, None, None], (len(x), 2, 3))},
-        to_records=lambda out, labels: [
-            {"features": f.astype(np.float16), "label": l} for f, l in zip(out["f"], labels)],
-        open_writer=lambda path: features.FeatureShardWriter(path, spec),
-        process_index=p, process_count=count, decode_threads=2, name="test")
+    return _toy_job(image_dir, directory, p, count)
 
   single, split = str(tmp_path / "one"), str(tmp_path / "two")
   run(single, 0, 1)

@@ -121,6 +121,11 @@ def test_eval_tokenizer_job_end_to_end(feature_dir, tmp_path):
   assert -1 <= m["ssim"] < 1 and m["lpips"] > 0 and m["rfid"] > 0
   assert (out_dir / "reconstructions.png").exists()
   assert list(out_dir.glob("events.out.tfevents.*"))
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  acc = event_accumulator.EventAccumulator(str(out_dir))
+  acc.Reload()
+  tags = set(acc.Tags()["scalars"]) | set(acc.Tags()["tensors"])   # tensorboardX | clu
+  assert {"eval_tokenizer/psnr", "eval_tokenizer/rfid"} <= tags, tags
   with Image.open(out_dir / "reconstructions.png") as grid:
     assert grid.size == (4 * SIZE + 5, 2 * SIZE + 3)
   c.eval_tokenizer.images = ""

@@ -11,7 +11,9 @@ import tomllib
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-LOCKS = sorted((REPO / "requirements").glob("py3*.txt"))
+LOCKS = sorted(p for p in (REPO / "requirements").glob("py3*.txt")
+               if not p.stem.endswith("-test"))            # the runtime sets
+TEST_SETS = sorted((REPO / "requirements").glob("py3*-test.txt"))
 
 
 def _pyproject():
@@ -20,43 +22,90 @@ def _pyproject():
 
 
 def _pins(path):
+  """{name: version} of a requirements file, following ``-r`` includes."""
   pins = {}
   for line in path.read_text().splitlines():
     line = line.split("#")[0].strip()
-    if "==" in line:
+    if line.startswith("-r "):
+      pins.update(_pins(path.parent / line[3:].strip()))
+    elif "==" in line:
       name, version = line.split("==")
       pins[name.strip().lower().replace("_", "-")] = version.strip()
   return pins
 
 
-def test_metadata_ranges_and_no_tensorflow_base():
+def _name(spec):
+  requirements = pytest.importorskip("packaging.requirements")
+  return requirements.Requirement(spec).name.lower().replace("_", "-")
+
+
+NOT_RUNTIME = ("tensorflow", "tensorflow-cpu", "keras", "clu", "tensorflow-datasets",
+               "pytest", "pytest-xdist", "ruff", "torch")
+
+
+def test_metadata_ranges_and_no_tensorflow_or_clu_base():
+  """``pip install -e .`` brings neither TensorFlow nor clu (they are the ``tf`` extra)."""
   project = _pyproject()["project"]
   assert project["requires-python"] == ">=3.11,<3.14"
-  assert not [d for d in project["dependencies"] if d.lower().startswith("tensorflow")]
+  assert not {_name(d) for d in project["dependencies"]} & set(NOT_RUNTIME)
   extras = project["optional-dependencies"]
-  assert {"cuda12", "cuda13", "tpu", "torch", "tf", "wandb", "test"} <= set(extras)
+  assert {"cuda12", "cuda13", "tpu", "torch", "tf", "wandb", "demo", "test"} <= set(extras)
+  assert "clu" in {_name(d) for d in extras["tf"]}
+  assert not {_name(d) for d in extras["test"]} & {"tensorflow", "tensorflow-cpu", "clu"}
   assert project["scripts"]["sfd-jax"] == "sfd_jax.cli:run"
 
 
-@pytest.mark.parametrize("lock", LOCKS, ids=[p.name for p in LOCKS])
-def test_pinned_sets_satisfy_the_ranges(lock):
+def test_jax_is_allowed_up_to_0_12():
   requirements = pytest.importorskip("packaging.requirements")
   project = _pyproject()["project"]
-  extras = project["optional-dependencies"]
+  specs = {_name(d): requirements.Requirement(d).specifier for d in project["dependencies"]}
+  assert specs["jax"].contains("0.12.0.1") and specs["jaxlib"].contains("0.12.0.1")
+  assert specs["jax"].contains("0.10.2") and not specs["jax"].contains("0.13.0")
+
+
+def _check_pins(lock, specs):
+  requirements = pytest.importorskip("packaging.requirements")
   pins = _pins(lock)
-  for spec in project["dependencies"] + extras["tf"] + extras["test"]:
+  for spec in specs:
     req = requirements.Requirement(spec)
-    name = req.name.lower().replace("_", "-")
+    name = _name(spec)
     assert name in pins, f"{lock.name} lacks {name}"
     assert req.specifier.contains(pins[name], prereleases=True), (
         f"{lock.name}: {name}=={pins[name]} outside {req.specifier}")
+  return pins
+
+
+@pytest.mark.parametrize("lock", LOCKS, ids=[p.name for p in LOCKS])
+def test_runtime_sets_satisfy_the_ranges_without_tensorflow_or_test_tools(lock):
+  pins = _check_pins(lock, _pyproject()["project"]["dependencies"])
+  assert not set(pins) & set(NOT_RUNTIME), sorted(set(pins) & set(NOT_RUNTIME))
+
+
+@pytest.mark.parametrize("lock", TEST_SETS, ids=[p.name for p in TEST_SETS])
+def test_test_sets_are_the_runtime_set_plus_the_test_extra(lock):
+  project = _pyproject()["project"]
+  runtime = lock.with_name(lock.name.replace("-test", ""))
+  assert f"-r {runtime.name}" in lock.read_text().splitlines()
+  pins = _check_pins(lock, project["dependencies"] + project["optional-dependencies"]["test"])
+  assert not set(pins) & {"tensorflow", "tensorflow-cpu", "keras", "clu"}
+  assert {k: v for k, v in pins.items() if k in _pins(runtime)} == _pins(runtime)
 
 
 def test_a_pinned_set_for_this_python():
   v = sys.version_info
   assert (REPO / "requirements" / f"py{v.major}{v.minor}.txt").exists()
+  assert (REPO / "requirements" / f"py{v.major}{v.minor}-test.txt").exists()
   text = (REPO / "requirements.txt").read_text()
   assert "-r requirements/py311.txt" in text
+  assert [p.name for p in LOCKS] == ["py311.txt", "py312.txt", "py313.txt"]
+  assert len(TEST_SETS) == 3
+
+
+def test_ci_installs_the_test_set_and_lints_before_the_tests():
+  text = (REPO / ".ci" / "run").read_text()
+  assert "lock=requirements/py${ver/./}-test.txt" in text
+  ci = text.split("\n  ci)\n", 1)[1]
+  assert ci.index("ruff check") < ci.index("python -m pytest")
 
 
 def test_cli_modes_resolve_and_console_script():

@@ -101,8 +101,8 @@ def test_shellcheck():
   if shutil.which("shellcheck") is None:
     pytest.skip("shellcheck is not installed (Debian: apt-get install shellcheck)")
   out = subprocess.run(["shellcheck", "-x", *[os.path.join("launch", s) for s in SCRIPTS],
-                        "launch/lib.sh"], cwd=REPO, capture_output=True, text=True,
-                       timeout=60)
+                        "launch/lib.sh", "launch/install.sh"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
   assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -273,7 +273,8 @@ def test_tpu_pod_dry_run():
     assert "--worker=all" in cmd
   assert "tar -xzf ~/sfd_jax-r1.tar.gz -C ~/sfd_jax" in _remote(unpack)
   assert rm == ["rm", "-f", "/tmp/sfd_jax-r1.tar.gz"]
-  assert "'jax[tpu]==0.10.2'" in _remote(setup) and "-r requirements.txt" in _remote(setup)
+  assert _remote(setup) == ("cd ~/sfd_jax && bash launch/install.sh --python=python3 "
+                            "--accelerator=tpu")
   remote = _remote(train)
   assert remote.startswith("cd ~/sfd_jax && mkdir -p logs/r1 && (nohup env ")
   assert remote.endswith('echo "started on $(hostname): ~/sfd_jax/logs/r1/$(hostname).log"')
@@ -281,6 +282,39 @@ def test_tpu_pod_dry_run():
   env, rest = _env_words(words)
   assert "--xla_tpu_enable_async_collective_fusion=true" in env["LIBTPU_INIT_ARGS"].split()
   assert rest == [".venv/bin/python", "main.py", *TRAIN_FLAGS]
+
+
+@pytest.mark.parametrize("flags", [["--workdir=gs://b/r"], ["--workdir", "gs://b/r"]])
+def test_tpu_pod_refuses_a_url_workdir_before_anything_runs(flags):
+  out = _script("tpu_pod.sh", "--dry-run", "--tpu=pod1", "--sync", "--setup", "--",
+                "--config=configs/tiny.py", *flags, check=False)
+  assert out.returncode == 2 and out.stdout == ""
+  assert out.stderr.strip().splitlines() == [
+      "error: --workdir=gs://b/r: a URL is not accepted as a workdir; mount the bucket "
+      "(gcsfuse) at the same path on every worker and give that path, e.g. "
+      "--workdir=/mnt/gcs/runs/NAME"]
+
+
+@pytest.mark.parametrize("python", ["3.11", "3.12", "3.13"])
+def test_install_script_uses_the_runtime_set_of_the_python(python, tmp_path):
+  """launch/install.sh (tpu_pod.sh --setup): the runtime pinned set of the interpreter's
+  Python and the accelerator's jax plugin at that set's jax version."""
+  fake = tmp_path / f"python{python}"
+  major, minor = python.split(".")
+  _write_exe(fake, f"#!/bin/sh\necho {major}{minor}\n")   # answers the version query
+  out = _script("install.sh", "--dry-run", f"--python={fake}", "--accelerator=tpu")
+  with open(os.path.join(REPO, "requirements", f"py{major}{minor}.txt")) as f:
+    pins = f.read()
+  jax_version = next(l.split("==")[1] for l in pins.splitlines() if l.startswith("jax=="))
+  assert out.stdout.splitlines() == [
+      f"{fake} -m venv .venv",
+      ".venv/bin/python -m pip install -q --upgrade pip",
+      f".venv/bin/python -m pip install -q -r requirements/py{major}{minor}.txt "
+      f"'jax[tpu]=={jax_version}'",
+      ".venv/bin/python -m pip install -q -e . --no-deps"]
+  fake.write_text("#!/bin/sh\necho 310\n")
+  out = _script("install.sh", "--dry-run", f"--python={fake}", check=False)
+  assert out.returncode == 2 and "no pinned set requirements/py310.txt" in out.stderr
 
 
 def test_tpu_pod_requires_a_name_and_keeps_user_flags():
@@ -325,13 +359,13 @@ def test_tpu_pod_sync_and_train_on_a_fake_worker(tmp_path):
   shutil.copy(tmp_path / "python", checkout / ".venv" / "bin" / "python")
   env = _env(PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path))
   _script("tpu_pod.sh", "--tpu=pod1", "--sync", "--run-name=t1", "--remote-dir=w/sfd",
-          "--foreground", "--", "--config=configs/tiny.py", "--workdir=gs://b/r", env=env,
+          "--foreground", "--", "--config=configs/tiny.py", "--workdir=/mnt/gcs/r", env=env,
           cwd=str(tmp_path))
   assert (checkout / "main.py").is_file() and (checkout / "launch" / "tpu_pod.sh").is_file()
   assert not (checkout / ".venv" / "pyvenv.cfg").exists()   # ignored files stay here
   assert not list(tmp_path.glob("sfd_jax-*.tar.gz")) and not list(home.glob("*.tar.gz"))
   (rec,) = _records(log)
-  assert rec["argv"] == ["main.py", "--config=configs/tiny.py", "--workdir=gs://b/r"]
+  assert rec["argv"] == ["main.py", "--config=configs/tiny.py", "--workdir=/mnt/gcs/r"]
   assert rec["cwd"] == str(checkout) and "LIBTPU_INIT_ARGS" in rec["env"]
   (worker_log,) = (checkout / "logs" / "t1").iterdir()
   assert worker_log.read_text() == "fake training output\n"

@@ -104,8 +104,11 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _package(module: str) -> str | None:
-  """``sfd_jax.x.y`` → ``x``; the root package (flax settings only) → None."""
+  """``sfd_jax.x.y`` → ``x``; the root package (flax settings only) → None;
+  ``sfd_jax.__main__`` (``python -m sfd_jax``) belongs to ``cli``."""
   parts = module.split(".")
+  if parts[1:] == ["__main__"]:
+    return "cli"
   return parts[1] if len(parts) > 1 else None
 
 

@@ -157,11 +157,11 @@ def test_logit_normal_times():
   t = obj.sample_times(jax.random.key(0), 20000, obj.ObjectiveConfig())
   logit = np.log(np.asarray(t) / (1 - np.asarray(t)))
   assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1) < 0.03
-  # P(t_tex clamped) = P(t < 0.3/1.3) ≈ 11.4% (SPEC §6.3)
+  # P(t_tex clamped) = P(t < 0.3/1.3) ≈ 11.4% (docs/method.md §6.3)
   assert abs(np.mean(np.asarray(t) < 0.3 / 1.3) - 0.114) < 0.01
 
 
-# Reference counts (SPEC §5.1): (params excluding REPA projector, projector).
+# Reference counts (docs/method.md §5.1): (params excluding REPA projector, projector).
 EXPECTED = {"S": (32.8e6, 6.6e6), "B": (130.1e6, 7.3e6), "L": (457.4e6, 7.9e6),
             "XL": (674.3e6, 8.1e6), "XXL": (1027.9e6, 8.9e6), "1p6B": (1629.8e6, 9.4e6)}
 

@@ -12,8 +12,8 @@ TINY = dict(input_size=2, in_channels=6, semantic_chans=2, hidden_size=32, depth
 
 
 def _names(model):
-  return sorted(k for k in nnx.to_pure_dict(nnx.state(model, nnx.Param)) if k.startswith("t_embedder")
-                or k.startswith("clock_"))
+  return sorted(k for k in nnx.to_pure_dict(nnx.state(model, nnx.Param))
+                if k.startswith("t_embedder") or k.startswith("clock_"))
 
 
 def test_two_part_model_unchanged_and_one_part_full_width():

@@ -1,4 +1,4 @@
-"""The torch-free, code-free reader of ``.pt`` files (``sfd_jax.convert.safe_pickle``):
+"""The torch-free, code-free reader of ``.pt`` files (``sfd_jax.core.safe_pickle``):
 checkpoints saved the way the reference's ``train.py`` saves them (``{"model", "ema",
 "opt", "config": OmegaConf DictConfig}``) or with an ``argparse.Namespace`` convert, and
 files whose unpickling would run code are refused or stay inert (marker files prove
@@ -16,7 +16,8 @@ from flax import nnx
 
 import sfd_jax  # noqa: F401
 from sfd_jax.checkpoint import export
-from sfd_jax.convert import lightning_dit as dit_conv, safe_pickle
+from sfd_jax.convert import lightning_dit as dit_conv
+from sfd_jax.core import safe_pickle
 from sfd_jax.convert.common import ConversionError, load_state_dict
 from sfd_jax.diffusion import samplers
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT

@@ -1,7 +1,6 @@
 """config.sample.dtype: the denoiser computes in bfloat16 with the same weights."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from sfd_jax import sampling

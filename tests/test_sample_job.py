@@ -1,7 +1,6 @@
 """Sampling and evaluation jobs end to end on tiny random networks (CPU)."""
 import json
 import os
-import pathlib
 import random
 import sys
 

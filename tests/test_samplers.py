@@ -47,7 +47,7 @@ def model(fixture):
 
 def test_grid_is_torch_linspace(fixture):
   np.testing.assert_array_equal(S.time_grid(21, 0.3), fixture["out/euler_grid"])
-  # num_steps ≡ 1 (mod 13): torch's "0.3" is 0.29999998 < float32(0.3) (SPEC §8.2).
+  # num_steps ≡ 1 (mod 13): torch's "0.3" is 0.29999998 < float32(0.3) (docs/method.md §8.2).
   grid = S.time_grid(14, 0.3)
   assert grid[3] == np.float32(0.29999998) and grid[3] < np.float32(0.3)
   assert grid[0] == 0 and grid[-1] == np.float32(1.3) and grid.dtype == np.float32
@@ -275,6 +275,9 @@ def _solve_all(z, y, key, dopri5_field=gaussian_field, jump_ts=False):
   out["dopri5"] = S.sample(dopri5_field, z, y, method="dopri5", semantic_chans=SEM,
                            rtol=1e-4, atol=1e-6, jump_ts=jump_ts, num_steps=5,
                            return_trajectory=True)
+  # the few-step sampler with the flow's velocity as the average velocity of every jump
+  out["meanflow"] = S.sample(lambda x, a, b, y, interval: gaussian_field(x, a, b, y), z, y,
+                             method="meanflow", num_steps=8, semantic_chans=SEM)
   return out
 
 

@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from sfd_jax.diffusion import clocks as C
 from sfd_jax.diffusion import samplers as S

@@ -156,7 +156,7 @@ def test_param_count_f16d32():
   enc, dec = _analytic_counts(cfg)
   assert (counts["encoder"], counts["decoder"]) == (enc, dec) == (28_413_248, 41_417_603)
   assert counts["quant_conv"] == 64 * 64 + 64 and counts["post_quant_conv"] == 32 * 32 + 32
-  assert abs(counts["encoder"] / 28.4e6 - 1) < 5e-3  # SPEC §4.2
+  assert abs(counts["encoder"] / 28.4e6 - 1) < 5e-3  # docs/method.md §4.2
   assert abs(counts["decoder"] / 41.4e6 - 1) < 5e-3
 
 

@@ -1,7 +1,7 @@
 """Training system on 8 fake CPU devices: sharding, sharded == single-device, exact
 resume after SIGTERM / SIGKILL, NaN guard, clear start-up errors, main.py end to end."""
-import dataclasses
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -175,6 +174,9 @@ def test_main_trains_and_resume_is_exact(data_dir, tmp_path):
   assert len(losses) == steps // 5, proc.stderr[-2000:]
   assert losses[-1] < losses[0], losses
   assert list(straight.glob("events.out.tfevents.*")), "no TensorBoard events written"
+  saved = json.loads((straight / "config.json").read_text())     # the resolved config
+  assert saved["num_train_steps"] == steps and saved["log_every_steps"] == 5
+  assert saved["data"]["path"] == str(data_dir)
   step, ref = _final_params(str(straight), tiny(data_dir, num_train_steps=steps))
   assert step == steps
 

@@ -11,9 +11,7 @@ import pytest
 
 import sfd_jax  # noqa: F401
 from sfd_jax.checkpoint import restore_state_only
-from sfd_jax.diffusion import clocks, generation, samplers
-from sfd_jax.diffusion.objective import ObjectiveConfig
-from sfd_jax.models.lightning_dit import DiTConfig
+from sfd_jax.diffusion import clocks, generation
 from sfd_jax.training import sfd as train
 from tests.conftest import REPO
 from tests.util import preempted_at

@@ -22,9 +22,11 @@ import glob
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -158,6 +160,17 @@ def _make_saved(root: pathlib.Path) -> Saved:
   (root / "refbad").mkdir()
   shutil.copy(files / "random.safetensors", root / "refbad" / "shard000.safetensors")
   p["refbad"] = str(root / "refbad")
+  # a config file with a misspelled field
+  (files / "misspelled_config.py").write_text(
+      "from configs import tiny\n\n\ndef get_config(arg=None):\n"
+      "  c = tiny.get_config(arg)\n  c.model.hiden_size = 64\n  return c\n")
+  p["misspelled_config.py"] = str(files / "misspelled_config.py")
+  # a copy of the run whose lock is held by a live process (this one, on this host)
+  from sfd_jax.core import workdir_lock  # pylint: disable=import-outside-toplevel
+  shutil.copytree(run, root / "run_locked")
+  owner = workdir_lock.owner_record("train", "main.py (the test's owner)")
+  (root / "run_locked" / workdir_lock.LOCK_NAME).write_text(json.dumps(owner))
+  p["run_locked"] = str(root / "run_locked")
   return Saved(root, data, run, p)
 
 
@@ -200,6 +213,10 @@ def _cases(s: Saved) -> list[Case]:
       main("override_wrong_type", "--config.num_train_steps=abc",
            expect=("--config.num_train_steps=abc", "int")),
       main("mode_unknown", mode="trian", expect=("--mode=trian", "train|sample")),
+      main("config_file_field_misspelled", config=f"--config={p['misspelled_config.py']}",
+           expect=("config.model.hiden_size is not a field", "did you mean 'hidden_size'")),
+      main("field_of_another_mode_checked", *sample, "--config.train_eval.method=rk9",
+           mode="eval", expect=("config.train_eval.method must be one of", "got 'rk9'")),
       # --- train: config ranges
       main("steps_negative", "--config.num_train_steps=-5",
            expect=("config.num_train_steps", "> 0", "-5")),
@@ -214,6 +231,11 @@ def _cases(s: Saved) -> list[Case]:
            expect=("config.optimizer.name", "'adamw'")),
       main("batch_not_divisible", "--config.batch_size=12",
            expect=("config.batch_size=12", "multiple of 8")),
+      main("accumulate_steps_not_dividing", "--config.optimizer.accumulate_steps=3",
+           expect=("config.optimizer.accumulate_steps=3", "global batch 8",
+                   "a multiple of 24")),
+      main("accumulate_steps_zero", "--config.optimizer.accumulate_steps=0",
+           expect=("config.optimizer.accumulate_steps must be an integer > 0, got 0",)),
       main("mesh_too_large", "--config.mesh.fsdp=16", expect=("needs 16 devices",)),
       main("variant_unknown", "--config.model.variant=XXXL",
            expect=("config.model", "'XXXL'")),
@@ -253,6 +275,10 @@ def _cases(s: Saved) -> list[Case]:
            expect=(f"{run}/checkpoints/4", "model.depth: 2 -> 3")),
       main("resume_no_checkpoint_restores", workdir=p["run_allbad"], kind="checkpoint error",
            expect=(f"{p['run_allbad']}/checkpoints", "step 4:", "step 2:", "left as they are")),
+      # --- one run per workdir
+      main("workdir_in_use", workdir=p["run_locked"], kind="workdir in use",
+           expect=(p["run_locked"], f"process {os.getpid()} on host", "--mode=train",
+                   "nothing was changed", "--config.force_unlock=True")),
       # --- sample
       main("sample_checkpoint_empty", mode="sample",
            expect=("config.sample.checkpoint is empty",)),
@@ -272,6 +298,13 @@ def _cases(s: Saved) -> list[Case]:
       main("sample_texture_vae_not_converted", *sample,
            f"--config.sample.texture_vae={p['empty']}", mode="sample",
            expect=("config.sample.texture_vae", p["empty"], "not a converted checkpoint")),
+      main("sample_checkpoint_is_a_texture_vae", f"--config.sample.checkpoint={p['tvae4']}",
+           mode="sample", expect=(f"config.sample.checkpoint={p['tvae4']} is a converted "
+                                  "texture VAE folder", "needs a converted or exported "
+                                  "LightningDiT folder or an SFD training workdir")),
+      main("sample_texture_vae_is_a_dit_run", *sample, f"--config.sample.texture_vae={run}",
+           mode="sample", expect=(f"config.sample.texture_vae={run} is an SFD (LightningDiT) "
+                                  "training run", "needs a converted texture VAE folder")),
       # --- eval
       main("eval_inception_empty", *sample, mode="eval", expect=("config.eval.inception",)),
       main("eval_reference_corrupt", *sample, f"--config.sample.texture_vae={p['tvae4']}",
@@ -280,7 +313,7 @@ def _cases(s: Saved) -> list[Case]:
            kind="data error", expect=("config.eval.reference_npz", p["adm_random.npz"])),
       # --- export
       main("export_dtype_unknown", "--config.export.dtype=int8", mode="export", workdir=run,
-           expect=("config.export.dtype='int8'",)),
+           expect=("config.export.dtype must be one of", "got 'int8'")),
       main("export_step_missing", "--config.export.step=3", mode="export", workdir=run,
            kind="checkpoint error", expect=("no checkpoint at step 3", "[2, 4]")),
       main("export_no_checkpoints", mode="export", workdir=p["empty"],
@@ -294,6 +327,11 @@ def _cases(s: Saved) -> list[Case]:
       main("extract_no_class_folders", f"--config.data.path={p['flat']}", mode="extract",
            config=vae + "encode", kind="file not found",
            expect=(p["flat"], "no class sub-folders")),
+      main("encode_dinov2_is_a_texture_vae", f"--config.data.path={p['images']}",
+           "--config.encode.random_init=False", f"--config.encode.dinov2={p['tvae4']}",
+           mode="encode", config=vae + "encode", kind="converter input error",
+           expect=(f"config.encode.dinov2='{p['tvae4']}' is a converted texture VAE folder",
+                   "a converted DINOv2 folder is expected")),
       main("encode_with_a_training_config", mode="encode",
            expect=("config.encode", "--mode=encode", "configs/encode_imagenet.py")),
       # --- demo
@@ -312,6 +350,17 @@ def _cases(s: Saved) -> list[Case]:
       main("texture_vae_folder_missing", mode="train_texture_vae",
            config=vae + f"texture_vae,data={s.root}/noimages", kind="file not found",
            expect=(f"{s.root}/noimages",)),
+      main("semvae_mode_with_a_texture_vae_config", mode="train_semvae",
+           config=vae + f"texture_vae,data={p['images']}",
+           expect=("a texture-VAE training config", "--mode=train_semvae",
+                   "configs/semvae_ch16.py")),
+      main("gan_lpips_empty", "--config.loss.lpips_random_init=False", mode="train_texture_vae",
+           config=vae + f"texture_gan,data={p['images']}",
+           expect=("config.loss.lpips is empty", "config.loss.perceptual_weight > 0",
+                   "python -m sfd_jax.convert.lpips")),
+      main("gan_disc_start_negative", "--config.loss.disc_start=-5", mode="train_texture_vae",
+           config=vae + f"texture_gan,data={p['images']}",
+           expect=("config.loss.disc_start must be an integer >= 0, got -5",)),
       # --- converters
       cmd("dit_src_missing", "sfd_jax.convert.lightning_dit", "--src", f"{s.root}/none.pt",
           "--dst", f"{out}/c1", kind="file not found", expect=(f"{s.root}/none.pt",)),
@@ -546,6 +595,11 @@ def test_disk_full_keeps_checkpoints_and_rerun_finishes(saved, results):
   root = saved.root / "run_full"
   _check_one_line(r, "main.py", "resource error",
                   (str(root), "[EFBIG]", "checkpoints up to step 4", "rerun"))
+  # Orbax / TensorStore do not report the failed save again (their E... log lines)
+  library_errors = [line for line in r["stderr"].splitlines()
+                    if re.match(r"E\d{4} ", line) or "RESOURCE_EXHAUSTED" in line
+                    or "OUT_OF_RANGE" in line]
+  assert not library_errors, library_errors
   changed = [p for p, h in r["hashes"].items() if results["before"].get(p, h) != h]
   assert not changed, changed
   again = results["out"]["disk_full_rerun"]
@@ -607,25 +661,38 @@ def _raised_in(filename: str, message: str) -> Exception:
   raise AssertionError("unreachable")
 
 
-def test_failed_library_tasks_log_one_line():
-  """asyncio's "Task exception was never retrieved" for a failed Orbax write (logged by
-  asyncio whenever the task is collected, so in CI sometimes before the error line and
-  sometimes not at all) keeps its first line and loses the traceback; the same record
-  for an exception raised in our own code keeps its traceback."""
+def test_failed_library_saves_log_nothing():
+  """What Orbax / TensorStore log about a failed save — asyncio's "Task exception was
+  never retrieved" for a failed write (logged whenever the task is collected, so in CI
+  sometimes before the error line and sometimes not at all), their threads' and the
+  commit's error records — is not shown: the entry point reports the failure in its
+  line. Another library error record keeps its first line without the traceback; the
+  same records for an exception raised in our own code are left as they are."""
   import logging  # pylint: disable=import-outside-toplevel
   from sfd_jax.core import runner  # pylint: disable=import-outside-toplevel
 
-  def record_for(filename):
-    exc = _raised_in(filename, "OUT_OF_RANGE: Failed writing")
+  def record_for(filename, text="OUT_OF_RANGE: Failed writing"):
+    exc = _raised_in(filename, text)
     return logging.LogRecord(
         "asyncio", logging.ERROR, "/usr/lib/python3/asyncio/base_events.py", 1771,
         "Task exception was never retrieved\nfuture: <Task finished>", (),
         (type(exc), exc, exc.__traceback__))
 
+  def orbax_record(msg):
+    return logging.LogRecord("absl", logging.ERROR, "/site-packages/orbax/checkpoint/_src/"
+                             "checkpointers/async_checkpointer.py", 264, msg, (), None)
+
   flt = runner._OneLineLibraryErrors()  # pylint: disable=protected-access
-  lib = record_for("/site-packages/orbax/checkpoint/_src/serialization/serialization.py")
-  assert flt.filter(lib)
-  assert lib.exc_info is None and lib.getMessage() == "Task exception was never retrieved"
+  lib = "/site-packages/orbax/checkpoint/_src/serialization/serialization.py"
+  assert not flt.filter(record_for(lib))
+  for msg in ("[process=0] Failed to run 5 Handler Commit operations or the Commit callback "
+              "in background save thread, directory: /x/6",
+              "[thread=MainThread][step=6] Save Finalize thread (save_finalize) failed.",
+              "_SignalingThread.run() raised an exception: RESOURCE_EXHAUSTED: x"):
+    assert not flt.filter(orbax_record(msg)), msg
+  other = record_for(lib, "DATA_LOSS: unexpected end of a manifest")
+  assert flt.filter(other)
+  assert other.exc_info is None and other.getMessage() == "Task exception was never retrieved"
   ours = record_for("/repo/sfd_jax/training/loop.py")
   assert flt.filter(ours)
   assert ours.exc_info is not None and "future:" in ours.getMessage()
@@ -648,3 +715,76 @@ def test_failed_library_coroutines_print_nothing():
   ours = unraisable_from("/repo/sfd_jax/checkpoint/manager.py")
   hook(ours)
   assert seen == [ours]
+
+
+# ------------------------------------------------------------------ one run per workdir
+
+
+def _train_args(saved, workdir):
+  return [f"--config=configs/tiny.py:data={saved.data}", f"--workdir={workdir}",
+          f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=2"]
+
+
+def test_second_training_on_a_workdir_is_refused(saved):
+  """Two main.py trainings on one workdir: the second stops with one line naming the
+  first (host, pid, start time) and changes nothing; the first then finishes, and its
+  checkpoints are bit-identical to the run trained alone."""
+  from tests.cli_runner import tree_hash  # pylint: disable=import-outside-toplevel
+  from tests.util import PausedMain  # pylint: disable=import-outside-toplevel
+  from sfd_jax.core import workdir_lock  # pylint: disable=import-outside-toplevel
+  wd = saved.root / "run_twice"
+  first = PausedMain(_train_args(saved, wd), step=2, checkpoint=str(wd / "checkpoints" / "2"),
+                     go_file=str(saved.root / "run_twice.go"))
+  try:
+    assert first.wait_paused(), "the first training did not reach step 2"
+    time.sleep(0.5)                 # the step-2 save settles (its folder is final)
+    owner = json.loads((wd / workdir_lock.LOCK_NAME).read_text())
+    assert owner["pid"] == first.proc.pid
+
+    def files():                    # what a second run could touch (the first is paused)
+      return (sorted(os.listdir(wd)), tree_hash(str(wd / "checkpoints")),
+              (wd / workdir_lock.LOCK_NAME).read_bytes(),
+              {p: tree_hash(p) for p in _protected(saved)})
+    before = files()
+    second = subprocess.run([sys.executable, MAIN, *_train_args(saved, wd)], cwd=REPO,
+                            env=_env(), capture_output=True, text=True, timeout=600)
+    _check_one_line({"rc": second.returncode, "stderr": second.stderr}, "main.py",
+                    "workdir in use", (str(wd), f"process {first.proc.pid} on host",
+                                       owner["started"], "--mode=train"))
+    assert files() == before, "the second launch changed files"
+    first.resume()
+    done = first.finish()
+  finally:
+    first.kill()
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert not (wd / workdir_lock.LOCK_NAME).exists()
+  for step in (2, 4):
+    _same(_state(str(wd), step, saved.data), _state(saved.run, step, saved.data))
+
+
+def test_killed_training_leaves_a_stale_lock_that_is_taken_over(saved):
+  """kill -9 of a training after its step-2 checkpoint leaves its lock; the next run on
+  the workdir sees that its process is gone, takes the lock over (one warning naming
+  the old owner) and resumes exactly: step 4 is bit-identical to the run trained alone."""
+  from tests.util import PausedMain  # pylint: disable=import-outside-toplevel
+  from sfd_jax.core import workdir_lock  # pylint: disable=import-outside-toplevel
+  wd = saved.root / "run_killed"
+  first = PausedMain(_train_args(saved, wd), step=2, checkpoint=str(wd / "checkpoints" / "2"),
+                     go_file=str(saved.root / "run_killed.never"))
+  try:
+    assert first.wait_paused(), "the first training did not reach step 2"
+    time.sleep(0.5)                 # the step-2 save settles (its folder is final)
+  finally:
+    first.kill()
+  first.finish()
+  stale = json.loads((wd / workdir_lock.LOCK_NAME).read_text())
+  assert stale["pid"] == first.proc.pid
+  again = subprocess.run([sys.executable, MAIN, *_train_args(saved, wd)], cwd=REPO,
+                         env=_env(), capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  took = [line for line in again.stderr.splitlines() if "took over the lock" in line]
+  assert len(took) == 1 and f"process {first.proc.pid}" in took[0], took
+  assert "is not running" in took[0], took[0]
+  assert not (wd / workdir_lock.LOCK_NAME).exists()
+  assert sorted(int(q.name) for q in (wd / "checkpoints").iterdir() if q.name.isdigit()) == [2, 4]
+  _same(_state(str(wd), 4, saved.data), _state(saved.run, 4, saved.data))

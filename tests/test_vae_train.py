@@ -132,6 +132,7 @@ def test_loss_decreases_and_resume_is_exact(kind, tmp_path):
   rec2 = Recorder()
   second = train(_config(kind, data, **init), "resumed", rec2)
   assert second["step"] == STEPS and min(rec2.scalars) == PREEMPT + 1
+  assert rec2.hparams["num_train_steps"] == STEPS      # hparams logged on a resume too
   for a, b in zip(_params(straight), _params(second)):
     np.testing.assert_array_equal(a, b)
   for s in range(PREEMPT + 1, STEPS + 1):
@@ -149,7 +150,7 @@ def test_loss_decreases_and_resume_is_exact(kind, tmp_path):
 
 
 def test_semvae_schedule_is_the_reference_recipe():
-  """warm-up 500 from 0.01×, constant to 800.5k, cosine to 0.1× at 1M (SPEC §3.4)."""
+  """warm-up 500 from 0.01×, constant to 800.5k, cosine to 0.1× at 1M (docs/method.md §3.4)."""
   c = semvae_ch16.get_config()
   _, schedule = optim.make_optimizer(c.optimizer)
   lr = lambda s: float(schedule(s))  # noqa: E731

@@ -16,7 +16,7 @@ import types
 import numpy as np
 import pytest
 
-from sfd_jax.core import progress, writers
+from sfd_jax.core import optional, progress, writers
 
 SCALARS = {1: {"loss": 0.5, "lr": np.float32(1e-3)}, 2: {"loss": 0.25, "lr": 2e-3}}
 HPARAMS = {"optimizer": {"lr": 1e-3, "name": "adamw"}, "batch_size": 8, "ema": True,
@@ -165,6 +165,7 @@ def test_images_are_normalised():
 class _FakeRun:
   def __init__(self, **kw):
     self.kw, self.logged, self.finished = kw, [], False
+    self.id = kw.get("id") or "generated"
     self.config = types.SimpleNamespace(values={})
     self.config.update = lambda d, allow_val_change=False: self.config.values.update(d)
 
@@ -187,7 +188,10 @@ def test_wandb_writer_with_multiplexing(tmp_path, monkeypatch):
   assert isinstance(w, writers.MultiWriter) and "wandb" in w.description
   _write_run(w)
   (run,) = runs
-  assert run.kw == {"project": "sfd", "name": "r1", "mode": "offline", "dir": str(tmp_path)}
+  run_id = (tmp_path / "wandb_run_id").read_text().strip()
+  assert len(run_id) == 8 and run_id.isalnum()
+  assert run.kw == {"project": "sfd", "name": "r1", "mode": "offline", "dir": str(tmp_path),
+                    "id": run_id, "resume": "allow"}
   assert run.logged[0] == (1, {"loss": 0.5, "lr": pytest.approx(1e-3)})
   assert run.logged[2][1]["grid"] == ("image", (8, 8))
   assert len(run.logged[2][1]["samples"]) == 3
@@ -197,9 +201,35 @@ def test_wandb_writer_with_multiplexing(tmp_path, monkeypatch):
 
 def test_wandb_enabled_but_missing_is_one_clear_error(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "wandb", None)       # import wandb -> ImportError
-  with pytest.raises(ImportError, match=r"wandb is not installed: pip install"):
+  with pytest.raises(optional.MissingPackageError) as info:
     writers.create_writer(str(tmp_path), kind="log", wandb={"enabled": True})
+  assert str(info.value) == (
+      "config.wandb.enabled=True needs wandb, which is not installed: pip install -e "
+      "'.[wandb]' in the repository (the 'wandb' extra), or set --config.wandb.enabled=False")
+  assert isinstance(info.value, ImportError)
   writers.create_writer(str(tmp_path), kind="log", wandb={"enabled": False}).close()
+
+
+def test_wandb_offline_resume_continues_the_same_run(tmp_path, monkeypatch):
+  """Two starts in one workdir (offline W&B): the second continues the first's run id,
+  kept in <workdir>/wandb_run_id, and logs the hparams again."""
+  wandb = pytest.importorskip("wandb", reason="wandb is in the test set "
+                              "(requirements/py3XY-test.txt); not installed here")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  settings = {"enabled": True, "project": "sfd-test", "mode": "offline"}
+  ids = []
+  for start in range(2):
+    w = writers.create_writer(str(tmp_path), kind="log", wandb=settings)
+    w.write_hparams({"optimizer": {"lr": 1e-3 * (start + 1)}, "start": start})
+    w.write_scalars(10 * (start + 1), {"loss": 1.0 / (start + 1)})
+    run = w.writers[-1]._run if isinstance(w, writers.MultiWriter) else w._run
+    assert dict(run.config)["optimizer.lr"] == pytest.approx(1e-3 * (start + 1))
+    ids.append(run.id)
+    w.close()
+  assert ids[0] == ids[1] == (tmp_path / "wandb_run_id").read_text().strip()
+  runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+  assert len(runs) == 2 and all(r.endswith("-" + ids[0]) for r in runs), runs
+  assert wandb.run is None
 
 
 class _Recorder:

@@ -141,3 +141,65 @@ def main_killed_after(args, step: int, checkpoint: str, timeout: float = 600):
     out += proc.stdout.read()
     err.seek(0)
     return subprocess.CompletedProcess(args, proc.returncode, out, err.read())
+
+
+class PausedMain:
+  """main.py's entry in a child process whose training waits before step ``step + 1``
+  (its batch is not fetched) until ``resume()``; ``wait_paused()`` returns once it waits
+  and the directory ``checkpoint`` exists (an earlier save completed). ``kill()`` sends
+  SIGKILL. ``finish()`` waits for the end: ``subprocess.CompletedProcess``."""
+
+  def __init__(self, args, step: int, checkpoint: str, go_file: str):
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    import tempfile  # pylint: disable=import-outside-toplevel
+    from tests.conftest import REPO, child_env  # pylint: disable=import-outside-toplevel
+    code = (
+        "import os, sys, time\n"
+        "from sfd_jax.data import global_batch\n"
+        "_to_global, _calls = global_batch.to_global, [0]\n"
+        "def _counted(*a, **k):\n"
+        "  _calls[0] += 1\n"
+        f"  if _calls[0] == {step + 1}:\n"
+        "    print('paused', flush=True)\n"
+        f"    while not os.path.exists({go_file!r}):\n"
+        "      time.sleep(0.05)\n"
+        "  return _to_global(*a, **k)\n"
+        "global_batch.to_global = _counted\n"
+        f"sys.argv = ['main.py'] + {list(args)!r}\n"
+        "from sfd_jax.cli import run\n"
+        "run()\n")
+    self.args, self.checkpoint, self.go_file = list(args), checkpoint, go_file
+    self._err = tempfile.TemporaryFile("w+")
+    self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=child_env(),
+                                 stdout=subprocess.PIPE, stderr=self._err, text=True)
+    self._out = ""
+
+  def wait_paused(self, timeout: float = 600) -> bool:
+    import time  # pylint: disable=import-outside-toplevel
+    self._out = self.proc.stdout.readline()      # "paused", or "" if the child ended
+    deadline = time.time() + timeout
+    while (self._out == "paused\n" and not os.path.isdir(self.checkpoint)
+           and time.time() < deadline):
+      time.sleep(0.05)
+    return self._out == "paused\n" and os.path.isdir(self.checkpoint)
+
+  def resume(self) -> None:
+    with open(self.go_file, "w", encoding="utf-8"):
+      pass
+
+  def kill(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.kill()
+
+  def finish(self, timeout: float = 600):
+    import subprocess  # pylint: disable=import-outside-toplevel
+    try:
+      self.proc.wait(timeout=timeout)
+    finally:
+      self.kill()
+    out = self._out + self.proc.stdout.read()
+    self._err.seek(0)
+    err = self._err.read()
+    self._err.close()
+    return subprocess.CompletedProcess(self.args, self.proc.returncode, out, err)

@@ -167,6 +167,10 @@ def to_reference_state_dict(params: Mapping[str, Any], cfg) -> dict[str, np.ndar
                      "no learned clocks; this model's clock schedule has "
                      f"{cfg.num_time_embedders} embedders / learned clocks "
                      f"{[n for n, _ in cfg.learned_clocks]}")
+  if getattr(cfg, "interval_embedding", False):
+    raise ExportError("the reference (PyTorch) format has no interval embedders: this is an "
+                      "average-velocity (objective.name='meanflow') model; export it with "
+                      "config.export.formats='orbax'")
   embedders = (("t_embedder_sem", "t_embedder_tex") if cfg.num_time_embedders == 2
                else ("t_embedder",))
   for name in embedders:
@@ -292,6 +296,14 @@ def export_run(config, workdir: str) -> dict:
   """
   opts = ExportOptions.from_config(config)
   ckpt_dir = runs.checkpoint_dir(workdir)
+  saved = runs.read_config(ckpt_dir) if runs.is_run(workdir) else {}
+  if saved and runs.run_kind(saved) != "sfd":
+    kind = runs.run_kind(saved)
+    hint = (f": export it with python -m sfd_jax.checkpoint.export --run={workdir} "
+            f"--kind={kind.replace('texture_vae_gan', 'texture_vae')} --dst=DIR"
+            if kind.replace("texture_vae_gan", "texture_vae") in networks.TRAINABLE else "")
+    raise ExportError(f"--workdir={workdir} is {runs.run_name(kind)}; --mode=export exports "
+                      f"SFD (LightningDiT) runs{hint}")
   params, model_cfg, step, run_cfg = runs.restore_dit(ckpt_dir, weights=opts.weights,
                                                       step=opts.step, config=config)
   try:
@@ -328,6 +340,12 @@ def export_converted(config, workdir: str, kind: str, dst: str, step: int | None
     raise ConfigError(f"export weights {weights!r}: expected 'params' or 'ema'")
   ckdir = os.path.join(os.path.abspath(workdir), "checkpoints")
   saved = runs.read_config(ckdir, step)
+  found = runs.run_kind(saved).replace("texture_vae_gan", "texture_vae") if saved else kind
+  if found != kind:
+    raise ExportError(f"--run={workdir} is {runs.run_name(runs.run_kind(saved))}, not a "
+                      f"{kind} run"
+                      + (f"; use --kind={found}" if found in networks.TRAINABLE else
+                         "; an SFD run is exported with main.py --mode=export"))
   if weights == "ema" and not float(saved.get("ema_decay", 0.0) or 0.0) > 0:
     raise CheckpointError(f"{workdir}: the run keeps no 'ema' weights (ema_decay is 0)")
   section = (config.model.to_dict() if config is not None else

@@ -20,12 +20,14 @@ from sfd_jax.checkpoint.manager import ITEMS, saved_config
 from sfd_jax.convert import common
 from sfd_jax.convert import lightning_dit as dit_conv
 from sfd_jax.convert import texture_vae as tvae_conv
-from sfd_jax.core import errors, files, paths, trees
+from sfd_jax.core import errors, files, options, paths, trees
 from sfd_jax.core.errors import CheckpointError
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT
 from sfd_jax.models.texture_vae import TextureVAE, TextureVAEConfig
 
 WEIGHTS = ("ema", "params")
+_DIT = "a converted or exported LightningDiT folder or an SFD training workdir"
+_TVAE = "a converted texture VAE folder or a texture-VAE training workdir"
 
 
 def checkpoint_dir(path: str) -> str:
@@ -50,15 +52,78 @@ def available_steps(path: str) -> list[int]:
                 if d.isdigit() and os.path.isdir(os.path.join(ckdir, d)))
 
 
+RUN_NAMES = {"sfd": "an SFD (LightningDiT) training run",
+             "semvae": "a SemVAE training run",
+             "texture_vae": "a texture-VAE training run",
+             "feature_net": "a feature-net training run (the demo's)",
+             "encode": "a run of an encode / extract config"}
+
+
+def run_kind(run_config: Mapping[str, Any]) -> str:
+  """The family of a run's saved config (``core.options.family_of``; ``texture_vae_gan``
+  for the GAN recipe)."""
+  fam = options.family_of(dict(run_config))
+  loss = run_config.get("loss") or {}
+  if fam == "texture_vae" and isinstance(loss, Mapping) and loss.get("name") == "ldm":
+    return "texture_vae_gan"
+  return fam
+
+
+def run_name(kind: str) -> str:
+  if kind == "texture_vae_gan":
+    return "a texture-VAE GAN training run (loss.name='ldm')"
+  return RUN_NAMES.get(kind, "a training run")
+
+
+def what_is(path: str) -> str | None:
+  """What ``path`` holds, in words: a converted network folder (by its ``meta.json``), a
+  training run (by its saved config: SFD, SemVAE, texture VAE, GAN recipe, feature net),
+  a dataset, a sampling workdir, a file, an empty folder; None when it does not exist or
+  nothing is recognised."""
+  if not path or not os.path.exists(path):
+    return None
+  if os.path.isfile(path):
+    ext = os.path.splitext(path)[1].lower()
+    return {".npz": "an .npz file", ".safetensors": "a .safetensors file",
+            ".pt": "a PyTorch file", ".pth": "a PyTorch file", ".ckpt": "a PyTorch file",
+            ".json": "a JSON file"}.get(ext, "a file")
+  meta_path = os.path.join(path, "meta.json")
+  if os.path.exists(meta_path):
+    try:
+      meta = files.read_json(meta_path, what="converted checkpoint metadata",
+                             error=CheckpointError)
+    except errors.UserError:
+      return "a folder with an unreadable meta.json"
+    return common.kind_name(meta.get("kind", meta.get("model")))
+  if is_run(path):
+    try:
+      run_config = read_config(checkpoint_dir(path))
+    except errors.UserError:
+      run_config = {}
+    return run_name(run_kind(run_config)) if run_config else "a training run without a saved config"
+  return common.describe_folder(path)
+
+
+def _wrong(field: str, path: str, what: str, expected: str) -> CheckpointError:
+  """``<field>=<path> is a converted texture VAE folder (...); <field> needs <expected>``."""
+  if not field:
+    return CheckpointError(f"{path} is {what}, not {expected}")
+  return CheckpointError(f"{field}={path} is {what}; {field} needs {expected}")
+
+
 def source(path: str, field: str, expected: str) -> tuple[str, str]:
   """What ``path`` names: ``("converted", folder)`` (a ``meta.json`` folder) or
-  ``("run", checkpoints folder)``; otherwise a ``CheckpointError`` naming ``field``."""
+  ``("run", checkpoints folder)``; otherwise a ``CheckpointError`` naming ``field`` (and
+  what the path is, when that is known)."""
   if not path:
     raise CheckpointError(f"{field} is empty: give {expected}")
   path = os.path.abspath(path)
   if os.path.exists(os.path.join(path, "meta.json")):
     return "converted", path
   if not is_run(path):
+    what = what_is(path)
+    if what:
+      raise _wrong(field, path, what, expected)
     raise CheckpointError(f"{field}={path}: neither a converted checkpoint (meta.json) nor "
                           "a training run (checkpoints/<step>/)")
   return "run", checkpoint_dir(path)
@@ -185,8 +250,11 @@ def model_section(run_config: Mapping[str, Any], where: str, what: str) -> dict:
 # ------------------------------------------------------------------ the DiT
 
 
-def _dit_config(run_config: dict, where: str) -> DiTConfig:
+def _dit_config(run_config: dict, where: str, field: str = "") -> DiTConfig:
   import ml_collections  # pylint: disable=import-outside-toplevel  (not needed by benchmarks)
+  kind = run_kind(run_config)
+  if kind != "sfd":
+    raise _wrong(field, where, run_name(kind), _DIT)
   try:
     return DiTConfig.from_config(ml_collections.ConfigDict(run_config))
   except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -220,7 +288,6 @@ def restore_dit(path: str, *, weights: str = "ema", step: int | None = None, con
   return params, model_cfg, step, run_config
 
 
-_DIT = "a converted checkpoint directory or a training workdir"
 
 
 def dit_config(path: str, field: str = "config.sample.checkpoint") -> DiTConfig:
@@ -230,6 +297,9 @@ def dit_config(path: str, field: str = "config.sample.checkpoint") -> DiTConfig:
   if kind == "converted":
     meta = files.read_json(os.path.join(where, "meta.json"), what=f"{field} metadata",
                            error=CheckpointError)
+    found = meta.get("kind", meta.get("model"))
+    if found is not None and found != "lightning_dit":
+      raise _wrong(field, where, common.kind_name(found), _DIT)
     try:
       return DiTConfig(**meta["config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -238,7 +308,7 @@ def dit_config(path: str, field: str = "config.sample.checkpoint") -> DiTConfig:
   run_config = read_config(where)
   if not run_config:
     raise CheckpointError(f"{where}: the latest checkpoint has no saved config")
-  return _dit_config(run_config, where)
+  return _dit_config(run_config, where, field)
 
 
 def load_dit(path: str, field: str = "config.sample.checkpoint", *,
@@ -256,6 +326,7 @@ def load_dit(path: str, field: str = "config.sample.checkpoint", *,
       raise CheckpointError(f"{field}={where} is a converted checkpoint (one weight set, no "
                             f"training steps): a step ({step}) can only be chosen for a "
                             "training workdir")
+    dit_config(where, field)                 # a converted folder of another network: named
     return dit_conv.load_converted(where)
   if step is not None and step not in available_steps(where):
     raise CheckpointError(f"{field}={os.path.abspath(path)} has no checkpoint at step "
@@ -270,6 +341,29 @@ def load_dit(path: str, field: str = "config.sample.checkpoint", *,
 # ------------------------------------------------------------------ the texture VAE
 
 
+def check_texture_vae(path: str, field: str = "checkpoint") -> str:
+  """What ``load_texture_vae(path)`` would read — ``"file"``, ``"converted"`` or ``"run"``
+  — checked without reading weights: a converted folder of another network or a run of
+  another trainer is a ``CheckpointError`` that names it and ``field``."""
+  if not path:
+    raise CheckpointError(f"{field} is empty: give {_TVAE}")
+  if os.path.isfile(path):
+    return "file"
+  if not is_run(path):
+    meta_path = os.path.join(path, "meta.json")
+    if os.path.exists(meta_path):
+      meta = files.read_json(meta_path, what=f"{field} metadata", error=CheckpointError)
+      found = meta.get("kind", meta.get("model"))
+      if found is not None and found != tvae_conv.KIND:
+        raise _wrong(field, os.path.abspath(path), common.kind_name(found), _TVAE)
+    return "converted"
+  run_config = read_config(checkpoint_dir(path))
+  kind = run_kind(run_config) if run_config else "texture_vae"
+  if kind not in ("texture_vae", "texture_vae_gan"):
+    raise _wrong(field, os.path.abspath(path), run_name(kind), _TVAE)
+  return "run"
+
+
 def load_texture_vae(path: str, cfg: TextureVAEConfig | None = None, *, dtype=None,
                      weights: str = "params", step: int | None = None,
                      field: str = "checkpoint") -> TextureVAE:
@@ -278,12 +372,10 @@ def load_texture_vae(path: str, cfg: TextureVAEConfig | None = None, *, dtype=No
   (``meta.json``) or a texture-VAE training run (architecture from its saved config,
   ``weights`` "params" or "ema" at ``step``; a VA-VAE run's ``linear_proj`` and a GAN
   run's discriminator are not read). ``dtype``: the compute dtype."""
-  if not path:
-    raise CheckpointError(f"{field} is empty: give a converted texture VAE folder or a "
-                          "texture-VAE training workdir")
-  if os.path.isfile(path):
+  kind = check_texture_vae(path, field)
+  if kind == "file":
     return tvae_conv.load_reference_file(path, cfg, dtype=dtype)
-  if not is_run(path):
+  if kind == "converted":
     return tvae_conv.load_converted_texture_vae(path, dtype=dtype)
   where = checkpoint_dir(path)
   mngr = _manager(where)

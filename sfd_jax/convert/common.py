@@ -23,8 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from sfd_jax.convert import safe_pickle
-from sfd_jax.core import errors, files, runner, trees
+from sfd_jax.core import errors, files, runner, safe_pickle, trees
 from sfd_jax.core.errors import ConverterInputError, MissingFileError, OutputExistsError
 
 
@@ -40,6 +39,8 @@ def _torch_load(path: str, entries: Iterable[str] | None = None) -> dict[str, np
     obj = safe_pickle.load(path)
   except safe_pickle.UnsafePickleError as e:
     raise ConversionError(str(e)) from e
+  except errors.UserError:          # a legacy file and no PyTorch: names the extra
+    raise
   except Exception as e:  # pylint: disable=broad-except  (bad zip, truncated pickle, EOF)
     text = " ".join(str(e).split())
     text = text if len(text) <= 240 else text[:237] + "..."
@@ -223,6 +224,62 @@ def save_params(directory: str | os.PathLike, params: Mapping[str, Any],
   return directory
 
 
+# meta.json "kind" -> what the folder holds, in words
+KIND_NAMES = {
+    "lightning_dit": "a converted LightningDiT (SFD denoiser)",
+    "texture_vae": "a converted texture VAE",
+    "semantic_vae": "a converted Semantic VAE (SemVAE)",
+    "dinov2": "a converted DINOv2",
+    "lpips": "a converted LPIPS network",
+    "inception_v3_fid": "a converted FID Inception",
+    "demo_feature_net": "a converted demo feature net",
+}
+
+
+def kind_name(kind: str | None) -> str:
+  """``"a converted texture VAE folder (meta.json kind 'texture_vae')"``."""
+  if kind is None:
+    return "a converted folder whose meta.json names no network"
+  return f"{KIND_NAMES.get(kind, 'a converted network')} folder (meta.json kind {kind!r})"
+
+
+def describe_folder(path: str | os.PathLike) -> str | None:
+  """What a folder that is not a converted one holds, in words (None: nothing known)."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    return None
+  names = set(os.listdir(path))
+  ckdir = os.path.join(path, "checkpoints") if "checkpoints" in names else path
+  if os.path.isdir(ckdir) and any(d.isdigit() for d in os.listdir(ckdir)):
+    return "a training run (checkpoints/<step>)"
+  for name, what in (("dataset.json", "an encoded latent dataset (dataset.json)"),
+                     ("features.json", "a feature dataset (features.json)"),
+                     ("sample_info.json", "a sampling workdir (sample_info.json)")):
+    if name in names:
+      return what
+  if not names:
+    return "an empty folder"
+  return None
+
+
+def wrong_kind(where: str, found: str | None, expected: str) -> ConversionError:
+  """``<where> is a converted texture VAE folder (...), but a converted DINOv2 is
+  expected``: the folder of another network."""
+  want = KIND_NAMES.get(expected, f"a converted {expected!r}")
+  return ConversionError(f"{where} is {kind_name(found)}, but {want} folder is expected "
+                         "here; point it at one (python -m sfd_jax.convert.<network> or "
+                         "python -m sfd_jax.checkpoint.export)")
+
+
+def _not_converted(directory: str, where: str) -> MissingFileError:
+  what = describe_folder(directory)
+  return MissingFileError(f"{where}: not a converted checkpoint (no 'params' folder"
+                          + (f"; it is {what}" if what else "") + "); write one with "
+                          "python -m sfd_jax.convert.<network>"
+                          + (" or export the run with python -m sfd_jax.checkpoint.export"
+                             if what and what.startswith("a training run") else ""))
+
+
 def load_params(directory: str | os.PathLike, kind: str | None = None,
                 strict: bool = True) -> tuple[dict, dict]:
   """Reads what ``save_params`` wrote: (nested params dict of numpy arrays, meta).
@@ -237,8 +294,7 @@ def load_params(directory: str | os.PathLike, kind: str | None = None,
   if not os.path.isdir(ppath):
     if not os.path.exists(directory):
       raise MissingFileError(f"converted checkpoint {directory} not found")
-    raise MissingFileError(f"{directory}: not a converted checkpoint (no 'params' folder); "
-                           "write one with python -m sfd_jax.convert.<network>")
+    raise _not_converted(directory, directory)
   meta = {}
   mpath = os.path.join(directory, "meta.json")
   if os.path.exists(mpath):
@@ -247,7 +303,7 @@ def load_params(directory: str | os.PathLike, kind: str | None = None,
   if kind is not None:
     found = meta.get("kind", meta.get("model"))
     if found != kind and (strict or found is not None):
-      raise ConversionError(f"{directory}: meta.json says it holds {found!r}, expected {kind!r}")
+      raise wrong_kind(directory, found, kind)
   try:
     with ocp.StandardCheckpointer() as ckptr:
       tree = ckptr.restore(ppath)
@@ -273,14 +329,13 @@ def check_converted_dir(directory: str | os.PathLike, kind: str | None = None,
     raise MissingFileError(f"{where}: no such directory (expected a converted checkpoint "
                            "folder written by python -m sfd_jax.convert.<network>)")
   if not os.path.isdir(os.path.join(directory, "params")):
-    raise MissingFileError(f"{where}: not a converted checkpoint (no 'params' folder); "
-                           "write one with python -m sfd_jax.convert.<network>")
+    raise _not_converted(directory, where)
   mpath = os.path.join(directory, "meta.json")
   meta = (files.read_json(mpath, what="converted checkpoint metadata", error=ConversionError)
           if os.path.exists(mpath) else {})
   found = meta.get("kind", meta.get("model"))
   if kind is not None and found is not None and found != kind:
-    raise ConversionError(f"{where}: meta.json says it holds {found!r}, expected {kind!r}")
+    raise wrong_kind(where, found, kind)
   return meta
 
 

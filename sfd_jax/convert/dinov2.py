@@ -4,7 +4,7 @@ Also ViT-L/14 without registers (``--preset vitl14``): the VA-VAE's VF model, fr
 ``dinov2_vitl14_pretrain.pth`` or timm's ``vit_large_patch14_dinov2.lvd142m`` state dict
 (same key names; timm has no ``mask_token``, and no ``register_tokens`` key exists).
 
-Reference keys (parity README §5.6): ``cls_token`` (1,1,C), ``register_tokens`` (1,R,C),
+Reference keys: ``cls_token`` (1,1,C), ``register_tokens`` (1,R,C),
 ``mask_token`` (1,C) (used only with masks: accepted and ignored), ``pos_embed``
 (1, 1+37², C), ``patch_embed.proj.{weight,bias}``, ``blocks.{i}.{norm1,norm2}.*``,
 ``blocks.{i}.attn.{qkv,proj}.*``, ``blocks.{i}.{ls1,ls2}.gamma``,
@@ -83,7 +83,7 @@ def load_dinov2(path: str | os.PathLike, config: DinoV2Config | None = None, *,
 
   ``path`` is either a directory written by this module's CLI (its ``meta.json``
   supplies the config when ``config`` is None) or a reference checkpoint
-  (``.pth``/``.pt`` needs PyTorch; ``.npz``/``.safetensors`` do not), in which case
+  (``.pth``, ``.pt``, ``.npz`` or ``.safetensors``; none needs PyTorch), in which case
   ``config`` defaults to ViT-B/14-reg.
   """
   return common.load_model(path, config, kind=MODEL_KIND, config_cls=DinoV2Config,

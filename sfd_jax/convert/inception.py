@@ -19,9 +19,9 @@ CLI::
 
   python -m sfd_jax.convert.inception --src pt_inception-2015-12-05-6726825d.pth --dst DIR
 
-writes ``DIR/params`` (Orbax) and ``DIR/meta.json``; reading a ``.pth`` needs PyTorch, an
-``.npz`` / ``.safetensors`` copy of the state dict does not. ``load_inception`` reads either a
-converted directory or a state-dict file.
+writes ``DIR/params`` (Orbax) and ``DIR/meta.json``; a ``.pth`` is read without PyTorch
+(``core.safe_pickle``), as is an ``.npz`` / ``.safetensors`` copy of the state dict.
+``load_inception`` reads either a converted directory or a state-dict file.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def load_inception(path: str | os.PathLike, **model_kwargs: Any) -> inc.Inceptio
 
   Args:
     path: a directory written by this module's CLI / ``save_params``, or a state dict
-      (``.npz``, ``.safetensors``, or ``.pth`` with PyTorch installed).
+      (``.npz``, ``.safetensors`` or ``.pth``).
     **model_kwargs: ``preprocess`` (``"pytorch_fid"`` | ``"adm"``), ``dtype``,
       ``param_dtype``, ``precision``.
   """
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
       description="Convert pytorch-fid's FID Inception-v3 weights to an sfd_jax checkpoint.")
   parser.add_argument(
       "--src", required=True,
-      help="pt_inception-2015-12-05-6726825d.pth (needs torch) or an .npz/.safetensors copy")
+      help="pt_inception-2015-12-05-6726825d.pth or an .npz/.safetensors copy")
   parser.add_argument("--dst", required=True, help="output directory")
   parser.add_argument("--force", action="store_true", help="overwrite a non-empty --dst")
   args = parser.parse_args(argv)

@@ -26,8 +26,7 @@ import dataclasses
 import numpy as np
 from flax import nnx
 
-from sfd_jax.convert import safe_pickle
-from sfd_jax.core import errors, runner, trees
+from sfd_jax.core import errors, runner, safe_pickle, trees
 from sfd_jax.convert.common import (ConversionError, StateDict, assign, load_params,
                                     load_state_dict, read_json_arg, save_params)
 from sfd_jax.models.lightning_dit import (VARIANT_ALIASES, VARIANTS, DiTConfig, LightningDiT,

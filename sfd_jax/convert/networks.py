@@ -62,7 +62,7 @@ def random_network(model_cls, cfg, dtype, seed: int) -> nnx.Module:
 
 def load_network(kind: str, path: str, *, random_init: bool = False, preset: str = "",
                  dtype: str | None = "float32", seed: int = 0,
-                 overrides: Mapping[str, Any] | None = None) -> nnx.Module:
+                 overrides: Mapping[str, Any] | None = None, field: str = "") -> nnx.Module:
   """One of the frozen networks of the data jobs.
 
   Args:
@@ -74,6 +74,8 @@ def load_network(kind: str, path: str, *, random_init: bool = False, preset: str
     dtype: compute dtype (parameters stay float32).
     seed: random-init seed.
     overrides: config fields replaced in the preset (``random_init`` only).
+    field: the config field that names ``path`` (for errors: a folder of another network
+      is named as such).
   """
   if kind not in NETWORK_KINDS:
     raise ValueError(f"network kind {kind!r} not one of {NETWORK_KINDS}")
@@ -88,8 +90,11 @@ def load_network(kind: str, path: str, *, random_init: bool = False, preset: str
                      f"python -m sfd_jax.convert.{kind.replace('semvae', 'semantic_vae')} "
                      "(see docs/encode.md)")
   if not os.path.exists(path):
-    raise MissingFileError(f"{kind} checkpoint {path} not found; convert one with "
-                           f"python -m sfd_jax.convert.{kind.replace('semvae', 'semantic_vae')}")
+    raise MissingFileError(f"{field + '=' if field else ''}{kind} checkpoint {path} not found; "
+                           "convert one with python -m "
+                           f"sfd_jax.convert.{kind.replace('semvae', 'semantic_vae')}")
+  if os.path.isdir(path):
+    common.check_converted_dir(path, NETWORKS[kind][2], field)
   if kind == "texture_vae":
     return convert_texture_vae.load_converted_texture_vae(path, dtype=dt)
   if kind == "dinov2":

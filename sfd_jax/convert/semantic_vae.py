@@ -1,6 +1,6 @@
 """SemVAE checkpoint (``semantic_ae_final.pt``) → ``sfd_jax.models.semantic_vae``.
 
-Reference keys (parity README §5.4), with N transformer blocks: ``encoder.0`` (Linear
+Reference keys, with N transformer blocks: ``encoder.0`` (Linear
 in), ``encoder.{1..N}.{norm1,norm2}.*``, ``encoder.{k}.attn.in_proj_weight/_bias``
 (rows [q; k; v]), ``encoder.{k}.attn.out_proj.*``, ``encoder.{k}.mlp.{0,2}.*``,
 ``encoder.{N+1}`` (LayerNorm), ``encoder.{N+2}`` (Linear to 2·bottleneck); the decoder
@@ -31,7 +31,7 @@ import numpy as np
 
 from sfd_jax.convert import common
 from sfd_jax.models.semantic_vae import SemanticVAE, SemVAEConfig
-from sfd_jax.core import runner
+from sfd_jax.core import optional, runner
 
 MODEL_KIND = "semantic_vae"
 STATE_DICT_ENTRIES = ("model_state_dict",)
@@ -82,10 +82,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: SemVAEConfig,
 
 def _torch_load_trusted(path: str) -> dict[str, np.ndarray]:
   """Full (pickle) load of a trusted training checkpoint; returns its model weights."""
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:  # pragma: no cover - depends on the optional install
-    raise common.ConversionError(f"{path}: reading .pt files needs PyTorch") from e
+  torch = optional.require("torch", extra="torch",
+                           purpose=f"{path}: the full pickle read (--allow-pickle)")
   obj = torch.load(path, map_location="cpu", weights_only=False)
   for entry in STATE_DICT_ENTRIES:
     if isinstance(obj, Mapping) and isinstance(obj.get(entry), Mapping):

@@ -63,18 +63,18 @@ def _layout(cfg: TextureVAEConfig) -> tuple[tuple[tuple[str, ...], str, tuple[in
   convolution and (channels,) for a GroupNorm.
   """
   out = []
-  for path, node in nnx.iter_graph(_abstract_template(cfg, None)):
-    if any(isinstance(p, str) and p.startswith("_") for p in path):
+  for keys, node in nnx.iter_graph(_abstract_template(cfg, None)):
+    if any(isinstance(p, str) and p.startswith("_") for p in keys):
       continue
-    path = tuple(str(p) for p in path)
+    keys = tuple(str(p) for p in keys)
     if isinstance(node, nnx.Conv):
-      out.append((path, "conv", (node.in_features, node.out_features) + tuple(node.kernel_size)))
+      out.append((keys, "conv", (node.in_features, node.out_features) + tuple(node.kernel_size)))
     elif isinstance(node, nnx.GroupNorm):
-      out.append((path, "norm", (node.scale.get_value().shape[-1],)))
+      out.append((keys, "norm", (node.scale.get_value().shape[-1],)))
     elif isinstance(node, nnx.Module) and any(
         isinstance(v, nnx.Param) for v in vars(node).values()):
       raise TypeError(f"texture VAE converter: no rule for {type(node).__name__} at "
-                      f"{'/'.join(path)}")
+                      f"{'/'.join(keys)}")
   return tuple(out)
 
 
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> str:
       description="Convert an LDM/Lightning texture-VAE checkpoint to an sfd_jax "
                   "Orbax params directory.")
   parser.add_argument("--src", required=True,
-                      help="reference checkpoint (.ckpt/.pt needs PyTorch; .npz, .safetensors)")
+                      help="reference checkpoint (.ckpt, .pt, .npz or .safetensors)")
   parser.add_argument("--dst", required=True, help="output directory")
   parser.add_argument("--preset", default="f16d32", choices=PRESETS,
                       help="architecture of the checkpoint (default f16d32)")

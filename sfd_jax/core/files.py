@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from sfd_jax.core import safe_pickle
 from sfd_jax.core.errors import DataError, MissingFileError, UserError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -108,26 +109,25 @@ def safetensors_shapes(path: str | os.PathLike, *, what: str = "tensor file",
 
 def torch_load(path: str | os.PathLike, *, what: str = "PyTorch file",
                error: type[UserError] = DataError, alternative: str = "") -> Any:
-  """``torch.load(path, weights_only=True)`` on the CPU; errors name the file.
+  """A ``torch.save`` file without PyTorch (``core.safe_pickle``: tensors as NumPy
+  arrays, no code from the file runs); errors name the file. Only a legacy (pre-1.6,
+  non-zip) file needs PyTorch (the ``torch`` extra).
 
-  ``alternative``: how to do without PyTorch (appended when it is not installed).
+  ``alternative``: how to do without the file's format (appended to a read failure).
   """
   path = os.fspath(path)
   _exists(path, what)
   try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise error(f"{what} {path}: reading .pt/.pth/.ckpt files needs PyTorch (pip install "
-                f"torch==2.13.0){'; ' + alternative if alternative else ''}") from e
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except  (UnpicklingError, RuntimeError, EOF)
+    return safe_pickle.load(path)
+  except UserError:                 # a legacy file and no PyTorch: names the extra
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (refused global, bad zip, EOF)
     text = " ".join(str(e).split())
     if len(text) > 240:
       text = text[:237] + "..."
-    raise error(f"{what} {path}: not a PyTorch weights file that loads with "
-                f"weights_only=True ({type(e).__name__}: {text}); expected a (dict of) "
-                "tensors saved with torch.save") from e
+    raise error(f"{what} {path}: not a readable PyTorch weights file ({type(e).__name__}: "
+                f"{text}); expected a (dict of) tensors saved with torch.save"
+                f"{'; ' + alternative if alternative else ''}") from e
 
 
 def read_json(path: str | os.PathLike, *, what: str = "JSON file",

@@ -12,7 +12,8 @@
 
 * :func:`track`: progress of a long job (sample, eval, encode, extract, export, demo
   stages): a progress bar with ETA when stderr is a terminal (tqdm if installed, else a
-  ``\\r`` line), periodic absl log lines otherwise (every 10 % or 30 s, and a final line).
+  ``\\r`` line), periodic absl log lines otherwise (every 10 % or 30 s, optionally every
+  ``every_units`` units, and a final line).
 * :class:`Profile`: a JAX profiler trace of a few steps (clu's ``Profile`` without TF).
 
     for batch in progress.track(batches, "sample", unit="batch"):
@@ -182,6 +183,7 @@ class _LineBar:
 
   def __init__(self, stream, desc: str, unit: str, total: int | None):
     self.stream, self.desc, self.unit, self.total = stream, desc, unit, total
+    self.postfix = ""
     self._last = 0.0
 
   def show(self, n: int, elapsed: float, force: bool = False) -> None:
@@ -189,7 +191,8 @@ class _LineBar:
     if not force and now - self._last < 0.2:
       return
     self._last = now
-    self.stream.write("\r" + _status(self.desc, n, self.total, self.unit, elapsed) + "\x1b[K")
+    self.stream.write("\r" + _status(self.desc, n, self.total, self.unit, elapsed,
+                                      self.postfix) + "\x1b[K")
     self.stream.flush()
 
   def close(self, n: int, elapsed: float) -> None:
@@ -198,7 +201,8 @@ class _LineBar:
     self.stream.flush()
 
 
-def _status(desc: str, n: int, total: int | None, unit: str, elapsed: float) -> str:
+def _status(desc: str, n: int, total: int | None, unit: str, elapsed: float,
+            postfix: str = "") -> str:
   rate = n / elapsed if elapsed > 0 else 0.0
   s = f"{desc}: {n}"
   if total:
@@ -208,7 +212,7 @@ def _status(desc: str, n: int, total: int | None, unit: str, elapsed: float) -> 
   s += f", {rate:.3g} {unit}/s, elapsed {format_secs(elapsed)}"
   if total and n < total:
     s += f", ETA {format_secs((total - n) / rate) if rate > 0 else '?'}"
-  return s
+  return s + (f", {postfix}" if postfix else "")
 
 
 class Tracker:
@@ -216,12 +220,16 @@ class Tracker:
 
   def __init__(self, iterable: Iterable | None = None, desc: str = "", unit: str = "it", *,
                total: int | None = None, mode: str = "auto", stream=None,
-               every_frac: float = 0.1, every_secs: float = 30.0, enabled: bool = True):
+               every_frac: float = 0.1, every_secs: float = 30.0,
+               every_units: int | None = None, enabled: bool = True):
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
       total = len(iterable)
     self.iterable, self.desc, self.unit = iterable, desc or "progress", unit
     self.total = int(total) if total else None
     self.every_frac, self.every_secs = every_frac, every_secs
+    self.every_units = int(every_units) if every_units else None
+    self._next_units = self.every_units
+    self.postfix = ""
     self.stream = sys.stderr if stream is None else stream
     if not enabled:
       mode = "off"
@@ -251,6 +259,17 @@ class Tracker:
   def elapsed(self) -> float:
     return time.monotonic() - self._t0
 
+  @property
+  def rate(self) -> float:
+    """Units per second since the start."""
+    return self.n / max(self.elapsed, 1e-9)
+
+  def set_postfix(self, text: str) -> None:
+    """Shown after the counts (the bar's postfix, the end of each log line)."""
+    self.postfix = str(text)
+    if self._tqdm is not None:
+      self._tqdm.set_postfix_str(self.postfix, refresh=False)
+
   def update(self, n: int = 1) -> None:
     """Counts ``n`` more units done."""
     self.n += int(n)
@@ -259,16 +278,22 @@ class Tracker:
     if self._tqdm is not None:
       self._tqdm.update(int(n))
     elif self._line is not None:
+      self._line.postfix = self.postfix
       self._line.show(self.n, self.elapsed)
     else:
       now = time.monotonic()
       frac_due = self.total and self.n < self.total and self.n >= self._next_frac * self.total
-      if frac_due or now - self._last_log_t >= self.every_secs:
-        logging.info("%s", _status(self.desc, self.n, self.total, self.unit, self.elapsed))
+      units_due = self.every_units and self.n >= self._next_units
+      if frac_due or units_due or now - self._last_log_t >= self.every_secs:
+        logging.info("%s", _status(self.desc, self.n, self.total, self.unit, self.elapsed,
+                                   self.postfix))
         self._last_log_t = now
         if self.total:
           while self._next_frac * self.total <= self.n:
             self._next_frac += self.every_frac
+        if self.every_units:
+          while self._next_units <= self.n:
+            self._next_units += self.every_units
 
   def close(self) -> None:
     if self._closed:
@@ -307,6 +332,7 @@ def track(iterable_or_total: Iterable | int | None = None, desc: str = "", unit:
 
   Keyword arguments: ``total`` (for iterables without ``len``), ``mode`` ("auto" | "bar" |
   "log" | "off"), ``stream`` (default stderr), ``every_frac`` (0.1), ``every_secs`` (30),
+  ``every_units`` (log mode: also a line every that many units; None: not),
   ``enabled`` (e.g. ``jax.process_index() == 0``).
   """
   if isinstance(iterable_or_total, int) and not isinstance(iterable_or_total, bool):

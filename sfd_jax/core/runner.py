@@ -9,8 +9,10 @@ the process exits with status ``EXIT_CODE`` (2) without a traceback::
 
 ``--verbosity=1`` or ``SFD_JAX_TRACEBACK=1`` prints the traceback too. Internal errors
 keep Python's traceback. Orbax / TensorStore failures that libraries report again from
-their own threads, tasks and coroutines are shortened where they are reported (the
-thread hook, the logging handlers, the unraisable hook); nothing else is filtered.
+their own threads, tasks and coroutines are dropped or shortened where they are reported
+(the thread hook, the loggers and their handlers, the unraisable hook): their error log
+records about a failed save are not shown at all (the one line reports it); nothing else
+is filtered, and stderr is never rewritten.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import threading
 import traceback
 from typing import Any, Callable, Sequence
 
-from sfd_jax.core.errors import ConfigError, UserError, format_line, one_line, user_error
+from sfd_jax.core.errors import (ConfigError, UserError, format_line, one_line, resource_errno,
+                                 user_error)
 
 TRACEBACK_ENV = "SFD_JAX_TRACEBACK"
 EXIT_CODE = 2
@@ -102,8 +105,9 @@ def report(prog: str, err: UserError, exc: BaseException | None = None) -> None:
   sys.exit(EXIT_CODE)
 
 
-def _prog(argv0: str | None = None) -> str:
-  """How the user ran us: ``main.py``, or ``python -m sfd_jax.x.y`` for a package module."""
+def program_name(argv0: str | None = None) -> str:
+  """How the user ran us: ``main.py``, ``sfd-jax``, or ``python -m sfd_jax.x.y`` for a
+  package module (``python -m sfd_jax`` for the package's ``__main__.py``)."""
   argv0 = (sys.argv[0] if sys.argv else "") if argv0 is None else argv0
   if not argv0:
     return "sfd_jax"
@@ -111,7 +115,7 @@ def _prog(argv0: str | None = None) -> str:
   path = os.path.abspath(argv0)
   if path.endswith(".py") and path.startswith(pkg + os.sep):
     rel = os.path.relpath(path[:-3], os.path.dirname(pkg)).replace(os.sep, ".")
-    return f"python -m {rel}"
+    return f"python -m {rel.removesuffix('.__main__')}"
   return os.path.basename(argv0)
 
 
@@ -126,7 +130,7 @@ def guard(fn: Callable, prog: str | None = None) -> Callable:
       err = user_error(e)
       if err is None:
         raise
-      report(prog or _prog(), err, e)
+      report(prog or program_name(), err, e)
   wrapped.__name__ = getattr(fn, "__name__", "main")
   wrapped.__doc__ = getattr(fn, "__doc__", None)
   return wrapped
@@ -146,21 +150,42 @@ def _raised_in_library(exc) -> bool:
   return False
 
 
+# What Orbax / TensorStore log when a save fails (its threads, the commit, the finalize
+# step): the failure reaches the caller, which reports it as its one line (or, for a bug,
+# with its traceback).
+_FAILED_SAVE = re.compile(
+    r"_SignalingThread\.run\(\) raised|Handler Commit operations|Commit callback|"
+    r"Save Finalize thread|background save thread|Error writing|Failed writing|"
+    r"RESOURCE_EXHAUSTED|OUT_OF_RANGE|No space left|File too large|Disk quota|Read-only file "
+    r"system|Permission denied|PERMISSION_DENIED", re.I)
+
+
+def _failed_save(msg: str, exc) -> bool:
+  if _FAILED_SAVE.search(msg or ""):
+    return True
+  return exc is not None and (_FAILED_SAVE.search(str(exc)) is not None
+                              or resource_errno(exc) is not None)
+
+
 class _OneLineLibraryErrors(logging.Filter):
   """ERROR records logged by Orbax / TensorStore, or carrying an exception raised inside
   them (asyncio's "Task exception was never retrieved" for a failed Orbax write, logged
-  whenever the task is collected), keep their first line and lose the traceback: the
-  entry point reports the error itself, once."""
+  whenever the task is collected): those about a failed save are dropped — the entry
+  point reports the failure itself, once, in its line — and the others keep their first
+  line and lose the traceback. Attached to the loggers and their handlers; stderr itself
+  is never rewritten (``--verbosity=1`` keeps every record)."""
 
   def filter(self, record) -> bool:
     path = getattr(record, "pathname", "") or ""
+    exc = record.exc_info[1] if record.exc_info else None
     if record.levelno >= logging.ERROR and (
-        any(lib in path for lib in _LIBRARIES)
-        or _raised_in_library(record.exc_info[1] if record.exc_info else None)):
+        any(lib in path for lib in _LIBRARIES) or _raised_in_library(exc)):
       try:
         msg = record.getMessage()
       except Exception:  # pylint: disable=broad-except
         msg = str(record.msg)
+      if _failed_save(msg, exc):
+        return False
       first = msg.splitlines()[0] if msg else ""
       record.msg, record.args = (first[:300] + ("..." if len(first) > 300 else "")), ()
       record.exc_info, record.exc_text, record.stack_info = None, None, None
@@ -205,7 +230,7 @@ def _quiet_library_reports() -> None:
   sys.unraisablehook._sfd_quiet = True  # pylint: disable=protected-access
   threading.excepthook = _quiet_thread_errors(threading.excepthook)
   flt = _OneLineLibraryErrors()
-  for logger in (logging.getLogger(), logging.getLogger("absl")):
+  for logger in (logging.getLogger(), logging.getLogger("absl"), logging.getLogger("asyncio")):
     logger.addFilter(flt)
     for handler in logger.handlers:
       handler.addFilter(flt)
@@ -278,7 +303,7 @@ def flag_error_line(exc: BaseException, argv: Sequence[str],
     if field in text:
       detail = re.sub(r"^flag --\S+?: ", "", detail)
       return ConfigError(f"--{field}={value}: {detail}")
-  return ConfigError(f"{detail} (see --helpshort)")
+  return ConfigError(f"{detail} (see --help)")
 
 
 def check_config_flags(flag_values, config_flags: Sequence[str], argv: Sequence[str]) -> None:
@@ -302,7 +327,7 @@ def run_main(main: Callable, argv: Sequence[str] | None = None,
   ``config_flags``: the names of the app's ml_collections config-file flags."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv if argv is None else argv)
-  prog = _prog(argv[0] if argv else None)
+  prog = program_name(argv[0] if argv else None)
 
   def parse(args):
     try:
@@ -337,5 +362,5 @@ def run_cli(main: Callable[[list[str] | None], Any], prog: str | None = None,
   traceback)."""
   args = _strip_verbosity(list(sys.argv[1:] if argv is None else argv))
   _quiet_library_reports()
-  rc = guard(main, prog or _prog())(args)
+  rc = guard(main, prog or program_name())(args)
   sys.exit(rc if isinstance(rc, int) and not isinstance(rc, bool) else 0)

@@ -10,22 +10,25 @@
 ``kind`` picks the TensorBoard back end, once, at start-up (the choice is logged):
 
 * ``"auto"`` (default): clu's ``metric_writers.create_default_writer`` (TensorFlow
-  summaries + absl log lines) when TensorFlow is importable, else ``"tensorboardx"``.
-  TensorFlow is looked up with ``importlib.util.find_spec`` and never imported otherwise.
-* ``"clu"``: clu's default writer; needs TensorFlow (``pip install 'sfd-jax[tf]'``).
+  summaries + absl log lines) when TensorFlow and clu are importable (the ``tf`` extra),
+  else ``"tensorboardx"``. They are looked up with ``importlib.util.find_spec`` and never
+  imported otherwise.
+* ``"clu"``: clu's default writer; needs the ``tf`` extra (``pip install -e '.[tf]'``).
 * ``"tensorboardx"``: TensorBoard event files through tensorboardX (no TensorFlow) plus
   the same absl log lines as clu's ``LoggingWriter``.
 * ``"log"``: absl log lines only.
 
-Non-main processes (``is_main=False``) and ``workdir=None`` only log. A ``gs://`` workdir
-needs TensorFlow (clu) or, for tensorboardX, the google-cloud-storage package. Both TensorBoard
+Non-main processes (``is_main=False``) and ``workdir=None`` only log. Both TensorBoard
 paths write the same tags into ``workdir``: scalars under their names (TensorFlow stores
 them as ``tensors``, tensorboardX as ``scalars``; TensorBoard shows both alike), images
 under their names (tensorboardX: one grid image per tag), hparams for the HParams tab.
 
 Weights & Biases (``wandb={"enabled": True, "project": ..., "entity": ..., "name": ...,
 "mode": "online" | "offline" | "disabled"}``, e.g. ``config.wandb``) is added on the main
-process next to TensorBoard; ``wandb`` is imported only then.
+process next to TensorBoard; ``wandb`` is imported only then. The W&B run id is kept in
+``<workdir>/wandb_run_id``: a resumed run continues the same W&B run
+(``wandb.init(id=..., resume="allow")``; offline runs of one id are merged by
+``wandb sync``).
 """
 from __future__ import annotations
 
@@ -33,12 +36,14 @@ import abc
 
 import importlib.util
 import os
-from typing import Any, Iterable, Mapping
+import secrets
+import string
+from typing import Any, Callable, Iterable, Mapping
 
 from absl import logging
 import numpy as np
 
-from sfd_jax.core import trees
+from sfd_jax.core import optional, trees
 
 KINDS = ("auto", "clu", "tensorboardx", "log")
 
@@ -64,7 +69,7 @@ class Writer(abc.ABC):
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     """Implemented by every back end."""
 
-  def flush(self) -> None:
+  def flush(self) -> None:  # noqa: B027  (optional: back ends without a buffer keep it)
     pass
 
   def close(self) -> None:
@@ -133,9 +138,10 @@ def _cfg_get(cfg, key, default=None):
 
 
 def tensorflow_available() -> bool:
-  """True when TensorFlow can be imported (looked up, not imported)."""
+  """True when TensorFlow and clu can be imported (looked up, not imported): clu's writers
+  are usable (both come with the 'tf' extra)."""
   try:
-    return importlib.util.find_spec("tensorflow") is not None
+    return all(importlib.util.find_spec(m) is not None for m in ("tensorflow", "clu"))
   except (ImportError, ValueError):
     return False
 
@@ -217,11 +223,9 @@ class CluWriter(Writer):
 
   def __init__(self, logdir: str | None, *, just_logging: bool = False,
                asynchronous: bool = True):
-    try:
-      from clu import metric_writers  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise ImportError(f"clu's metric writers need TensorFlow: pip install 'sfd-jax[tf]' "
-                        f"({e})") from e
+    metric_writers = optional.require(
+        "clu.metric_writers", extra="tf", purpose="the clu metric writer (config.writer='clu')",
+        alternative="or set --config.writer=tensorboardx")
     self._w = metric_writers.create_default_writer(logdir, just_logging=just_logging,
                                                    asynchronous=asynchronous)
     self.logdir = None if just_logging or logdir is None else os.fspath(logdir)
@@ -244,24 +248,56 @@ class CluWriter(Writer):
     self._w.close()
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def new_wandb_id() -> str:
+  """A fresh W&B run id: 8 characters of [a-z0-9], as W&B makes them."""
+  alphabet = string.ascii_lowercase + string.digits
+  return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def wandb_run_id(directory: str | None, new_id: Callable[[], str] = new_wandb_id) -> str | None:
+  """The W&B run id kept in ``directory`` (the workdir); on the first start ``new_id()``,
+  written there. None without a directory (every start is then a new W&B run)."""
+  if not directory:
+    return None
+  path = os.path.join(directory, WANDB_ID_FILE)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      run_id = f.read().strip()
+    if run_id:
+      return run_id
+  run_id = str(new_id())
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(run_id + "\n")
+  os.replace(tmp, path)
+  return run_id
+
+
 class WandbWriter(Writer):
-  """Weights & Biases run: scalars and images with ``wandb.log``, hparams as run config."""
+  """Weights & Biases run: scalars and images with ``wandb.log``, hparams as run config.
+
+  With a ``directory`` (the workdir) the run id is kept in ``<directory>/wandb_run_id``
+  and every later start in that directory resumes the same W&B run."""
 
   def __init__(self, *, project: str | None = None, entity: str | None = None,
                name: str | None = None, mode: str | None = None,
                directory: str | None = None):
-    try:
-      import wandb  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      raise ImportError("config.wandb.enabled is True but wandb is not installed: "
-                        "pip install 'sfd-jax[wandb]' (or set wandb.enabled=False)") from None
+    wandb = optional.require("wandb", extra="wandb", purpose="config.wandb.enabled=True",
+                             alternative="or set --config.wandb.enabled=False")
     self._wandb = wandb
     if directory:
       os.makedirs(directory, exist_ok=True)
+    self.run_id = wandb_run_id(directory)
     kw = {k: v for k, v in dict(project=project, entity=entity, name=name, mode=mode,
-                                dir=directory).items() if v}
+                                dir=directory, id=self.run_id).items() if v}
+    if self.run_id:
+      kw["resume"] = "allow"
     self._run = wandb.init(**kw)
-    self.description = (f"wandb (project={project or '-'}, mode={mode or 'online'})")
+    self.description = (f"wandb (project={project or '-'}, mode={mode or 'online'}, "
+                        f"run {self._run.id})")
 
   def write_scalars(self, step, scalars):
     self._run.log({k: _scalar(v) for k, v in scalars.items()}, step=int(step))
@@ -321,7 +357,7 @@ def resolve_kind(kind: str = "auto") -> tuple[str, str]:
   if kind != "auto":
     return kind, "requested"
   if tensorflow_available():
-    return "clu", "TensorFlow is installed"
+    return "clu", "TensorFlow and clu are installed"
   if tensorboardx_available():
     return "tensorboardx", "TensorFlow is not installed"
   return "log", "neither TensorFlow nor tensorboardX is installed"
@@ -347,7 +383,7 @@ def create_writer(workdir: str | None, *, is_main: bool = True, kind: str = "aut
     writers = [LoggingWriter(), TensorBoardXWriter(workdir)]
   else:
     if reason.startswith("neither"):
-      logging.warning("no TensorBoard writer: pip install tensorboardX (or 'sfd-jax[tf]')")
+      logging.warning("no TensorBoard writer: pip install tensorboardX")
     writers = [LoggingWriter()]
   if is_main and _cfg_get(wandb, "enabled", False):
     writers.append(WandbWriter(project=_cfg_get(wandb, "project"),

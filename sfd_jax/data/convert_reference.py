@@ -1,6 +1,6 @@
 """Converts the reference's extracted latents (safetensors shards) into our records.
 
-The reference extractor (SPEC §2.2) writes ``latents_rank{RR}_shard{SSS}.safetensors``
+The reference extractor (docs/method.md §2.2) writes ``latents_rank{RR}_shard{SSS}.safetensors``
 files holding, for N images, channels-first arrays
 
   latents, latents_flip         N×32×16×16  fp32   texture latents

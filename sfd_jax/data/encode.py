@@ -4,10 +4,10 @@ the feature datasets of the Semantic VAE and the VF loss (``extract_features``:
 ``--mode=extract``). The jobs load the networks; the demo passes its own (its feature net
 has DINOv2's interface).
 
-Encoding (SPEC §2.1–§2.3) samples both posteriors for the ADM crop and its flip (image
+Encoding (docs/method.md §2.1–§2.3) samples both posteriors for the ADM crop and its flip (image
 ``i`` draws its noises from ``fold_in(key(seed), i)``: independent of batch, devices and
 interruptions) and stores DINOv2's ``x_norm_patchtokens`` as the REPA target; extraction
-uses the SemVAE *training* preprocessing (Resize(256) + CenterCrop(224), SPEC §3.3), or
+uses the SemVAE *training* preprocessing (Resize(256) + CenterCrop(224), docs/method.md §3.3), or
 with ``extract.recipe = "vf"`` the VA-VAE's VF targets (one record per image in source
 order). Both run on ``data.images.run_sharded_job``: atomic, resumable shards, process
 ``p`` of ``P`` writing shards ``s ≡ p (mod P)``, unreadable images reported and skipped.
@@ -235,7 +235,7 @@ def extract_features(config: ml_collections.ConfigDict, workdir: str,
   errors.check_writable(workdir, "the output feature dataset directory")
   recipe = e.get("recipe", "semvae")
   if recipe not in RECIPES:
-    raise ValueError(f"config.extract.recipe {recipe!r} not one of {RECIPES}")
+    raise ConfigError(f"config.extract.recipe must be one of {RECIPES}, got {recipe!r}")
   source = images_lib.Subset(images_lib.make_source(config.data),
                              int(config.data.get("max_images", 0)))
   options = compiler_options(config.job)

@@ -38,7 +38,6 @@ import io
 import json
 import math
 import os
-import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
@@ -46,7 +45,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from sfd_jax.core import checks, files
+from sfd_jax.core import checks, files, optional, options, progress
 from sfd_jax.core.errors import ConfigError, DataError, MissingFileError, OutputExistsError
 from sfd_jax.data import preprocess
 from sfd_jax.data import records
@@ -108,12 +107,8 @@ class ImageFolderSource:
 
 
 def _import_tfds():
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  except ImportError as e:  # pragma: no cover - optional dependency
-    raise ImportError("data source 'tfds' needs tensorflow-datasets "
-                      "(pip install tensorflow-datasets)") from e
-  return tfds
+  return optional.require("tensorflow_datasets", extra="tf",
+                          purpose="config.data.source='tfds'")
 
 
 class TfdsSource:
@@ -204,28 +199,12 @@ def make_source(cfg: Mapping[str, Any]):
 
 
 def validate_job_config(config, section: str) -> None:
-  """The fields of a data job (``config.<section>``: ``encode`` or ``extract``, and
-  ``config.job`` / ``config.data``), checked before any network is loaded."""
-  e = checks
-  e.require_sections(config, (section, "job", "data"), mode=section,
-                     example="configs/encode_imagenet.py")
-  rules = [(f"{section}.per_device_batch", e.positive_int, "an integer > 0"),
-           (f"{section}.records_per_shard", e.positive_int, "an integer > 0")]
-  if section == "encode":
-    rules += [("encode.image_size", e.positive_int, "an integer > 0 (the ADM centre crop)"),
-              ("encode.dino_size", e.positive_int, "an integer > 0"),
-              ("encode.stats_samples", e.positive_int, "an integer > 0")]
-  else:
-    rules += [("extract.resize", e.positive_int, "an integer > 0"),
-              ("extract.crop", e.positive_int, "an integer > 0")]
-  rules += [("job.decode_threads", e.positive_int, "an integer > 0"),
-            ("job.prefetch_batches", e.positive_int, "an integer > 0"),
-            ("job.log_every_batches", e.positive_int, "an integer > 0"),
-            ("job.compression", e.one_of(records.COMPRESSIONS),
-             f"one of {records.COMPRESSIONS}"),
-            ("data.max_images", e.non_negative_int, "an integer >= 0 (0: all)"),
-            ("data.source", e.one_of(SOURCE_KINDS), f"one of {SOURCE_KINDS}")]
-  e.check_fields(config, rules)
+  """A data job's config (``config.<section>``: ``encode`` or ``extract``, and
+  ``config.job`` / ``config.data``): every field against its declaration
+  (``core.options``), checked before any network is loaded."""
+  checks.require_sections(config, (section, "job", "data"), mode=section,
+                          example="configs/encode_imagenet.py")
+  options.check(config, "encode")
 
 
 def write_folder(root: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -519,30 +498,6 @@ class _ShardBatches:
       self.on_batch(n)
 
 
-class _Progress:
-  """Images/s and ETA messages every ``every`` batches."""
-
-  def __init__(self, name: str, total: int, every: int):
-    self.name, self.total, self.every = name, total, every
-    self.t0, self.images, self.batches = time.time(), 0, 0
-    self.where = ""
-
-  def __call__(self, n: int) -> None:
-    self.images += n
-    self.batches += 1
-    if self.every and self.batches % self.every == 0:
-      rate = self.rate()
-      logging.info("%s: %d/%d images (%.1f img/s, ETA %.0f s), %s", self.name, self.images,
-                   self.total, rate, (self.total - self.images) / max(rate, 1e-9), self.where)
-
-  def skip(self) -> None:
-    """An unreadable image counts as done."""
-    self.images += 1
-
-  def rate(self) -> float:
-    return self.images / max(time.time() - self.t0, 1e-9)
-
-
 def run_sharded_job(source, directory: str, plan: ShardPlan, *, batch_size: int,
                     prepare: Callable[[Image.Image], np.ndarray],
                     compute: Callable[[np.ndarray, np.ndarray], Any],
@@ -571,7 +526,8 @@ def run_sharded_job(source, directory: str, plan: ShardPlan, *, batch_size: int,
       ``s ≡ process_index (mod process_count)``.
     decode_threads: host threads reading and preprocessing images.
     prefetch_batches: batches of images decoded ahead.
-    log_every_batches: progress message period (0: only per shard).
+    log_every_batches: without a terminal, also a progress line every that many batches
+      (besides every 10 % and 30 s; 0: only those); on a terminal a progress bar.
     stop_after_shards: stop after writing this many shards (testing; -1 = never).
     name: job name for messages.
   """
@@ -595,19 +551,20 @@ def run_sharded_job(source, directory: str, plan: ShardPlan, *, batch_size: int,
     except BadImageError as e:
       return shard, index, int(element["label"]), None, e
 
-  progress = _Progress(name, total_images, log_every_batches)
   items = ((s, i) for s in todo for i in range(*plan.bounds(s)))
-  with concurrent.futures.ThreadPoolExecutor(max(1, decode_threads)) as pool:
+  with progress.track(total_images, name, unit="img",
+                      every_units=log_every_batches * batch_size or None) as bar, \
+       concurrent.futures.ThreadPoolExecutor(max(1, decode_threads)) as pool:
     loaded = _prefetch(pool, load, items, max(1, prefetch_batches) * batch_size)
     for shard in todo:
       start, stop = plan.bounds(shard)
       file = plan.file(shard)
-      progress.where = f"shard {file}"
+      bar.set_postfix(f"shard {file}")
       _remove_own_temporaries(directory, file)
       writer = open_writer(os.path.join(directory, file))
       skipped: list[tuple[int, str, str]] = []
       try:
-        batches = _ShardBatches(writer, batch_size, compute, to_records, progress)
+        batches = _ShardBatches(writer, batch_size, compute, to_records, bar.update)
         for _ in range(start, stop):
           s, index, label, array, err = next(loaded)
           if s != shard:
@@ -616,7 +573,7 @@ def run_sharded_job(source, directory: str, plan: ShardPlan, *, batch_size: int,
           if err is not None:
             logging.warning("%s: skipping %s", name, err)
             skipped.append((index, err.name, err.reason))
-            progress.skip()
+            bar.update(1)                      # an unreadable image counts as done
           else:
             batches.add(index, label, array)
         batches.finish()
@@ -637,7 +594,7 @@ def run_sharded_job(source, directory: str, plan: ShardPlan, *, batch_size: int,
                         len(result.written))
         break
   logging.info("%s: process %d wrote %d shard(s), %d images at %.1f img/s", name,
-               process_index, len(result.written), progress.images, progress.rate())
+               process_index, len(result.written), bar.n, bar.rate)
   return result
 
 

@@ -1,4 +1,4 @@
-"""Grain input pipeline for training on stored latents (SPEC §2.4; docs/data.md, "The
+"""Grain input pipeline for training on stored latents (docs/method.md §2.4; docs/data.md, "The
 input pipeline").
 
   records ─ shuffle(seed) ─ repeat(epochs) ─ per-example transform(global index)

@@ -1,6 +1,6 @@
 """Image preprocessing of SFD: the ADM centre crop and the two DINOv2 input pipelines.
 
-Three pipelines, kept apart on purpose (SPEC §2.1, §2.3, §3.3, §12 item 13):
+Three pipelines, kept apart on purpose (docs/method.md §2.1, §2.3, §3.3, §12.13):
 
 * ``adm_center_crop``: guided-diffusion's ``center_crop_arr`` on a PIL image, the crop
   every 256×256 training image of the diffusion model goes through (texture VAE input
@@ -196,7 +196,7 @@ def vf_foundation_input(x_m11_nhwc: jax.Array | np.ndarray, size: int = 224) -> 
 
 
 def dino_extraction_input(x_m11_nhwc: jax.Array | np.ndarray, size: int = 224) -> jax.Array:
-  """DINOv2 input at latent-extraction time from ADM crops in [-1, 1] (SPEC §2.3).
+  """DINOv2 input at latent-extraction time from ADM crops in [-1, 1] (docs/method.md §2.3).
 
   ((x + 1)/2 − mean)/std with the ImageNet statistics, *then* PyTorch's non-antialiased
   bicubic resize to ``size``×``size`` (the order of the reference). NHWC in and out.
@@ -232,7 +232,7 @@ def _torchvision_center_crop(arr: np.ndarray, size: int) -> np.ndarray:
 
 def semvae_training_dino_input(pil_image: Image.Image, resize: int = 256,
                                crop: int = 224) -> np.ndarray:
-  """DINOv2 input used to extract the SemVAE's *training* features (SPEC §3.3).
+  """DINOv2 input used to extract the SemVAE's *training* features (docs/method.md §3.3).
 
   RGB conversion → torchvision ``Resize(256, bicubic)`` (short side) →
   ``CenterCrop(224)`` → ToTensor → ImageNet normalisation; float32 HWC [224, 224, 3].

@@ -1,4 +1,4 @@
-"""Per-channel latent statistics (SPEC §2.4).
+"""Per-channel latent statistics (docs/method.md §2.4).
 
 The texture and the semantic part are each normalised per channel with their own
 dataset mean/std, computed once from ``num_samples`` (10,000) random *unflipped*
@@ -9,8 +9,9 @@ with float32 arrays ``texture_mean, texture_std`` (Ct,) and
 (``LatentSchema.extra_parts``) also has ``<name>_mean, <name>_std`` for each.
 
 The reference caches ``latents_stats.pt`` / ``latents_sv_stats.pt``: dicts with
-``mean`` and ``std`` of shape [1, C, 1, 1]. ``load_reference_stats`` reads those
-(with PyTorch, weights-only) or ``.npz`` / ``.safetensors`` files with the same keys.
+``mean`` and ``std`` of shape [1, C, 1, 1]. ``load_reference_stats`` reads those without
+PyTorch (``core.safe_pickle``: no code from the file runs) or ``.npz`` / ``.safetensors``
+files with the same keys.
 """
 from __future__ import annotations
 
@@ -253,7 +254,7 @@ def load_reference_stats(texture_path: str | os.PathLike, semantic_path: str | o
 def find_reference_stats(directory: str | os.PathLike) -> tuple[str, str] | None:
   """Paths of ``latents_stats.*`` and ``latents_sv_stats.*`` in ``directory``, if both exist.
 
-  Prefers ``.npz`` and ``.safetensors`` over ``.pt`` (which needs PyTorch).
+  Prefers ``.npz`` and ``.safetensors`` over ``.pt`` (read by the restricted unpickler).
   """
   found = []
   for part in ("texture", "semantic"):

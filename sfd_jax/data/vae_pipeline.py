@@ -41,10 +41,11 @@ class _WithFeatures:
 
   def __init__(self, source, features: FeatureRecords):
     if len(features) != len(source):
-      raise ValueError(f"data.vf_features {features.directory}: {len(features)} records for "
-                       f"{len(source)} images; the features must be extracted from the same "
-                       "image source, one record per image in source order (an image the "
-                       "extraction skipped shifts every later record)")
+      raise errors.DataError(
+          f"config.data.vf_features={features.directory}: {len(features)} records for "
+          f"{len(source)} images; the features must be extracted from the same image "
+          "source, one record per image in source order (an image the extraction skipped "
+          "shifts every later record)")
     self.source, self.features = source, features
 
   def __len__(self) -> int:
@@ -90,8 +91,9 @@ def source_and_transform(kind: str, config, path_key: str = "path"):
   if (path_key == "path" and loss.get("name") == "ldm" and loss.get("use_vf")
       and loss.get("vf_source") == "features"):
     if not data_cfg.get("vf_features"):
-      raise ValueError("config.loss.vf_source='features' needs config.data.vf_features (a "
-                       "feature dataset of --mode=extract with extract.recipe=vf)")
+      raise errors.ConfigError("config.loss.vf_source='features' needs "
+                               "config.data.vf_features (a feature dataset of --mode=extract "
+                               "with extract.recipe=vf)")
     return (_WithFeatures(source, FeatureRecords(data_cfg.vf_features)),
             _CropWithFeatures(int(data_cfg.image_size)))
   return source, images_lib.CenterCropTransform(int(data_cfg.image_size))

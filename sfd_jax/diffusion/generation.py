@@ -50,7 +50,8 @@ class SamplingOptions:
   the reference's default without ``balanced_sampling``), ``fixed`` (every sample class
   ``label_class``) or ``unconditional`` (the null class K; the model must have one).
 
-  Solver: ``method`` (euler | heun | dopri5 | sde), ``num_steps`` (grid points),
+  Solver: ``method`` (euler | heun | dopri5 | sde | meanflow), ``num_steps`` (grid points;
+  for ``meanflow``, an average-velocity model's jumps: the NFE, docs/fewstep.md),
   dopri5's ``atol`` / ``rtol`` / ``jump_ts`` / ``max_steps``, ``timestep_shift`` (ODE
   grids), the SDE's ``diffusion_form``, ``diffusion_norm``, ``last_step`` (mean | euler |
   none), ``last_step_size`` and ``sde_t_min`` (``samplers.euler_maruyama``). ``seed``:
@@ -138,7 +139,10 @@ class SamplingOptions:
                   "cfg_interval_end", "last_step_size", "sde_t_min"):
       if not np.isfinite(getattr(self, field)):
         bad(field, "must be finite")
-    if self.num_steps < 2:
+    if self.method == "meanflow":
+      if self.num_steps < 1:
+        bad("num_steps", "counts the jumps of method 'meanflow' and must be >= 1")
+    elif self.num_steps < 2:
       bad("num_steps", "counts grid points and must be >= 2")
     if self.atol <= 0:
       bad("atol", "must be positive")
@@ -259,10 +263,13 @@ def to_uint8(images: jax.Array) -> jax.Array:
 
 
 def guided_velocity(model, guide, opts: SamplingOptions) -> guidance.VelocityFn:
-  """The velocity function ``opts`` describes (``guidance.make_guided_velocity``)."""
+  """The velocity function ``opts`` describes (``guidance.make_guided_velocity``; for
+  ``method="meanflow"`` the average velocity of a jump, ``make_guided_average_velocity``)."""
   scale_tex, scale_sem = opts.scales()
   start, end = opts.interval()
-  return guidance.make_guided_velocity(
+  make = (guidance.make_guided_average_velocity if opts.method == "meanflow" else
+          guidance.make_guided_velocity)
+  return make(
       model, guide, mode=opts.guidance, scale=opts.scale, scale_tex=scale_tex,
       scale_sem=scale_sem, interval_start=start, interval_end=end,
       interval_mode=opts.cfg_interval_mode, schedule=opts.schedule)
@@ -315,6 +322,17 @@ def check_decoder(main, decoder: LatentDecoder | None, field: str = "config.samp
     raise SamplingError(
         f"{field}.stats: the latent statistics have {int(decoder.mean.shape[-1])} texture "
         f"channels, the model {tex}; use the stats.npz of the model's training data")
+
+
+def check_method(main, opts: SamplingOptions, field: str = "config.sample",
+                 what: str = "the model") -> None:
+  """``method="meanflow"`` needs an average-velocity model (interval embedders)."""
+  if opts.method == "meanflow" and not getattr(main, "interval_embedding", False):
+    raise SamplingError(
+        f"{field}.method='meanflow' needs an average-velocity model (trained with "
+        f"config.objective.name='meanflow'), but {what} is a flow-matching model: sample "
+        "it with euler, heun, dopri5 or sde, or fine-tune it with objective.name='meanflow' "
+        "(docs/fewstep.md)")
 
 
 def check_guide(main, guide) -> None:

@@ -1,4 +1,4 @@
-"""Classifier-free guidance and autoguidance for SFD's two-part latent (SPEC §5.6, §8.3).
+"""Classifier-free guidance and autoguidance for SFD's two-part latent (docs/method.md §5.6, §8.3).
 
 Everything here is a pure function of a *velocity function*
 ``fn(x, t_tex, t_sem, y) -> v`` with ``x``/``v`` of shape ``[N, H, W, C]`` (channels last,
@@ -159,7 +159,7 @@ def forward_with_cfg(fn: VelocityFn, x: jax.Array, t_tex, t_sem, y: jax.Array,
                      scale: float, *, cfg_interval: bool = False,
                      cfg_interval_start: float | None = None, interval_mode: str = "both",
                      semantic_chans: int = SEMANTIC_CHANS, return_model_out: bool = False):
-  """The reference's ``forward_with_cfg`` with its 2N-row layout (SPEC §5.6).
+  """The reference's ``forward_with_cfg`` with its 2N-row layout (docs/method.md §5.6).
 
   ``x`` [2N, ...] holds the N latents twice and ``y`` [2N] the real labels then the null
   labels. Only ``x[:N]`` is used (run as ``[x[:N]; x[:N]]`` with the given 2N labels and
@@ -374,3 +374,25 @@ def make_guided_velocity(model: VelocityFn, guide: VelocityFn | None = None, *,
   def ag_fn(x, t_tex, t_sem, y):
     return autoguidance_velocity(model, guide, x, t_tex, t_sem, y, **kw)
   return with_cfg(ag_fn)
+
+
+class _WithInterval:
+  """``model`` with its ``interval`` argument bound (keeps ``cfg`` for the defaults)."""
+
+  def __init__(self, model, interval):
+    self.model, self.interval = model, interval
+    self.cfg = getattr(model, "cfg", None)
+
+  def __call__(self, *args, **kwargs):
+    return self.model(*args, interval=self.interval, **kwargs)
+
+
+def make_guided_average_velocity(model, guide=None, **options):
+  """:func:`make_guided_velocity` for average-velocity models (``samplers.meanflow``):
+  returns ``fn(x, t_a, t_b, y, interval=h)``; guidance combines the conditional and
+  reference *average* velocities of the same jump per part, as it does velocities."""
+  def fn(x, t_a, t_b, y, interval):
+    g = None if guide is None else _WithInterval(guide, interval)
+    return make_guided_velocity(_WithInterval(model, interval), g, **options)(x, t_a, t_b, y)
+  fn.cfg = getattr(model, "cfg", None)
+  return fn

@@ -1,4 +1,4 @@
-"""Semantic-first flow-matching objective (SPEC §6).
+"""Semantic-first flow-matching objective (docs/method.md §6).
 
 Path: x_t = t·x₁ + (1 − t)·x₀ with t = 0 noise and t = 1 data; target u = x₁ − x₀.
 Semantic-first clocks (``sfd_jax.diffusion.clocks``): τ = t·(1 + Δt), t_sem = min(τ, 1),
@@ -35,18 +35,59 @@ Loss terms, each per example and then averaged over the batch:
 Deviation from the reference (documented, switchable): the reference adds the REPA term
 only when the cosine loss is also on, so ``use_cosine_loss=False`` silently drops REPA.
 Here REPA is independent; ``repa_requires_cosine=True`` restores the reference behaviour.
+
+Average-velocity training (``name="meanflow"``, :func:`meanflow_losses`, docs/fewstep.md):
+the denoiser w_θ(x_τ, τ, ρ, y) predicts, per part k, the *local average velocity* of a
+jump from global time τ to ρ ≥ τ along the sampling ODE dx_k/dτ = t_k'(τ)·v_k, so that
+x_k(ρ) = x_k(τ) + (t_k(ρ) − t_k(τ))·w_k. With U_k = s_k·w_k the average velocity in τ
+(s_k = (t_k(ρ) − t_k(τ))/(ρ − τ), the part's average rate), the MeanFlow identity
+U = V − (τ − ρ)·dU/dτ (V_k = t_k'(τ)·v_k, dU/dτ the total derivative along the path) reads
+
+  w_k = w_k + r_k·(v_k − w_k) + (ρ − τ)·dw_k/dτ,   r_k = t_k'(τ)/s_k,
+
+and the regression target is its right-hand side with the conditional velocity
+u = x₁ − x₀ for v_k and dw/dτ = ∂_x w·V + ∂_τ w from one ``jax.jvp`` (stop-gradient). At
+ρ = τ (r_k = 1) the target is u: the flow-matching loss above, bit for bit. A part that
+does not move on [τ, ρ] (s_k = 0) is supervised with u as a clamped part is in flow
+matching; a part clamped at τ that moves later (t_k'(τ) = 0) gets r_k = 0. The MSE of a
+part is weighted by min(1, 1/r_k²), which keeps the target's noise r_k·(u − v_k) no larger
+than flow matching's (r_k > 1 where a part finishes inside [τ, ρ]).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from sfd_jax.core.errors import ConfigError
 from sfd_jax.diffusion import clocks
 
 TIME_SAMPLERS = ("logit_normal", "uniform")
+OBJECTIVES = ("flow_matching", "meanflow")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanFlowConfig:
+  """Options of the average-velocity objective (``config.objective.meanflow``).
+
+  equal_fraction: share of examples trained at ρ = τ (plain flow matching); the others
+    draw two times and jump from the earlier to the later (the MeanFlow paper: 0.75).
+  adaptive_p, adaptive_c: per-example weight sg(1/(mse + c)^p) of the MSE term (the
+    paper's adaptive loss weighting; p = 0: off, the paper uses p = 1, c = 1e-3).
+  """
+
+  equal_fraction: float = 0.75
+  adaptive_p: float = 0.0
+  adaptive_c: float = 1e-3
+
+  def __post_init__(self):
+    if not 0.0 <= self.equal_fraction <= 1.0:
+      raise ValueError(f"meanflow.equal_fraction must be in [0, 1], got {self.equal_fraction}")
+    if self.adaptive_p < 0 or self.adaptive_c <= 0:
+      raise ValueError(f"meanflow.adaptive_p must be >= 0 and adaptive_c > 0, got "
+                       f"{self.adaptive_p}, {self.adaptive_c}")
 REPA_MODES = ("cos", "mse", "cos_mse")
 COS_EPS = 1e-8  # torch.nn.functional.cosine_similarity's eps
 
@@ -68,6 +109,8 @@ class ObjectiveConfig:
   clock_energy_weight: float = 0.1           # learned clocks only (see the docstring)
   clock_correction: bool = True
   clock_weight_max: float = 10.0
+  name: str = "flow_matching"                # or "meanflow" (average velocity, few steps)
+  meanflow: MeanFlowConfig = MeanFlowConfig()
 
   def schedule_for(self, channels: int) -> clocks.Schedule:
     """The schedule of a latent with ``channels`` channels."""
@@ -86,6 +129,10 @@ class ObjectiveConfig:
       raise ValueError(f"time_sampler {self.time_sampler!r} not in {TIME_SAMPLERS}")
     if self.repa_mode not in REPA_MODES:
       raise ValueError(f"repa_mode {self.repa_mode!r} not in {REPA_MODES}")
+    if self.name not in OBJECTIVES:
+      raise ValueError(f"name {self.name!r} not in {OBJECTIVES}")
+    if isinstance(self.meanflow, Mapping):
+      object.__setattr__(self, "meanflow", MeanFlowConfig(**self.meanflow))
 
   @classmethod
   def from_config(cls, config) -> "ObjectiveConfig":
@@ -95,12 +142,12 @@ class ObjectiveConfig:
     o = config.objective.to_dict()
     unknown = set(o) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-      raise ValueError(f"config.objective has unknown fields {sorted(unknown)}")
+      raise ConfigError(f"config.objective has unknown fields {sorted(unknown)}")
     o["semantic_chans"] = config.model.semantic_chans
     o["use_repa"] = bool(o.get("use_repa", True) and config.model.use_repa)
     if "schedule" in o:
-      raise ValueError("config.objective.schedule is not a field: the schedule is the "
-                       "top-level section config.schedule")
+      raise ConfigError("config.objective.schedule is not a field: the schedule is the "
+                        "top-level section config.schedule")
     section = config.get("schedule") if hasattr(config, "get") else None
     if section is not None and section.get("parts"):
       o["schedule"] = clocks.from_config(config)
@@ -265,3 +312,122 @@ def training_losses(apply_fn: ApplyFn, x1: jax.Array, y: jax.Array, key: jax.Arr
     per_example["t_tex"], per_example["t_sem"] = times
   metrics["per_example"] = per_example
   return total, metrics
+
+
+# ----------------------------------------------------------------------------------
+# Average velocity (MeanFlow) over the multi-clock path
+# ----------------------------------------------------------------------------------
+
+
+def sample_time_pairs(key: jax.Array, n: int, cfg: ObjectiveConfig):
+  """(t, r) training draws in [0, 1] with t ≤ r (jump from τ = t·T to ρ = r·T).
+
+  t of the ρ = τ examples (``meanflow.equal_fraction`` of them) is exactly
+  :func:`sample_times`'s draw from ``key``; the others take the smaller and larger of that
+  draw and a second one."""
+  t = sample_times(key, n, cfg)
+  other = sample_times(jax.random.fold_in(key, 1), n, cfg)
+  equal = jax.random.uniform(jax.random.fold_in(key, 2), (n,)) < cfg.meanflow.equal_fraction
+  return (jnp.where(equal, t, jnp.minimum(t, other)),
+          jnp.where(equal, t, jnp.maximum(t, other)))
+
+
+def meanflow_target(w, dw, u, times, rates, times_end, span, schedule: clocks.Schedule):
+  """The regression target of :func:`meanflow_losses` and its per-part weights.
+
+  w, dw: the prediction and its total τ-derivative along the path [N, H, W, C]; u = x₁ − x₀;
+  times / rates / times_end: per-part t_k(τ), t_k'(τ), t_k(ρ) ([N] each); span = ρ − τ.
+  Returns (target, per-part weights min(1, 1/r_k²))."""
+  f32 = jnp.float32
+  equal = span == 0
+  ratios, weights, fm = [], [], []
+  for tk, rk, ek in zip(times, rates, times_end):
+    delta = ek - tk
+    moving = delta > 0
+    r = jnp.where(moving, rk * span / jnp.where(moving, delta, 1.0), 0.0)
+    r = jnp.where(equal, f32(1.0), r).astype(f32)
+    ratios.append(r)
+    weights.append(jnp.where(r > 1.0, 1.0 / jnp.square(jnp.maximum(r, 1.0)), f32(1.0)))
+    fm.append(equal | ~moving)
+  ratio = schedule.per_channel(ratios)[:, None, None, :]
+  use_u = schedule.per_channel(fm)[:, None, None, :]
+  w = w.astype(f32)
+  target = w + ratio * (u - w) + span[:, None, None, None] * dw.astype(f32)
+  return jax.lax.stop_gradient(jnp.where(use_u, u, target)), weights
+
+
+def meanflow_losses(apply_fn, x1: jax.Array, y: jax.Array, key: jax.Array,
+                    cfg: ObjectiveConfig, repa_target: jax.Array | None = None,
+                    x0: jax.Array | None = None, t: jax.Array | None = None,
+                    r: jax.Array | None = None, clock_params=None):
+  """The average-velocity loss of a batch (module docstring; ``name="meanflow"``).
+
+  ``apply_fn(x_t, t_a, t_b, y, label_drop_key, interval) -> (w, repa_proj)`` as in
+  :func:`training_losses`, plus ``interval``: per-part h_k = t_k(ρ) − t_k(τ) ([N] each).
+  ``t``, ``r``: optional fixed draws (t ≤ r, fractions of the schedule's span T).
+  Returns (loss scalar, metrics) like :func:`training_losses`; at ``r == t`` for every
+  example the loss and its terms equal :func:`training_losses`' bit for bit.
+  """
+  n = x1.shape[0]
+  k_noise, k_time, k_drop = jax.random.split(key, 3)
+  if x0 is None:
+    x0 = jax.random.normal(k_noise, x1.shape, jnp.float32)
+  if t is None:
+    t, r = sample_time_pairs(k_time, n, cfg)
+  elif r is None:
+    r = t
+  sch = cfg.schedule_for(x1.shape[-1])
+  total = sch.total
+  tau = t if total == 1.0 else t * jnp.float32(total)
+  rho = r if total == 1.0 else r * jnp.float32(total)
+  times_end = sch.times(rho, clock_params)
+  times, rates = jax.jvp(lambda s: sch.times(s, clock_params), (tau,), (jnp.ones_like(tau),))
+  xt, ut = interpolate_parts(x0, x1.astype(jnp.float32), times, sch)
+  velocity = sch.per_channel(rates)[:, None, None, :] * ut     # dx/dτ of the path
+
+  def average_velocity(x, s):
+    tm = sch.times(s, clock_params)
+    gaps = tuple(e - a for e, a in zip(times_end, tm))
+    return apply_fn(x, *clocks.split_times(tm), y, k_drop, gaps)
+
+  (pred, proj), (dpred, _) = jax.jvp(average_velocity, (xt, tau),
+                                     (velocity, jnp.ones_like(tau)))
+  target, weights = meanflow_target(pred, dpred, ut, times, rates, times_end, rho - tau, sch)
+  learned = bool(sch.learned_parts)
+  corr = (clock_correction(sch, t, times, clock_params, cfg)
+          if learned and cfg.clock_correction else None)
+  terms = velocity_losses(pred, target, cfg, example_weights=corr)
+  # The capped weights enter as a correction that is exactly 0 where they are 1 (every
+  # ρ = τ example), so those keep flow matching's reduction and its bits.
+  extra = [w - 1.0 if corr is None else (w - 1.0) * c for w, c in
+           zip(weights, corr or weights)]
+  terms["mse"] = terms["mse"] + velocity_losses(pred, target, cfg,
+                                                example_weights=extra)["mse"]
+  mse = terms["mse"]
+  mf = cfg.meanflow
+  if mf.adaptive_p > 0:
+    adaptive = jax.lax.stop_gradient(
+        1.0 / (mse + jnp.float32(mf.adaptive_c)) ** jnp.float32(mf.adaptive_p))
+    mse = adaptive * mse
+  total_loss = jnp.mean(mse)
+  metrics = {"loss_mse": jnp.mean(terms["mse"]), "loss_cos": jnp.mean(terms["cos"]),
+             "interval_mean": jnp.mean(rho - tau)}
+  if cfg.use_cosine_loss:
+    total_loss = total_loss + jnp.mean(terms["cos"])
+  if learned:
+    energy = sch.kinetic_energy(clock_params)
+    metrics["clock_energy"] = energy
+    total_loss = total_loss + jnp.float32(cfg.clock_energy_weight) * energy
+  if cfg.repa_active and repa_target is not None:
+    if proj is None:
+      raise ValueError("REPA is on but the model returned no projection (use_repa=False?)")
+    terms["repa"] = repa_loss(proj, repa_target, cfg.repa_mode, cfg.repa_weight)
+    metrics["loss_repa"] = jnp.mean(terms["repa"])
+    total_loss = total_loss + metrics["loss_repa"]
+  metrics["loss"] = total_loss
+  per_example = {**terms, "t": t, "r": r, "times": times, "xt": xt, "ut": ut, "pred": pred,
+                 "target": target}
+  if len(times) == 2:
+    per_example["t_tex"], per_example["t_sem"] = times
+  metrics["per_example"] = per_example
+  return total_loss, metrics

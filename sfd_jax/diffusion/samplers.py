@@ -1,6 +1,6 @@
 """Semantic-first samplers: fixed-grid Euler / Heun, adaptive dopri5, Euler–Maruyama SDE.
 
-The semantic-first ODE (SPEC §8.1) runs over global time τ ∈ [0, 1 + Δt]:
+The semantic-first ODE (docs/method.md §8.1) runs over global time τ ∈ [0, 1 + Δt]:
 
   dx/dτ = m(τ) ⊙ v(x, t_tex(τ), t_sem(τ), y),
   t_tex = max(τ − Δt, 0),   t_sem = min(τ, 1),
@@ -53,7 +53,7 @@ from sfd_jax.diffusion.clocks import SEMANTIC_CHANS, Schedule, clocks
 
 VelocityFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
-METHODS = ("euler", "heun", "dopri5", "sde")
+METHODS = ("euler", "heun", "dopri5", "sde", "meanflow")
 DIFFUSION_FORMS = ("SBDM", "sigma", "linear", "constant", "decreasing",
                    "increasing-decreasing")
 LAST_STEPS = ("mean", "euler", None)
@@ -265,6 +265,34 @@ def heun(velocity_fn: VelocityFn, z: jax.Array, y, *, grid: np.ndarray, delta_t:
 
   x, traj = _scan_grid(step, z, grid, return_trajectory, extra_xs=jnp.asarray(grid[1:]))
   return x, traj, 2 * (len(grid) - 1)
+
+
+def meanflow(velocity_fn, z: jax.Array, y, *, grid: np.ndarray, schedule: Schedule,
+             clock_params=None, return_trajectory: bool = False):
+  """Few-step sampling with an average-velocity model (``objective.name="meanflow"``).
+
+  One evaluation per grid interval [τ_i, τ_{i+1}]: the model, called as
+  ``velocity_fn(x, t_a, t_b, y, interval=h)`` with the part times at τ_i and the per-part
+  intervals h_k = t_k(τ_{i+1}) − t_k(τ_i), returns each part's local average velocity
+  w_k, and every part jumps by its own clock's advance:
+  x_k ← x_k + (t_k(τ_{i+1}) − t_k(τ_i))·w_k. A part whose clock does not move on the
+  interval (before its start, after its end) stays exactly where it is, so the
+  schedule's kinks are respected inside a jump without being grid points.
+  Returns (x, trajectory or None, nfe = len(grid) − 1)."""
+  n = z.shape[0]
+
+  def step(x, tau, _, tau_next):
+    now = schedule.times(tau, clock_params)
+    then = schedule.times(tau_next, clock_params)
+    gaps = tuple(b - a for a, b in zip(now, then))
+    times = [jnp.full((n,), t) for t in now]
+    w = velocity_fn(x, *clocks_lib.split_times(times), y, interval=gaps)
+    if w.shape != x.shape:
+      raise ValueError(f"velocity function returned shape {w.shape}, expected {x.shape}")
+    return x + schedule.per_channel(gaps).astype(x.dtype) * w.astype(x.dtype)
+
+  x, traj = _scan_grid(step, z, grid, return_trajectory, extra_xs=jnp.asarray(grid[1:]))
+  return x, traj, len(grid) - 1
 
 
 # ----------------------------------------------------------------------------------
@@ -570,10 +598,12 @@ def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
     velocity_fn: ``fn(x, t_tex, t_sem, y) -> v`` (e.g. from ``make_guided_velocity``).
     z: initial noise, all channels (semantic included).
     y: labels [N] (passed through to ``velocity_fn``).
-    method: ``euler``/``heun`` (fixed grid), ``dopri5`` (adaptive, diffrax) or ``sde``
-      (Euler–Maruyama, needs ``key``).
+    method: ``euler``/``heun`` (fixed grid), ``dopri5`` (adaptive, diffrax), ``sde``
+      (Euler–Maruyama, needs ``key``) or ``meanflow`` (jumps of an average-velocity
+      model, :func:`meanflow`; ``velocity_fn`` takes ``interval=``).
     num_steps: grid points of ``linspace(0, 1 + Δt, num_steps)``: Euler/Heun take
-      num_steps − 1 steps; for dopri5 it only defines the returned trajectory.
+      num_steps − 1 steps; for dopri5 it only defines the returned trajectory; for
+      ``meanflow`` it is the number of jumps (grid of num_steps + 1 points).
     delta_t: semantic lead Δt (0: synchronous model, plain [0, 1] flow); default: the
       model's (``velocity_fn.cfg``, see :func:`model_clocks`), else 0.3.
     semantic_chans: trailing semantic channels (masking; irrelevant when Δt = 0);
@@ -602,6 +632,14 @@ def sample(velocity_fn: VelocityFn, z: jax.Array, y, *, method: str = "dopri5",
     raise ValueError(f"semantic_chans={semantic_chans} must be in [0, {z.shape[-1]}]")
   sch = resolve_schedule(schedule, delta_t, semantic_chans, z.shape[-1])
   sched_kw = dict(schedule=sch, clock_params=clock_params)
+  if method == "meanflow":
+    if num_steps < 1:
+      raise ValueError(f"meanflow counts jumps: num_steps must be >= 1, got {num_steps}")
+    grid = time_grid(num_steps + 1, delta_t, shift, total=sch.total,
+                     kinks=sch.kinks if grid_kinks else ())
+    x, traj, nfe = meanflow(velocity_fn, z, y, grid=grid,
+                            return_trajectory=return_trajectory, **sched_kw)
+    return SampleOutput(x, jnp.asarray(nfe, jnp.int32), traj)
   if method in ("euler", "heun"):
     grid = time_grid(num_steps, delta_t, shift, total=sch.total,
                      kinks=sch.kinks if grid_kinks else ())

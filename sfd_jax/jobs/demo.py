@@ -2,8 +2,10 @@
 trainers, exported) → latents (``data.encode``) → SFD (Δt 0.3) and synchronous (Δt 0)
 training → guided sampling (``sampling``) → FID, grids, plots, ``metrics.json``. A stage
 runs unless ``<workdir>/<stage>/done.json`` exists; trainings resume from checkpoints. The
-clock sweep (``configs/demo.py:clocks=1``) trains ``runs/<schedule>_s<seed>`` (``sweep``
-overrides) in stages of its own and reports mean ± std over the seeds.
+sweeps — clock schedules (``configs/demo.py:clocks=1``) and few-step sampling
+(``fewstep=1``: flow matching at several Euler NFEs against average-velocity models at
+1-4 jumps) — train ``runs/<setting>_s<seed>`` (``sweep`` overrides) in stages of their
+own and report mean ± std over the seeds.
 """
 from __future__ import annotations
 
@@ -14,24 +16,20 @@ import time
 from typing import Any, Callable
 
 import jax
-import matplotlib
 import numpy as np
 from PIL import Image
 
 from sfd_jax import sampling, sweep
 from sfd_jax.checkpoint import export
 from sfd_jax.convert import networks
-from sfd_jax.core import checks, errors, files
+from sfd_jax.core import checks, errors, files, optional, options
 from sfd_jax.core import images as images_lib
 from sfd_jax.data import encode
 from sfd_jax.data import images as data_images
 from sfd_jax.data import schema as schema_lib
 from sfd_jax.diffusion.generation import balanced_labels
-from sfd_jax.metrics import adm, features
+from sfd_jax.metrics import adm, features, plots
 from sfd_jax.training import periodic_eval, sfd, vae
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def log(msg: str) -> None:
@@ -71,8 +69,9 @@ def _stage(workdir: str, stage: str, fn: Callable[[str], dict[str, Any]],
 
 def load_dataset(image_size: int) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 [N, S, S, 3] images, int32 labels) of scikit-learn's digits, upsampled."""
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-  d = load_digits()
+  datasets = optional.require("sklearn.datasets", extra="demo",
+                              purpose="--mode=demo (scikit-learn's digits)")
+  d = datasets.load_digits()
   grey = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)      # 17 levels → 0..255
   up = np.stack([np.asarray(Image.fromarray(g).resize((image_size, image_size),
                                                       Image.BICUBIC)) for g in grey])
@@ -133,7 +132,7 @@ def demo_runs(cfg, workdir: str) -> list[tuple[str, str, Any]]:
   paths = [("data.path", wd("latents")), ("sample.texture_vae", wd("texture_vae")),
            ("train_eval.features_path", wd("feature_net")),
            ("train_eval.reference", wd("data", "reference.npz"))]
-  sw = cfg.demo.get("clock_sweep")
+  sw = sweep_section(cfg)
   if sw is None:
     runs = [(run_name(dt), f"Δt={dt:g}", (("objective.delta_t", float(dt)),))
             for dt in cfg.demo.delta_ts]
@@ -142,10 +141,25 @@ def demo_runs(cfg, workdir: str) -> list[tuple[str, str, Any]]:
             "product": {"seed": list(sw.seeds)}}
     runs = [(f"{name}_s{seed}", f"{name} seed {seed}", over + (("sample.seed", seed),))
             for (name, seed), over in zip(itertools.product(sw.order, sw.seeds),
-                                          sweep.expand(spec, "clock_sweep"))]
+                                          sweep.expand(spec, "demo sweep"))]
   return [(name, label, sweep.apply_overrides(
       cfg, paths + list(over) + [("sample.checkpoint", wd("runs", name))]))
           for name, label, over in runs]
+
+
+def sweep_section(cfg):
+  """``demo.clock_sweep`` or ``demo.fewstep`` (runs × seeds), or None (the default demo)."""
+  return cfg.demo.get("clock_sweep") or cfg.demo.get("fewstep")
+
+
+def evaluations(cfg, name: str) -> list[tuple[str, int, int]]:
+  """(method, num_steps, NFE) at which run ``name`` is sampled: the config's sampler, or
+  for the few-step sweep every NFE of its setting (Euler: NFE + 1 grid points)."""
+  sw = cfg.demo.get("fewstep")
+  if sw is None:
+    return [(cfg.sample.method, int(cfg.sample.num_steps), 0)]
+  method, nfes = sw.nfe[name.rsplit("_s", 1)[0]]
+  return [(method, int(k) + (method != "meanflow"), int(k)) for k in nfes]
 
 
 def _stage_train(cfg, workdir: str) -> dict[str, Any]:
@@ -178,92 +192,81 @@ def _stage_sample(cfg, wd: Callable[..., str]) -> dict[str, Any]:
       **adm.compute_metrics(wd("data", "holdout.npz"), ref, ex), "num_images": int(len(xh)),
       "class_accuracy": _class_accuracy(ex, xh, yh)}}
   for name, label, rc in demo_runs(cfg, wd()):
-    log(f"  sampling {label}: {rc.sample.num_images} images, {rc.sample.method} "
-        f"{rc.sample.num_steps} steps, {rc.sample.guidance} scale {rc.sample.scale}")
-    res = sampling.sample_from_config(rc, rc.sample.checkpoint)
-    n = int(rc.sample.num_images)
-    imgs = images_lib.load_pngs(images_lib.numbered_pngs(res["out_dir"], n))
-    m = out[name] = adm.compute_metrics(res["npz"], ref, ex)
-    m.update(num_images=n, class_accuracy=_class_accuracy(
-        ex, imgs, balanced_labels(np.arange(n), n, int(rc.model.num_classes))))
-    log(f"  {label}: FID {m['fid']:.2f}, class accuracy {m['class_accuracy']:.3f}, "
-        f"precision {m['precision']:.3f}, recall {m['recall']:.3f}")
+    for method, steps, nfe in evaluations(cfg, name):
+      key, sub = (f"{name}@{nfe}", f"nfe{nfe}") if nfe else (name, "")
+      rs = sweep.apply_overrides(rc, [("sample.method", method), ("sample.num_steps", steps)])
+      log(f"  sampling {label}: {rs.sample.num_images} images, {method} {steps} steps, "
+          f"{rs.sample.guidance} scale {rs.sample.scale}")
+      res = sampling.sample_from_config(rs, os.path.join(rc.sample.checkpoint, sub))
+      n = int(rs.sample.num_images)
+      imgs = images_lib.load_pngs(images_lib.numbered_pngs(res["out_dir"], n))
+      m = out[key] = adm.compute_metrics(res["npz"], ref, ex)
+      m.update(num_images=n, nfe=res["nfe_per_batch"], class_accuracy=_class_accuracy(
+          ex, imgs, balanced_labels(np.arange(n), n, int(rs.model.num_classes))))
+      log(f"  {label}: FID {m['fid']:.2f}, class accuracy {m['class_accuracy']:.3f}, "
+          f"precision {m['precision']:.3f}, recall {m['recall']:.3f}")
   return out
-
-
-def _save(fig, path: str) -> None:
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def _stage_report(cfg, workdir: str, results: dict[str, Any]) -> dict[str, Any]:
   sample_res, floor = results["sample"], results["sample"]["real_holdout"]["fid"]
-  if cfg.demo.get("clock_sweep") is not None:
-    sw, names = cfg.demo.clock_sweep, list(cfg.demo.clock_sweep.order)
-    summ = sweep.mean_std(sample_res, {n: [f"{n}_s{s}" for s in sw.seeds] for n in names},
-                          ("fid", "class_accuracy"))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, metric, title in ((axes[0], "fid", "demo FID (lower is better)"),
-                              (axes[1], "class_accuracy", "class accuracy")):
-      ax.bar(names, [summ[n][metric]["mean"] for n in names], capsize=4, color="#6a8fc7",
-             yerr=[summ[n][metric]["std"] for n in names])
-      for i, n in enumerate(names):
-        ax.plot([i] * len(summ[n][metric]["values"]), summ[n][metric]["values"], "k.", ms=4)
-      ax.set_title(f"{title}, mean ± std over {len(sw.seeds)} seeds",
-                   fontsize=9)
-      ax.grid(alpha=0.3, axis="y")
-    axes[0].axhline(floor, color="grey", ls="--", lw=1)
-    _save(fig, os.path.join(workdir, "clock_sweep.png"))
+  wd, metrics = lambda *p: os.path.join(workdir, *p), ("fid", "class_accuracy")  # noqa: E731
+  sw = sweep_section(cfg)
+  if sw is not None:
+    few = cfg.demo.get("fewstep") is not None
+    groups = {f"{n}@{k}" if few else n: [f"{n}_s{s}@{k}" if few else f"{n}_s{s}"
+                                         for s in sw.seeds]
+              for n in sw.order for k in (sw.nfe[n][1] if few else (0,))}
+    summ = sweep.mean_std(sample_res, groups, metrics)
+    if few:
+      plots.lines_over_nfe(summ, {n: (sw.labels[n], sw.nfe[n][1]) for n in sw.order},
+                           metrics, wd("fewstep.png"), floor=floor)
+      return {"files": ["fewstep.png", "metrics.json"], "fewstep": summ}
+    plots.bars_over_seeds(summ, list(sw.order), metrics, wd("clock_sweep.png"), floor=floor)
     return {"files": ["clock_sweep.png", "metrics.json"], "clock_sweep": summ}
   k, per, n = int(cfg.model.num_classes), int(cfg.demo.grid_per_class), int(cfg.sample.num_images)
-  dts = list(cfg.demo.delta_ts)
-  fig, axes = plt.subplots(1, len(dts), figsize=(4.2 * len(dts), 4.6))
-  for ax, dt in zip(np.atleast_1d(axes), dts):
-    sdir = os.path.join(workdir, "runs", run_name(dt), "samples")
-    grid = images_lib.class_grid(images_lib.load_pngs(images_lib.numbered_pngs(sdir, n)), k, per)
+  names = [run_name(dt) for dt in cfg.demo.delta_ts]
+  grids = [images_lib.class_grid(images_lib.load_pngs(images_lib.numbered_pngs(
+      wd("runs", r, "samples"), n)), k, per) for r in names]
+  for r, grid in zip(names, grids):
     Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(
-        os.path.join(workdir, f"samples_{run_name(dt)}.png"))
-    m = sample_res[run_name(dt)]
-    ax.imshow(grid, interpolation="nearest")
-    ax.set(xticks=[], yticks=[], ylabel="one row per class (0–9)")
-    ax.set_title(f"Δt = {dt:g}: FID {m['fid']:.2f}, class acc. {m['class_accuracy']:.2f}",
-                 fontsize=10)
-  _save(fig, os.path.join(workdir, "samples.png"))
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  for dt in dts:
-    hist = [(s, f) for s, f in results["train"][run_name(dt)]["fid_history"] if f is not None]
-    if hist:
-      ax.plot(*zip(*hist), marker="o",
-              label=f"Δt = {dt:g}" + (" (SFD)" if dt else " (synchronous)"))
-  ax.axhline(floor, color="grey", ls="--", lw=1, label=f"held-out real images ({floor:.2f})")
-  ax.set(xlabel="training step", yscale="log",
-         ylabel=f"FID ({cfg.train_eval.num_images} samples, demo features)")
-  ax.legend()
-  ax.grid(alpha=0.3)
-  _save(fig, os.path.join(workdir, "fid_vs_steps.png"))
+        wd(f"samples_{r}.png"))
+  plots.sample_grids(grids, [f"Δt = {dt:g}: FID {sample_res[r]['fid']:.2f}, class acc. "
+                             f"{sample_res[r]['class_accuracy']:.2f}"
+                             for dt, r in zip(cfg.demo.delta_ts, names)], wd("samples.png"))
+  plots.curves({f"Δt = {dt:g}" + (" (SFD)" if dt else " (synchronous)"):
+                [(s, f) for s, f in results["train"][r]["fid_history"] if f is not None]
+                for dt, r in zip(cfg.demo.delta_ts, names)}, wd("fid_vs_steps.png"),
+               xlabel="training step", floor=floor,
+               ylabel=f"FID ({cfg.train_eval.num_images} samples, demo features)",
+               floor_label=f"held-out real images ({floor:.2f})")
   return {"files": ["samples.png", "fid_vs_steps.png", "metrics.json"] +
-          [f"samples_{run_name(dt)}.png" for dt in dts]}
+          [f"samples_{r}.png" for r in names]}
+
+
+def check(config) -> None:
+  """The demo's start-up checks: a demo config (every field, its trainers' configs
+  included, against ``core.options``) in one process."""
+  checks.require_sections(config, ("demo", "model", "data", "sample", "train_eval"),
+                          mode="demo", example="configs/demo.py")
+  options.check(config, "sfd")
+  if jax.process_count() > 1:
+    raise errors.ConfigError("the demo runs in one process (it is meant for one CPU "
+                             "machine): run it without the multi-process environment")
 
 
 def run(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the whole demo; returns the content of ``metrics.json``."""
   t_start, workdir = time.time(), os.path.abspath(workdir)
-  checks.require_sections(config, ("demo", "model", "data", "sample", "train_eval"),
-                          mode="demo", example="configs/demo.py")
-  if config.demo.get("dataset", "digits") != "digits":
-    raise errors.ConfigError(f"config.demo.dataset must be 'digits' (scikit-learn's "
-                             f"load_digits), got {config.demo.dataset!r}")
+  check(config)
   errors.check_writable(workdir, "the demo workdir")
-  if jax.process_count() > 1:
-    raise errors.ConfigError("the demo runs in one process (it is meant for one CPU "
-                             "machine): run it without the multi-process environment")
   log(f"workdir {workdir}; {jax.device_count()} {jax.devices()[0].platform} device(s)")
   c, wd = config, lambda *p: os.path.join(workdir, *p)
   images = (wd("data", "train"), wd("data", "holdout"))
   # the sweep's stages have their own names: it shares a workdir's data, networks and
   # latents with the default demo
-  sx = "_clocks" if config.demo.get("clock_sweep") is not None else ""
+  sx = ("_clocks" if config.demo.get("clock_sweep") is not None else
+        "_fewstep" if config.demo.get("fewstep") is not None else "")
   stages = [("data", lambda d: _stage_data(c, d)),
             *[(k, lambda d, k=k: _train_network(c.demo[k], k, d, *images))
               for k in ("feature_net", "texture_vae")],
@@ -285,7 +288,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                "metric for held-out real digits (fewer images, so its FID is biased up)."),
   }
   if sx:
-    summary["clock_sweep"] = results["report"]["clock_sweep"]
+    key = "fewstep" if sx == "_fewstep" else "clock_sweep"
+    summary[key] = results["report"][key]
   info = {"summary": summary, "stages": results, "seconds_this_run": timings,
           "total_seconds_this_run": round(time.time() - t_start, 1), "config": config.to_dict()}
   with open(wd("metrics.json.tmp"), "w") as f:

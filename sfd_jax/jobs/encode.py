@@ -27,12 +27,18 @@ def build_networks(config: ml_collections.ConfigDict) -> tuple[nnx.Module, nnx.M
   """(texture VAE, DINOv2, SemVAE) as named by ``config.encode``."""
   e = config.encode
   kw = dict(random_init=bool(e.random_init), dtype=e.dtype)
-  dino = load_network("dinov2", e.dinov2, preset=e.dinov2_preset, seed=config.seed, **kw)
+  dino = load_network("dinov2", e.dinov2, preset=e.dinov2_preset, seed=config.seed,
+                      field="config.encode.dinov2", **kw)
   tvae = load_network("texture_vae", e.texture_vae, preset=e.texture_vae_preset,
-                      seed=config.seed + 1, **kw)
+                      seed=config.seed + 1, field="config.encode.texture_vae", **kw)
   semvae = load_network("semvae", e.semvae, preset=e.semvae_preset, seed=config.seed + 2,
-                        overrides={"input_dim": dino.config.embed_dim}, **kw)
+                        overrides={"input_dim": dino.config.embed_dim},
+                        field="config.encode.semvae", **kw)
   return tvae, dino, semvae
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  images_lib.validate_job_config(config, "encode")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """``--mode=eval_tokenizer``: rFID, PSNR, SSIM and LPIPS of a texture VAE on held-out images.
 
   python main.py --mode=eval_tokenizer --config=configs/texture_vae_f16d32_vavae.py \
-      --config.eval_tokenizer.checkpoint=runs/vavae --config.eval_tokenizer.images=/data/imagenet/val \
+      --config.eval_tokenizer.checkpoint=runs/vavae \
+      --config.eval_tokenizer.images=/data/imagenet/val \
       --config.eval_tokenizer.inception=weights/inception_fid \
       --config.eval_tokenizer.lpips=weights/lpips_vgg --workdir=runs/vavae
 
@@ -39,14 +40,36 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sfd_jax.checkpoint import runs
 from sfd_jax.convert import lpips as lpips_convert
 from sfd_jax.convert import networks
+from sfd_jax.core import checks, options
 from sfd_jax.core import images as images_lib
+from sfd_jax.core import writers as writers_lib
+from sfd_jax.core.errors import ConfigError
 from sfd_jax.data import images as data_images
 from sfd_jax.metrics import features as features_lib
 from sfd_jax.metrics import reconstruction
 
 
-class TokenizerEvalError(ValueError):
-  pass
+LPIPS_EMPTY = ("config.eval_tokenizer.lpips is empty: convert the LPIPS weights once (python "
+               "-m sfd_jax.convert.lpips --vgg ... --lin ... --dst DIR) and point the field "
+               "at DIR")
+
+
+class TokenizerEvalError(ConfigError):
+  """config.eval_tokenizer is incomplete or names files that cannot be used."""
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """The fields (``core.options``), the held-out images and the LPIPS network named, before
+  the workdir is touched."""
+  checks.require_sections(config, ("eval_tokenizer", "data"), mode="eval_tokenizer",
+                          example="configs/texture_vae_f16d32_vavae.py")
+  options.check(config)
+  e = config.eval_tokenizer
+  if not (e.get("images") or config.data.get("eval_path", "")):
+    raise TokenizerEvalError("config.eval_tokenizer.images is empty (and data.eval_path "
+                             "too): point it at a folder of held-out images")
+  if not e.get("lpips") and not e.get("random_init", False):
+    raise TokenizerEvalError(LPIPS_EMPTY)
 
 
 def _vae(e):
@@ -64,9 +87,7 @@ def _lpips(e):
   if e.get("random_init", False) and not e.get("lpips"):
     return lpips_convert.random_lpips(int(e.seed), width=float(e.get("lpips_random_width", 1.0)))
   if not e.get("lpips"):
-    raise TokenizerEvalError("config.eval_tokenizer.lpips is empty: convert the LPIPS weights "
-                             "once (python -m sfd_jax.convert.lpips --vgg ... --lin ... --dst "
-                             "DIR) and point the field at DIR")
+    raise TokenizerEvalError(LPIPS_EMPTY)
   return lpips_convert.load_lpips(e.lpips)
 
 
@@ -81,11 +102,9 @@ def _batches(source, transform, batch: int, limit: int, threads: int):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  check(config)
   e = config.eval_tokenizer
   images_dir = e.get("images") or config.data.get("eval_path", "")
-  if not images_dir:
-    raise TokenizerEvalError("config.eval_tokenizer.images is empty (and data.eval_path "
-                             "too): point it at a folder of held-out images")
   if jax.process_index() != 0:
     return {}
   out_dir = os.path.join(workdir, "eval_tokenizer")
@@ -152,8 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           "features": kind or "", "preprocess": e.get("preprocess", "pytorch_fid")}
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(info, f, indent=2, default=str)
-  from clu import metric_writers  # pylint: disable=import-outside-toplevel
-  writer = metric_writers.create_default_writer(out_dir)
+  writer = writers_lib.create_writer(out_dir, kind=str(config.get("writer", "auto") or "auto"))
   step = int(e.get("tb_step", 0))
   writer.write_scalars(step, {f"eval_tokenizer/{k}": v
                               for k, v in reconstruction.finite(metrics).items()})
@@ -162,6 +180,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                  cols=len(grid_real), pad=1)
     images_lib.save_png(grid, os.path.join(out_dir, "reconstructions.png"))
     writer.write_images(step, {"eval_tokenizer/reconstructions": grid[None]})
-  writer.flush()
+  writer.close()
   logging.info("eval_tokenizer: %s", json.dumps(metrics))
   return info

@@ -32,20 +32,23 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sfd_jax import sampling
 from sfd_jax.convert.common import check_converted_dir
 from sfd_jax.convert.inception import load_inception
-from sfd_jax.core import checks
+from sfd_jax.core import checks, options
 from sfd_jax.core import images as images_lib
 from sfd_jax.core import writers as writers_lib
 from sfd_jax.core.errors import ConfigError
 from sfd_jax.metrics import adm
-from sfd_jax.models.inception import PREPROCESS_MODES
 
 
 class EvalError(ConfigError):
   """config.eval is incomplete or names files that cannot be used."""
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def check(config: ml_collections.ConfigDict) -> None:
+  """Everything ``run`` needs that can be checked without sampling: the fields, the
+  Inception folder, the reference batch, the samples to score (or the sampling
+  options)."""
   checks.require_sections(config, ("eval", "sample"), mode="eval", example="configs/sfd_xl.py")
+  options.check(config)
   e = config.eval
   if not e.inception:
     raise EvalError("config.eval.inception is empty: convert the FID Inception weights once "
@@ -58,12 +61,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if not samples_npz and not config.sample.get("texture_vae", ""):
     raise EvalError("evaluation needs decoded images: set config.sample.texture_vae (or "
                     "config.eval.samples_npz to score existing samples)")
-  # Everything the metrics need is checked before the (long) sampling run.
-  checks.check_fields(e, [
-      ("batch_size", checks.positive_int, "an integer > 0"),
-      ("grid_images", checks.non_negative_int, "an integer >= 0"),
-      ("preprocess", checks.one_of(PREPROCESS_MODES), f"one of {PREPROCESS_MODES}")],
-      prefix="config.eval")
   check_converted_dir(e.inception, "inception_v3_fid", "config.eval.inception")
   adm.check_batch_file(e.reference_npz, "config.eval.reference_npz")
   if samples_npz:
@@ -74,10 +71,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if "arr_0" not in keys:
       raise EvalError(f"config.eval.samples_npz={samples_npz!r} has no 'arr_0' "
                       f"(found {keys}): expected ADM-format uint8 images [N, H, W, 3]")
+  else:
+    sampling.check_config(config)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  check(config)       # everything the metrics need, before the (long) sampling run
+  e = config.eval
+  samples_npz = e.get("samples_npz", "")
+  if samples_npz:
     num_images = int(adm.npz_array_info(samples_npz)[0][0])
     result, sample_info = {"npz": samples_npz, "out_dir": None}, {"samples_npz": samples_npz}
   else:
-    sampling.validate_config(config)
     result = sampling.sample_from_config(config, workdir)
     num_images, sample_info = int(config.sample.num_images), config.sample.to_dict()
   eval_dir = os.path.join(workdir, "eval")

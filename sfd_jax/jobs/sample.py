@@ -28,6 +28,11 @@ import ml_collections
 from sfd_jax import sampling
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  """The start-up checks (fields, sampling options, batch over the devices)."""
+  sampling.check_config(config)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
   """Runs (or resumes) the sampling job; ``devices`` defaults to all devices."""
   return sampling.sample_from_config(config, workdir, devices)

@@ -13,5 +13,10 @@ import ml_collections
 from sfd_jax.training import sfd
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  """The start-up checks (fields, model, batch over the mesh, the dataset)."""
+  sfd.check_config(config)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return sfd.train_and_evaluate(config, workdir)

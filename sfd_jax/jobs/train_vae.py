@@ -15,6 +15,14 @@ import ml_collections
 from sfd_jax.training import vae
 
 
+def check_semvae(config: ml_collections.ConfigDict) -> None:
+  vae.validate_config(config, "semvae")
+
+
+def check_texture_vae(config: ml_collections.ConfigDict) -> None:
+  vae.validate_config(config, "texture_vae")
+
+
 def run_semvae(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return vae.train_model(config, workdir, "semvae")
 

@@ -8,7 +8,7 @@ Files (the formats of openai/guided-diffusion ``evaluations/``):
   are used for FID/sFID when present, and the features of ``arr_0`` always serve as the
   reference set of precision/recall.
 * **Sample batch** (``sfd_jax`` sampling output): ``arr_0`` uint8 [N, H, W, 3] in the
-  (shuffled) order the Inception Score splits should see (SPEC §9).
+  (shuffled) order the Inception Score splits should see (docs/method.md §9).
 
 Arrays are streamed from the zip archive batch by batch (50k 256x256 images are 9.8 GB), so
 neither file is loaded whole.
@@ -146,8 +146,8 @@ def iter_npz_batches(path: str | os.PathLike, key: str = "arr_0",
         count = min(batch_size, shape[0] - start)
         data = member.read(count * row_bytes)
         if len(data) != count * row_bytes:
-          raise ValueError(f"{path}: '{key}' ended early: expected {shape[0]} rows, "
-                           f"got {start + len(data) // max(row_bytes, 1)}")
+          raise DataError(f"{path}: '{key}' ended early: expected {shape[0]} rows, got "
+                          f"{start + len(data) // max(row_bytes, 1)} (a truncated file?)")
         yield np.frombuffer(data, dtype=dtype).reshape((count,) + tuple(shape[1:]))
       return
   arr = files.load_npz(path, what="batch file", keys=[key])[key]

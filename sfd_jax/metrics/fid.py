@@ -1,7 +1,7 @@
 """FID, sFID, Inception Score and precision/recall with the ADM evaluator's definitions.
 
 The definitions follow openai/guided-diffusion ``evaluations/evaluator.py`` (the evaluator
-every SFD number in SPEC §9/§11 was produced with) and pytorch-fid's ``fid_score.py``:
+every SFD number in docs/method.md §9/§11 was produced with) and pytorch-fid's ``fid_score.py``:
 
 * **Statistics**: mean and ``np.cov(rowvar=False)`` covariance (divides by N − 1), in float64.
 * **Fréchet distance**: ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr sqrtm(Σ₁Σ₂). The matrix square root
@@ -12,7 +12,7 @@ every SFD number in SPEC §9/§11 was produced with) and pytorch-fid's ``fid_sco
 * **sFID**: the same distance on the spatial features (``InceptionV3`` output ``spatial``).
 * **Inception Score**: softmax class probabilities p(y|x); per split of 5000 consecutive
   samples exp(mean_x KL(p(y|x) ‖ mean_x p(y|x))); the score is the mean over splits (the
-  order of the samples matters, SPEC §9). Computed here in float64 from the logits with a
+  order of the samples matters, docs/method.md §9). Computed here in float64 from the logits with a
   log-softmax (0·log 0 = 0 for probabilities given directly).
 * **Precision / recall** (improved precision and recall, k = 3, the ADM ManifoldEstimator):
   squared Euclidean distances ‖u‖² − 2u·v + ‖v‖², clamped at 0. The radius of a point is its

@@ -35,12 +35,14 @@ under ``jax_default_matmul_precision="highest"``, whose f32 contraction Mosaic r
 for bf16 operands) and the
 mesh is known — passed as the activation sharding (the trainer does), set with
 ``use_mesh`` (the sampling program) or with ``jax.set_mesh`` (the in-training
-evaluation) — so that the kernel can be placed per device; otherwise ``"xla"``. On CPUs it chooses ``"xla_heads"``. Everywhere else (float32 or
+evaluation) — so that the kernel can be placed per device; otherwise ``"xla"``. On CPUs
+it chooses ``"xla_heads"``. Everywhere else (float32 or
 older GPUs, odd head sizes) it chooses ``"xla"``, the path that has not been measured
 against ``"xla_heads"`` on those devices.
 
 The device is the one the program is compiled for: the mesh's (so a TPU program
-compiled ahead of time on a CPU host gets the TPU choice), else the first local device. The choice is logged once per distinct
+compiled ahead of time on a CPU host gets the TPU choice), else the first local device.
+The choice is logged once per distinct
 (device, dtype, head_dim). If the cuDNN path fails to trace (a jax/cuDNN build without
 it), it falls back to XLA with a warning.
 """

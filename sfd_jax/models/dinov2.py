@@ -1,9 +1,9 @@
 """DINOv2 ViT with register tokens (facebookresearch/dinov2 ``DinoVisionTransformer``).
 
-SFD uses the frozen hub model ``dinov2_vitb14_reg`` (SPEC §2.3): its final-normed patch
+SFD uses the frozen hub model ``dinov2_vitb14_reg`` (docs/method.md §2.3): its final-normed patch
 tokens are both the SemVAE input and the REPA target. The VA-VAE texture-VAE recipe's
 VF loss aligns to ViT-L/14 without registers (preset ``vitl14``, 1024-d). This module reproduces the
-reference's ``forward_features`` (parity README §5.6):
+reference's ``forward_features`` (docs/method.md §2.3):
 
 * patch embedding: 14×14 convolution with stride 14, no padding; tokens row-major;
 * ``[cls, patches] + pos_embed`` where the learned 37×37 position grid (img_size 518)

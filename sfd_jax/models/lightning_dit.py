@@ -1,4 +1,4 @@
-"""LightningDiT denoiser with SFD's two clocks (SPEC §5, §12), as Flax NNX modules.
+"""LightningDiT denoiser with SFD's two clocks (docs/method.md §5, §12), as Flax NNX modules.
 
 Tensor layout inside JAX is channels-last: latents ``[N, H, W, C]`` with the SFD channel
 order ``[texture 32 | semantic 16]``; tokens ``[N, H·W, D]`` in row-major order.
@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from sfd_jax.core.errors import ConfigError, ConverterInputError
 from sfd_jax.models import attention as attn_lib
 from sfd_jax.models import layers as L
 
@@ -100,6 +101,11 @@ class DiTConfig:
   # parts with a learned clock: ((name, bins), ...) -> parameters clock_<name> [bins]
   time_parts: tuple[str, ...] = ()
   learned_clocks: tuple[tuple[str, int], ...] = ()
+  # average-velocity (MeanFlow) models: a second set of timestep embedders, same layout
+  # as the first, for each part's interval h_k = t_k(ρ) − t_k(τ) (the target time ρ of a
+  # jump); their output layers start at zero, so a flow-matching checkpoint loads as the
+  # same function (diffusion/objective.py, docs/fewstep.md)
+  interval_embedding: bool = False
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -188,9 +194,10 @@ class DiTConfig:
     variant = m.pop("variant")
     unknown = set(m) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-      raise ValueError(f"config.model has unknown fields {sorted(unknown)}")
+      raise ConfigError(f"config.model has unknown fields {sorted(unknown)}")
     m["attention_impl"] = m.get("attention_impl") or None
     m["delta_t"] = config.objective.delta_t
+    m["interval_embedding"] = config.objective.get("name", "flow_matching") == "meanflow"
     m.update(_schedule_layout(config))
     if variant == "custom":
       return cls(**m)
@@ -242,11 +249,14 @@ class DiTConfig:
     data = dict(train_config.get("data", {}))
     model_type = m.get("model_type")
     if not model_type:
-      raise ValueError("reference config has no model.model_type (e.g. 'LightningDiT-XL/1')")
+      raise ConverterInputError("the reference training config has no model.model_type "
+                                "(e.g. 'LightningDiT-XL/1')")
     name, _, patch = str(model_type).replace("LightningDiT-", "").partition("/")
     key = VARIANT_ALIASES.get(name, name)
     if key not in VARIANTS:
-      raise ValueError(f"model.model_type {model_type!r}: unknown size {name!r}")
+      raise ConverterInputError(f"the reference training config's model.model_type "
+                                f"{model_type!r}: unknown size {name!r} (known: "
+                                f"{', '.join(VARIANTS)})")
     depth, hidden, heads = VARIANTS[key]
     kw = {"input_size": overrides.pop("input_size", int(data.get("image_size", 256)) // 16),
           "patch_size": int(patch or 1), "hidden_size": hidden, "depth": depth,
@@ -273,8 +283,8 @@ def _schedule_layout(config) -> dict[str, Any]:
       or list(parts)
   order = [order] if isinstance(order, str) else list(order)
   if sorted(order) != sorted(parts):
-    raise ValueError(f"config.schedule.order={order} must name each of config.schedule."
-                     f"parts ({sorted(parts)}) exactly once")
+    raise ConfigError(f"config.schedule.order={order} must name each of config.schedule."
+                      f"parts ({sorted(parts)}) exactly once")
   clock_keys = ("family", "start", "rate", "power", "shift", "knots", "bins")
   clock = lambda f: tuple((k, str(f.get(k))) for k in clock_keys)
   shared = len({clock(dict(parts[n])) for n in order}) == 1
@@ -355,13 +365,17 @@ def _dtype(name: str):
 
 
 class TimestepEmbedder(nnx.Module):
-  """Sinusoidal features (256) → Linear → SiLU → Linear."""
+  """Sinusoidal features (256) → Linear → SiLU → Linear (``zero_output``: the last
+  Linear starts at zero, so the embedder's output is 0 until it is trained)."""
 
-  def __init__(self, width: int, *, cfg: DiTConfig, rngs: nnx.Rngs, freq_dim: int = 256):
+  def __init__(self, width: int, *, cfg: DiTConfig, rngs: nnx.Rngs, freq_dim: int = 256,
+               zero_output: bool = False):
     self.freq_dim = freq_dim
     kw = dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), rngs=rngs,
               kernel_init=L.normal(0.02))
     self.mlp_0 = L.Dense(freq_dim, width, ("freq", "embed"), **kw)
+    if zero_output:
+      kw["kernel_init"] = L.zeros
     self.mlp_2 = L.Dense(width, width, ("mlp", "embed"), **kw)
 
   def __call__(self, t: jax.Array) -> jax.Array:
@@ -564,6 +578,30 @@ class LightningDiT(nnx.Module):
     for name, bins in cfg.learned_clocks:   # φ of a learned clock (0: the base clock)
       setattr(self, f"clock_{name}", nnx.Param(jnp.zeros((bins,), jnp.float32),
                                                out_sharding=(None,)))
+    if cfg.interval_embedding:   # created last: the other parameters draw the same init
+      for name, width in zip(self._embedder_names(), cfg.time_embedder_widths()):
+        setattr(self, f"r_embedder{name}", TimestepEmbedder(width, cfg=cfg, rngs=rngs,
+                                                             zero_output=True))
+
+  def _embedder_names(self) -> tuple[str, ...]:
+    """Suffixes of the timestep embedders in concatenation order (last part first)."""
+    k = self.cfg.num_time_embedders
+    if k == 2:
+      return ("_sem", "_tex")
+    if k == 1:
+      return ("",)
+    return tuple(f"_{n}" for n in reversed(self.cfg.time_parts))
+
+  def _embed_times(self, prefix: str, times) -> jax.Array:
+    """Per-part times (channel order) through the ``prefix`` embedders, concatenated."""
+    k = self.cfg.num_time_embedders
+    if k == 1:
+      times = times[:1]
+    elif len(times) != k:
+      raise ValueError(f"the model has {k} clock parts {self.cfg.time_parts}, got "
+                       f"{len(times)} times")
+    return jnp.concatenate([getattr(self, f"{prefix}{n}")(t) for n, t in
+                            zip(self._embedder_names(), reversed(times))], -1)
 
   # -- pieces ----------------------------------------------------------------------
 
@@ -578,23 +616,26 @@ class LightningDiT(nnx.Module):
     tok = tok.reshape(n, (h // p) * (w // p), p * p * c)
     return self.x_embedder(tok)
 
-  def embed_condition(self, t_tex, t_sem, y, label_drop_key=None):
+  def embed_condition(self, t_tex, t_sem, y, label_drop_key=None, interval=None):
     """Times: (t_tex, t_sem) for two parts, or ``t_tex`` a tuple of one time per part
-    (channel order) and ``t_sem`` None."""
+    (channel order) and ``t_sem`` None. ``interval`` (models with
+    ``interval_embedding``): one interval h_k per part (channel order; scalars or [N];
+    None = 0), embedded like the times and added to their embedding."""
     cfg = self.cfg
     times = tuple(t_tex) if isinstance(t_tex, (tuple, list)) else (t_tex, t_sem)
-    k = cfg.num_time_embedders
-    if k == 2:
+    if cfg.num_time_embedders == 2:
       t_emb = jnp.concatenate([self.t_embedder_sem(times[1]), self.t_embedder_tex(times[0])],
                               -1)
-    elif k == 1:
-      t_emb = self.t_embedder(times[0])
     else:
-      if len(times) != k:
-        raise ValueError(f"the model has {k} clock parts {cfg.time_parts}, got "
-                         f"{len(times)} times")
-      t_emb = jnp.concatenate([getattr(self, f"t_embedder_{n}")(t) for n, t in
-                               zip(reversed(cfg.time_parts), reversed(times))], -1)
+      t_emb = self._embed_times("t_embedder", times)
+    if cfg.interval_embedding:
+      n = jnp.shape(times[0])[0]
+      gaps = (0.0,) * len(times) if interval is None else tuple(interval)
+      gaps = tuple(jnp.broadcast_to(jnp.asarray(g, jnp.float32), (n,)) for g in gaps)
+      t_emb = t_emb + self._embed_times("r_embedder", gaps)
+    elif interval is not None:
+      raise ValueError("this LightningDiT has no interval embedding (a flow-matching "
+                       "model); build it with interval_embedding=True")
     y = jnp.asarray(y, jnp.int32)
     if label_drop_key is not None and cfg.class_dropout_prob > 0:
       drop = jax.random.uniform(label_drop_key, y.shape) < cfg.class_dropout_prob
@@ -637,10 +678,11 @@ class LightningDiT(nnx.Module):
   def __call__(self, x: jax.Array, t_tex: jax.Array, t_sem: jax.Array | None, y: jax.Array,
                *, label_drop_key: jax.Array | None = None, return_repa: bool = False,
                return_intermediates: bool = False,
-               activation_sharding: jax.sharding.Sharding | None = None):
+               activation_sharding: jax.sharding.Sharding | None = None, interval=None):
     """See the class docstring. ``activation_sharding`` (e.g. batch over the data axes)
     pins the token states at every block boundary; without it, under FSDP, XLA follows
-    the weight sharding and keeps the *whole* batch on every device."""
+    the weight sharding and keeps the *whole* batch on every device. ``interval``: the
+    per-part intervals of an average-velocity model (see ``embed_condition``)."""
     cfg = self.cfg
     if t_sem is None and not isinstance(t_tex, (tuple, list)):
       t_sem = t_tex
@@ -653,7 +695,7 @@ class LightningDiT(nnx.Module):
     x_emb = self.embed_inputs(x)
     pos = jnp.asarray(sincos_pos_embed(cfg.hidden_size, cfg.input_size // cfg.patch_size))
     h = constrain(x_emb.astype(jnp.float32) + pos[None])
-    c, t_emb, y_emb = self.embed_condition(t_tex, t_sem, y, label_drop_key)
+    c, t_emb, y_emb = self.embed_condition(t_tex, t_sem, y, label_drop_key, interval)
     rope = None
     if cfg.use_rope:
       cos, sin = rope_tables(cfg.head_dim, cfg.input_size // cfg.patch_size)

@@ -1,7 +1,7 @@
-"""Semantic VAE: a token-wise transformer VAE on DINOv2 patch tokens (SPEC §3.2).
+"""Semantic VAE: a token-wise transformer VAE on DINOv2 patch tokens (docs/method.md §3.2).
 
 Reference: ``SemanticVariationalAutoEncoder(arch="transformer")`` of the SFD
-authors' SemVAE code (parity README §5.4). Features are token sequences [B, L, C_in]
+authors' SemVAE code. Features are token sequences [B, L, C_in]
 (L = h·w row-major patch tokens); there is no positional embedding.
 
 Encoder: Linear C_in → D, N pre-norm transformer blocks (LayerNorm eps 1e-5,

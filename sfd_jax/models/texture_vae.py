@@ -1,4 +1,4 @@
-"""Texture VAE: the LDM KL autoencoder ("SD-VAE" f16d32) in Flax NNX (SPEC §4).
+"""Texture VAE: the LDM KL autoencoder ("SD-VAE" f16d32) in Flax NNX (docs/method.md §4).
 
 SFD encodes images into its 32-channel texture latent with an LDM/VQGAN-style KL
 autoencoder (``Encoder`` → ``quant_conv`` → diagonal Gaussian posterior;
@@ -116,7 +116,7 @@ class TextureVAEConfig:
 
   @classmethod
   def f16d32(cls) -> "TextureVAEConfig":
-    """SFD's texture VAE (``ldm-imagenet256-f16d32-50ep.ckpt``), SPEC §4.2."""
+    """SFD's texture VAE (``ldm-imagenet256-f16d32-50ep.ckpt``), docs/method.md §4.2."""
     return cls(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks_enc=2, num_res_blocks_dec=3,
                attn_resolutions=(16,), z_channels=32, embed_dim=32, resolution=256)
 
@@ -417,5 +417,5 @@ def parameter_counts(cfg: TextureVAEConfig) -> dict[str, int]:
 
 __all__: Sequence[str] = (
     "TextureVAEConfig", "DiagonalGaussian", "ResnetBlock", "AttnBlock", "Downsample",
-    "Upsample", "ProjectedTextureVAE", "Level", "Mid", "Encoder", "Decoder", "TextureVAE", "parameter_counts",
-    "LOGVAR_MIN", "LOGVAR_MAX", "PRESETS")
+    "Upsample", "ProjectedTextureVAE", "Level", "Mid", "Encoder", "Decoder", "TextureVAE",
+    "parameter_counts", "LOGVAR_MIN", "LOGVAR_MAX", "PRESETS")

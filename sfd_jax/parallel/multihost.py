@@ -19,6 +19,14 @@ def process_barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def process0_flag(value: bool) -> bool:
+  """Process 0's ``value`` on every process (itself on one process)."""
+  if jax.process_count() == 1:
+    return bool(value)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(value))))
+
+
 def gather(arr: jax.Array) -> np.ndarray:
   """A batch-sharded array as one host array on every process."""
   if jax.process_count() > 1:

@@ -96,7 +96,7 @@ def _parse_instruction(line: str) -> Instruction | None:
   # rest = "<type> <opcode>(<operands>), attrs"; the type may be a tuple "( ... )".
   if rest.startswith("("):
     depth = 0
-    for i, ch in enumerate(rest):
+    for i, ch in enumerate(rest):  # noqa: B007  (i is the closing position, read below)
       depth += ch == "("
       depth -= ch == ")"
       if depth == 0:

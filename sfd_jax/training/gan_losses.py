@@ -2,8 +2,8 @@
 
 The reference is ``vavae/ldm/modules/losses/contperceptual.py`` (yuemingPAN/SFD and
 hustvl/LightningDiT, with taming-transformers' LPIPS, PatchGAN, ``hinge_d_loss``,
-``vanilla_d_loss`` and ``adopt_weight``); the numbers are pinned by
-``parity/vae_gan_losses.npz`` (parity README §5.9). Layouts are NHWC here. The formulas,
+``vanilla_d_loss`` and ``adopt_weight``); the numbers are pinned by reference outputs
+(``tests/test_vae_gan.py``). Layouts are NHWC here. The formulas,
 the config fields and the reference's details kept here (the never-trained ``logvar``,
 the adaptive weight before ``disc_start``, Lightning's step counting) are in
 docs/texture_vae.md, "The objective".

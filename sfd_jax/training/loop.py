@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from sfd_jax import parallel
 from sfd_jax.checkpoint import Checkpointer, PreemptionGuard
-from sfd_jax.core import checks, errors, trees
+from sfd_jax.core import errors, options, trees
 from sfd_jax.core import progress as progress_lib
 from sfd_jax.core import writers as writers_lib
 from sfd_jax.data import global_batch
@@ -122,28 +122,10 @@ def check_resume_config(saved: Mapping[str, Any], config, *, step: int, where: s
 
 
 def validate_config(config) -> None:
-  """The loop's fields of ``config`` (run length, logging, checkpoints, batch, optimizer),
-  checked before anything is built; ``ConfigError`` names the field."""
-  e = checks
-  e.check_fields(config, [
-      ("num_train_steps", e.positive_int, "an integer > 0",
-       "the number of optimizer steps to train for"),
-      ("log_every_steps", e.positive_int, "an integer > 0"),
-      ("checkpoint_every_steps", e.positive_int, "an integer > 0"),
-      ("batch_size", e.positive_int, "an integer > 0 (the global batch)"),
-      ("keep_checkpoints", lambda v: v is None or e.positive_int(v), "an integer > 0 or None"),
-      ("keep_period", lambda v: v is None or e.non_negative_int(v), "an integer >= 0 (0: off)"),
-      ("profile_steps", e.non_negative_int, "an integer >= 0 (0: off)"),
-      ("optimizer.lr", e.positive_number, "a number > 0"),
-      ("optimizer.b1", lambda v: e.in_range(0, 1)(v) and v < 1, "a number in [0, 1)"),
-      ("optimizer.b2", lambda v: e.in_range(0, 1)(v) and v < 1, "a number in [0, 1)"),
-      ("optimizer.eps", e.positive_number, "a number > 0"),
-      ("optimizer.weight_decay", e.non_negative_number, "a number >= 0"),
-      ("optimizer.grad_clip", e.non_negative_number, "a number >= 0 (0: no clipping)"),
-      ("optimizer.warmup_steps", e.non_negative_int, "an integer >= 0"),
-      ("allow_config_change", lambda v: isinstance(v, (str, bool)),
-       "a comma-separated list of config fields, or 'all'"),
-  ])
+  """Every field of ``config`` against its declaration (``core.options``: types, ranges,
+  no undeclared field), checked before anything is built; ``ConfigError`` names the
+  field."""
+  options.check(config)
 
 
 def check_finite(state, step: int, ckpt: Checkpointer) -> None:
@@ -289,8 +271,7 @@ def _train(task: TrainTask, config, workdir: str, writer, ckpt: Checkpointer, da
     writer = default_writer(config, workdir, is_main)
     progress.append(progress_lib.Progress(total, writer, every_steps=every,
                                           batch_size=batch_size, start_step=start))
-  if start == 0:
-    writer.write_hparams(hparams(config))
+  writer.write_hparams(hparams(config))        # on every start: a resume logs them too
   if is_main and config.get("profile_steps", 0):
     progress.append(progress_lib.Profile(workdir, num_profile_steps=config.profile_steps,
                                          first_profile=min(start + 10, total)))

@@ -121,6 +121,10 @@ class PeriodicEvaluator:
     self.opts = dataclasses.replace(
         generation.SamplingOptions.from_config(te, "config.train_eval"),
         schedule=getattr(setup.obj_cfg, "schedule", None))
+    if setup.model_cfg is not None:
+      generation.check_method(setup.model_cfg, self.opts, "config.train_eval",
+                              "the model of this run (config.objective.name="
+                              f"{getattr(setup.obj_cfg, 'name', 'flow_matching')!r})")
     if te.guidance == "autoguidance":
       raise TrainEvalError("config.train_eval.guidance: 'autoguidance' needs a separate guide "
                            "model; use 'cfg' or 'none' during training")

@@ -28,13 +28,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sfd_jax import parallel
 from sfd_jax.convert.common import load_params
-from sfd_jax.core import checks, errors, trees
+from sfd_jax.core import checks, errors, options, trees
 from sfd_jax.core import jit as jit_lib
 from sfd_jax.data import schema as schema_lib
 from sfd_jax.data import stats as stats_lib
 from sfd_jax.diffusion import clocks as clocks_lib
 from sfd_jax.diffusion import objective as obj_lib
-from sfd_jax.diffusion import samplers
 from sfd_jax.diffusion.objective import ObjectiveConfig
 from sfd_jax.models.lightning_dit import DiTConfig, LightningDiT
 from sfd_jax.training import loop, optim, periodic_eval
@@ -45,45 +44,20 @@ from sfd_jax.training.state import Part, TrainSetup
 if TYPE_CHECKING:
   import ml_collections
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Ranges and types of the SFD training fields, before anything is built or compiled
-  (``ConfigError`` naming the field, what it must be and what it is)."""
+def validate_config(config: ml_collections.ConfigDict, devices=None) -> None:
+  """The SFD training config, before anything is built or compiled: every field against
+  its declaration (``core.options``), the model and objective it describes, and the
+  batch against the mesh (``batch_size`` over the batch axes; with
+  ``optimizer.accumulate_steps`` = k, k micro-batches that divide over them).
+  ``ConfigError`` / ``ShardingError`` name the field, what it must be and what it is."""
   checks.require_sections(config, ("model", "objective", "optimizer", "data", "mesh"),
                           mode="train", example="configs/sfd_xl.py")
-  loop.validate_config(config)
-  e = checks
-  e.check_fields(config, [
-      ("ema_decay", e.in_range(0, 1), "a number in [0, 1] (0.9999 in the recipe)"),
-      ("objective.delta_t", e.in_range(0, 1), "in [0, 1]",
-       "the semantic clock lead (0.3 in SFD, 0 = synchronous)"),
-      ("objective.semantic_weight", e.non_negative_number, "a number >= 0"),
-      ("objective.repa_weight", e.non_negative_number, "a number >= 0"),
-      ("objective.logit_std", e.positive_number, "a number > 0"),
-      ("objective.time_sampler", e.one_of(obj_lib.TIME_SAMPLERS),
-       f"one of {obj_lib.TIME_SAMPLERS}"),
-      ("objective.repa_mode", e.one_of(obj_lib.REPA_MODES), f"one of {obj_lib.REPA_MODES}"),
-      ("model.num_classes", e.positive_int, "an integer > 0"),
-      ("model.class_dropout_prob", lambda v: e.in_range(0, 1)(v) and v < 1,
-       "a number in [0, 1)"),
-      ("data.latent_multiplier", e.positive_number, "a number > 0 (1.0 for SFD)"),
-      ("data.num_workers", e.non_negative_int, "an integer >= 0 (0: read in-process)"),
-      ("data.read_threads", e.positive_int, "an integer > 0"),
-      ("data.prefetch_batches", e.non_negative_int, "an integer >= 0"),
-      ("data.repa_dtype", e.one_of(("float16", "bfloat16", "float32")),
-       "float16 (stored dtype, default), bfloat16 or float32"),
-  ])
-  if periodic_eval.enabled(config):
-    e.check_fields(config, [
-        ("train_eval.every_steps", e.non_negative_int, "an integer >= 0 (0: off)"),
-        ("train_eval.num_images", e.positive_int, "an integer > 0"),
-        ("train_eval.batch_size", e.positive_int, "an integer > 0"),
-        ("train_eval.num_steps", e.positive_int, "an integer > 0"),
-        ("train_eval.scale", e.non_negative_number, "a number >= 0 (1: no guidance)"),
-        ("train_eval.method", e.one_of(samplers.METHODS), f"one of {samplers.METHODS}"),
-        ("train_eval.guidance", e.one_of(("none", "cfg")), "'none' or 'cfg'",
-         "autoguidance needs a second model; use --mode=sample for it"),
-    ])
+  options.check(config, "sfd")
   model_configs(config)
+  mesh = parallel.make_mesh(config.mesh.to_dict(), devices)
+  parallel.check_batch(int(config.batch_size), mesh)
+  step_lib.check_accumulation(int(config.optimizer.get("accumulate_steps", 1)),
+                              int(config.batch_size), mesh)
 
 
 def model_configs(config: ml_collections.ConfigDict) -> tuple[DiTConfig, ObjectiveConfig]:
@@ -142,7 +116,8 @@ def check_data(config: ml_collections.ConfigDict, model_cfg: DiTConfig) -> None:
         f"semantic = {sch.latent_channels} channels, but config.model.in_channels is "
         f"{model_cfg.in_channels}; set --config.model.in_channels={sch.latent_channels} "
         "(and model.semantic_chans) or use a dataset encoded for this model")
-  if sch.semantic_channels != model_cfg.semantic_chans and not (section is not None and section.get("parts")):
+  if sch.semantic_channels != model_cfg.semantic_chans and not (
+      section is not None and section.get("parts")):
     raise errors.DataError(
         f"{where}: {sch.semantic_channels} semantic channels, but config.model."
         f"semantic_chans is {model_cfg.semantic_chans}; set --config.model.semantic_chans="
@@ -212,17 +187,22 @@ def loss_and_metrics(setup: TrainSetup, model: LightningDiT, batch: dict[str, ja
 
   presampled = "_x0" in batch            # gradient accumulation: drawn for the whole batch
 
-  def apply_fn(xt, t_tex, t_sem, y, drop_key):
+  def apply_fn(xt, t_tex, t_sem, y, drop_key, interval=None):
     out = model(xt, t_tex, t_sem, y, label_drop_key=None if presampled else drop_key,
-                return_repa=want_repa, activation_sharding=act)
+                return_repa=want_repa, activation_sharding=act, interval=interval)
     return out if want_repa else (out, None)
 
   clock_params = None
   if obj_cfg.schedule is not None and obj_cfg.schedule.learned_parts:
     clock_params = clocks_lib.params_from_model(model, obj_cfg.schedule)
-  loss, metrics = obj_lib.training_losses(
-      apply_fn, batch["latent"], batch["label"], key, obj_cfg, repa_target=repa_target,
-      x0=batch.get("_x0"), t=batch.get("_t"), clock_params=clock_params)
+  common = dict(repa_target=repa_target, x0=batch.get("_x0"), t=batch.get("_t"),
+                clock_params=clock_params)
+  if obj_cfg.name == "meanflow":
+    loss, metrics = obj_lib.meanflow_losses(apply_fn, batch["latent"], batch["label"], key,
+                                            obj_cfg, r=batch.get("_r"), **common)
+  else:
+    loss, metrics = obj_lib.training_losses(apply_fn, batch["latent"], batch["label"], key,
+                                            obj_cfg, **common)
   metrics.pop("per_example")
   return loss, metrics
 
@@ -236,7 +216,10 @@ def presample(setup: TrainSetup, batch: dict[str, jax.Array], key: jax.Array):
   k_noise, k_time, k_drop = jax.random.split(key, 3)       # as objective.training_losses
   out = dict(batch)
   out["_x0"] = jax.random.normal(k_noise, x1.shape, jnp.float32)
-  out["_t"] = obj_lib.sample_times(k_time, x1.shape[0], cfg)
+  if cfg.name == "meanflow":
+    out["_t"], out["_r"] = obj_lib.sample_time_pairs(k_time, x1.shape[0], cfg)
+  else:
+    out["_t"] = obj_lib.sample_times(k_time, x1.shape[0], cfg)
   y = jnp.asarray(batch["label"], jnp.int32)
   if model_cfg.class_dropout_prob > 0:                     # as LightningDiT.embed_condition
     drop = jax.random.uniform(k_drop, y.shape) < model_cfg.class_dropout_prob
@@ -307,7 +290,8 @@ def init_params_from(params: dict, abstract: dict, *, mode: str = "exact",
   is skipped (logged) and keeps the random initialisation (the result lacks it).
   """
   if mode not in INIT_FROM_MODES:
-    raise ValueError(f"config.init_from_mode={mode!r}: expected one of {INIT_FROM_MODES}")
+    raise errors.ConfigError(f"config.init_from_mode={mode!r}: expected one of "
+                             f"{INIT_FROM_MODES}")
   if mode == "exact":
     return params
 
@@ -359,7 +343,8 @@ def _init_from(config, setup: TrainSetup | None = None) -> Callable[[], Any] | N
     return None
   mode = str(config.get("init_from_mode", "exact"))
   if mode not in INIT_FROM_MODES:
-    raise ValueError(f"config.init_from_mode={mode!r}: expected one of {INIT_FROM_MODES}")
+    raise errors.ConfigError(f"config.init_from_mode={mode!r}: expected one of "
+                             f"{INIT_FROM_MODES}")
 
   def load():
     logging.info("initialising from converted checkpoint %s (%s)", config.init_from, mode)
@@ -368,12 +353,28 @@ def _init_from(config, setup: TrainSetup | None = None) -> Callable[[], Any] | N
       return params
     abstract = setup.abstract_state[setup.main.part.params_key]
     if mode == "exact":
+      if setup.model_cfg.interval_embedding:
+        # a flow-matching checkpoint into an average-velocity model: the interval
+        # embedders keep their initial values (output 0: the same function)
+        fresh = sorted(k for k in abstract if k.startswith("r_embedder") and k not in params)
+        abstract = {k: v for k, v in abstract.items() if k not in fresh}
+        if fresh:
+          logging.info("init_from: %s not in the checkpoint (a flow-matching model): they "
+                       "start at their initial values, so the model starts as the same "
+                       "function", ", ".join(fresh))
       trees.check_shapes(params, abstract, f"config.init_from={config.init_from} (exact; "
                          "init_from_mode='shape_check' copies what matches)")
       return params
     return init_params_from(params, abstract, mode=mode, patch_size=setup.model_cfg.patch_size,
                             patch_channels=int(config.get("init_from_patch_channels", -1)))
   return load
+
+
+def check_config(config: ml_collections.ConfigDict, devices=None) -> None:
+  """What ``train_and_evaluate`` checks before it builds anything: ``validate_config``
+  and the dataset against the model (``check_data``)."""
+  validate_config(config, devices)
+  check_data(config, model_configs(config)[0])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -383,8 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Everything that can be checked without compiling is checked first: the config
   (``validate_config``), the dataset against the model (``check_data``), the workdir.
   """
-  validate_config(config)
-  check_data(config, model_configs(config)[0])
+  check_config(config)
   setup = build(config)
   hooks = []
   if periodic_eval.enabled(config):

@@ -70,6 +70,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sfd_jax import parallel
+from sfd_jax.core.errors import ConfigError
 from sfd_jax.training.state import FrozenNet, TrainSetup
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, Mapping[str, Any]],
@@ -139,6 +140,20 @@ def accumulated_value_and_grad(fn, params, batch, k: int, mesh, grad_sharding=No
   return jax.tree.map(lambda t, s: (t / k).astype(s.dtype), total, out_shape)
 
 
+def check_accumulation(k: int, global_batch_size: int, mesh) -> None:
+  """``ConfigError`` unless ``k`` >= 1 micro-batches of ``global_batch_size`` divide over
+  the batch axes of ``mesh`` (``config.optimizer.accumulate_steps``; checked at start-up
+  by the trainers, again here)."""
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ConfigError(f"config.optimizer.accumulate_steps={k!r} must be >= 1")
+  batch_devices = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+  if k > 1 and global_batch_size % (k * batch_devices):
+    raise ConfigError(
+        f"config.optimizer.accumulate_steps={k}: the global batch {global_batch_size} must "
+        f"split into {k} micro-batches that divide over the {batch_devices} devices of "
+        f"the batch axes (config.batch_size a multiple of {k * batch_devices})")
+
+
 def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
                     donate: bool = True, norms_every: int = 1,
                     total_steps: int | None = None,
@@ -175,14 +190,8 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
       raise ValueError(f"state keys {RESERVED} are reserved")
   stats_keys = {ps.part.stats_key for ps in setup.parts if ps.part.stats_key}
   k = int(accumulate_steps)
-  if k < 1:
-    raise ValueError(f"config.optimizer.accumulate_steps={k} must be >= 1")
-  batch_devices = int(np.prod([setup.mesh.shape[a] for a in parallel.BATCH_AXES]))
-  if k > 1 and global_batch_size is not None and global_batch_size % (k * batch_devices):
-    raise ValueError(
-        f"config.optimizer.accumulate_steps={k}: the global batch {global_batch_size} must "
-        f"split into {k} micro-batches that divide over the {batch_devices} devices of "
-        f"the batch axes (batch_size a multiple of {k * batch_devices})")
+  if global_batch_size is not None or k < 1:
+    check_accumulation(k, global_batch_size or 0, setup.mesh)
   presample = dict(presample or {})
   base_key = jax.random.key(setup.seed)
   decay = setup.ema_decay
@@ -230,14 +239,14 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
 
       if k > 1:
         if own_grads or p.stats_key:
-          raise ValueError(f"config.optimizer.accumulate_steps={k}: part {p.params_key!r} "
+          raise ConfigError(f"config.optimizer.accumulate_steps={k}: part {p.params_key!r} "
                            "computes its own gradients or keeps statistics; gradient "
                            "accumulation supports plain loss functions only")
 
         def micro_objective(params, mb, objective=objective, name=p.params_key):
           loss, (metrics, new_state, new_carry, _) = objective(params, mb)
           if new_state or new_carry:
-            raise ValueError(f"config.optimizer.accumulate_steps={k}: the loss of part "
+            raise ConfigError(f"config.optimizer.accumulate_steps={k}: the loss of part "
                              f"{name!r} returns state/carry, which micro-batches cannot "
                              "average")
           return loss, metrics

@@ -17,6 +17,7 @@ checkpointed; ``vf_source = "features"`` reads pre-extracted features from the b
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 import jax
@@ -26,8 +27,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sfd_jax import parallel
+from sfd_jax.convert import common as convert_common
 from sfd_jax.convert import lpips as lpips_convert
 from sfd_jax.convert import networks
+from sfd_jax.core.errors import ConfigError
 from sfd_jax.data import preprocess
 from sfd_jax.training import gan_losses
 from sfd_jax.models import discriminator as disc_lib
@@ -43,10 +46,39 @@ ENC_LAST = ("encoder", "conv_out", "kernel")
 PATCH = 14  # DINOv2 patch size
 
 
+LPIPS_EMPTY = ("config.loss.lpips is empty: the GAN recipe (config.loss.name='ldm') with "
+               "config.loss.perceptual_weight > 0 needs the LPIPS network; convert its "
+               "weights once (python -m sfd_jax.convert.lpips --vgg vgg16-397923af.pth --lin "
+               "vgg.pth --dst DIR) and point the field at DIR, or set "
+               "loss.perceptual_weight=0 (or loss.lpips_random_init=True in tests)")
+
+
+def check_config(cfg: ml_collections.ConfigDict, model_cfg) -> None:
+  """The GAN recipe's checks across fields, before anything is built (``ConfigError``):
+  the LPIPS network when LPIPS is on, the VF settings, the PatchGAN against the image
+  size, the pre-extracted VF features when they are the source."""
+  gcfg = loss_config(cfg.loss)
+  loss = cfg.loss
+  if gcfg.use_lpips and not loss.get("lpips_random_init", False):
+    if not loss.get("lpips"):
+      raise ConfigError(LPIPS_EMPTY)
+    if os.path.isdir(loss.lpips):      # a folder of another network is named as such
+      convert_common.check_converted_dir(loss.lpips, lpips_convert.KIND, "config.loss.lpips")
+  vf = vf_settings(cfg, model_cfg)
+  if vf is not None and vf.source == "features" and not cfg.data.get("vf_features"):
+    raise ConfigError("config.loss.vf_source='features' needs config.data.vf_features (a "
+                      "feature dataset of --mode=extract with extract.recipe=vf)")
+  size = int(cfg.data.image_size)
+  if gcfg.use_gan and disc_config(loss).output_size(size) < 1:
+    raise ConfigError(f"config.data.image_size={size}: images of {size} pixels are too "
+                      f"small for the {disc_config(loss).n_layers}-layer PatchGAN "
+                      "(config.loss.disc_num_layers; 3 layers need at least 24)")
+
+
 def objective_name(loss_cfg) -> str:
   name = str(loss_cfg.get("name", "l1_kl") or "l1_kl")
   if name not in OBJECTIVES:
-    raise ValueError(f"config.loss.name {name!r} not one of {OBJECTIVES}")
+    raise ConfigError(f"config.loss.name must be one of {OBJECTIVES}, got {name!r}")
   return name
 
 
@@ -78,19 +110,19 @@ def vf_settings(cfg: ml_collections.ConfigDict, model_cfg) -> VFSettings | None:
     return None
   source = str(loss.get("vf_source", "dinov2"))
   if source not in VF_SOURCES:
-    raise ValueError(f"config.loss.vf_source {source!r} not one of {VF_SOURCES}")
+    raise ConfigError(f"config.loss.vf_source must be one of {VF_SOURCES}, got {source!r}")
   image_size = int(cfg.data.image_size)
   if image_size % model_cfg.downsample_factor:
-    raise ValueError(f"config.data.image_size {image_size} is not a multiple of the "
+    raise ConfigError(f"config.data.image_size {image_size} is not a multiple of the "
                      f"autoencoder's downsampling factor {model_cfg.downsample_factor}")
   grid = image_size // model_cfg.downsample_factor
   size = int(loss.get("vf_image_size", 0) or PATCH * grid)
   if source == "dinov2" and size != PATCH * grid:
-    raise ValueError(f"config.loss.vf_image_size {size}: DINOv2's {size // PATCH}×"
+    raise ConfigError(f"config.loss.vf_image_size {size}: DINOv2's {size // PATCH}×"
                      f"{size // PATCH} patch grid must equal the {grid}×{grid} latent grid "
                      f"(use {PATCH * grid}); the reference uses 224 for 256-pixel images")
   if source == "features" and cfg.data.get("random_flip", False):
-    raise ValueError("config.loss.vf_source='features' with data.random_flip: the stored "
+    raise ConfigError("config.loss.vf_source='features' with data.random_flip: the stored "
                      "features are those of the unflipped images")
   return VFSettings(source, int(loss.get("vf_dim", 1024)), size, grid)
 
@@ -113,18 +145,18 @@ def frozen_networks(cfg: ml_collections.ConfigDict, gcfg: gan_losses.GANLossConf
       nets["lpips"] = lpips_convert.random_lpips(
           int(cfg.seed), width=float(loss.get("lpips_random_width", 1.0)))
     elif not loss.get("lpips"):
-      raise ValueError("config.loss.lpips is empty: convert the LPIPS weights once (python -m "
-                       "sfd_jax.convert.lpips --vgg vgg16-397923af.pth --lin vgg.pth --dst "
-                       "DIR) and point the field at DIR, or set loss.perceptual_weight=0")
+      raise ConfigError(LPIPS_EMPTY)
     else:
       nets["lpips"] = lpips_convert.load_lpips(loss.lpips)
   if vf is not None and vf.source == "dinov2":
     dino = networks.load_network(
         "dinov2", loss.get("vf_dinov2", ""), random_init=bool(loss.get("vf_random_init", False)),
-        preset=str(loss.get("vf_dinov2_preset", "vitl14")), dtype="float32", seed=int(cfg.seed))
+        preset=str(loss.get("vf_dinov2_preset", "vitl14")), dtype="float32", seed=int(cfg.seed),
+        field="config.loss.vf_dinov2")
     if dino.config.embed_dim != vf.dim:
-      raise ValueError(f"config.loss.vf_dim {vf.dim} differs from the DINOv2 width "
-                       f"{dino.config.embed_dim}")
+      raise ConfigError(f"config.loss.vf_dim {vf.dim} differs from the width "
+                        f"{dino.config.embed_dim} of the DINOv2 in config.loss.vf_dinov2; "
+                        f"set --config.loss.vf_dim={dino.config.embed_dim}")
     nets["dinov2"] = dino
   return nets
 
@@ -133,16 +165,16 @@ def _aux_features(vf: VFSettings, batch, ctx, images: jax.Array) -> jax.Array:
   """Foundation-model features [B, h, w, C] of the batch (no gradient)."""
   if vf.source == "features":
     if "vf_features" not in batch:
-      raise ValueError("loss.vf_source='features' but the batch has no 'vf_features' "
-                       "(set data.vf_features)")
+      raise ConfigError("config.loss.vf_source='features' but the batch has no "
+                        "'vf_features' (set config.data.vf_features)")
     feats = batch["vf_features"].astype(jnp.float32)
   else:
     x = preprocess.vf_foundation_input(images, vf.image_size)
     feats = ctx["frozen"]["dinov2"].patch_features(x).astype(jnp.float32)
   b, t, c = feats.shape
   if t != vf.grid * vf.grid or c != vf.dim:
-    raise ValueError(f"VF features of shape {tuple(feats.shape)[1:]} do not match the "
-                     f"{vf.grid}×{vf.grid} latent grid and width {vf.dim}")
+    raise ConfigError(f"VF features of shape {tuple(feats.shape)[1:]} do not match the "
+                      f"{vf.grid}×{vf.grid} latent grid and config.loss.vf_dim {vf.dim}")
   return jax.lax.stop_gradient(feats.reshape(b, vf.grid, vf.grid, c))
 
 
@@ -224,10 +256,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh, model_cfg,
   seed = int(cfg.seed)
   gcfg = loss_config(cfg.loss)
   vf = vf_settings(cfg, model_cfg)
-  size = int(cfg.data.image_size)
-  if gcfg.use_gan and disc_config(cfg.loss).output_size(size) < 1:
-    raise ValueError(f"images of {size} pixels are too small for the "
-                     f"{disc_config(cfg.loss).n_layers}-layer PatchGAN (at least 24)")
+  check_config(cfg, model_cfg)
   tx, schedule = optim.make_optimizer(cfg.optimizer)
   ema = float(cfg.get("ema_decay", 0.0) or 0.0)
   parts = [state_lib.Part(build=lambda: _build_autoencoder(model_cfg, cfg.model, seed, vf),

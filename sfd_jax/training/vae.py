@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sfd_jax import parallel
 from sfd_jax.convert import common
 from sfd_jax.convert.networks import NETWORKS, TRAINABLE
-from sfd_jax.core import checks, errors
+from sfd_jax.core import checks, errors, options
 from sfd_jax.data import global_batch, preprocess, vae_pipeline
 from sfd_jax.training import loop, optim, texture_gan, vae_losses
 from sfd_jax.training import state as state_lib
@@ -100,35 +100,31 @@ def model_config(config: ml_collections.ConfigDict, kind: str):
   return cfg
 
 
-def validate_config(config: ml_collections.ConfigDict, kind: str) -> None:
-  """Ranges and types of a training config of ``kind``, before anything is built."""
+EXAMPLES = {"semvae": "configs/semvae_ch16.py", "texture_vae": "configs/texture_vae_f16d32.py",
+            "feature_net": "configs/demo.py (demo.feature_net)"}
+
+
+def validate_config(config: ml_collections.ConfigDict, kind: str, devices=None) -> None:
+  """A training config of ``kind``, before anything is built: a config of that kind,
+  every field against its declaration (``core.options``), the model it describes, the
+  batch against the mesh, and the GAN recipe's checks across fields."""
   if kind not in KINDS:
     raise ValueError(f"model kind {kind!r} not one of {KINDS}")
-  checks.require_sections(
-      config, ("model", "loss", "optimizer", "data", "mesh"), mode=f"train_{kind}",
-      example="configs/semvae_ch16.py" if kind == "semvae" else "configs/texture_vae_f16d32.py")
-  loop.validate_config(config)
-  e = checks
-  rules = [
-      ("data.num_workers", e.non_negative_int, "an integer >= 0 (0: read in-process)"),
-      ("data.read_threads", e.positive_int, "an integer > 0"),
-      ("data.prefetch_batches", e.positive_int, "an integer > 0"),
-      ("eval.every_steps", e.non_negative_int, "an integer >= 0 (0: off)"),
-      ("eval.max_examples", e.non_negative_int, "an integer >= 0 (0: all)"),
-      ("loss.kl_weight", e.non_negative_number, "a number >= 0"),
-  ]
-  if kind == "semvae":
-    rules += [(f"loss.{k}", e.non_negative_number, "a number >= 0")
-              for k in ("mse_weight", "l1_weight", "cos_weight")]
-    rules += [("loss.cos_axis", e.one_of(("token", "channel")), "'token' or 'channel'")]
-  else:
-    rules += [("data.image_size", e.positive_int, "an integer > 0 (the ADM centre crop)"),
-              ("loss.pixel_reduction", e.one_of(("sum", "mean")), "'sum' or 'mean'"),
-              ("loss.max_shift", e.non_negative_int, "an integer >= 0 (pixels)")]
-  e.check_fields(config, rules)
-  model_config(config, kind)
+  checks.require_sections(config, ("model", "loss", "optimizer", "data", "mesh"),
+                          mode=f"train_{kind}", example=EXAMPLES[kind])
+  found = options.family_of(config)
+  if found != kind:
+    raise errors.ConfigError(
+        f"the config is {options.TITLES[found]}, but --mode=train_{kind} trains a {kind} "
+        f"from {options.TITLES[kind]}; use one written for it (e.g. {EXAMPLES[kind]})")
+  options.check(config, kind)
+  model_cfg = model_config(config, kind)
+  mesh = parallel.make_mesh(config.mesh.to_dict(), devices)
+  parallel.check_batch(int(config.batch_size), mesh)
   if kind == "texture_vae":
     _extra_terms(config.loss)
+    if texture_gan.uses_gan_objective(config.loss):
+      texture_gan.check_config(config, model_cfg)
 
 
 def _build_model(kind: str, cfg, model_section, seed: int) -> nnx.Module:
@@ -281,7 +277,9 @@ def train_model(config: ml_collections.ConfigDict, workdir: str, model_kind: str
   (default: all). ``setup``: ``build_setup(config, model_kind, devices)`` built earlier.
   Returns ``{"step", "metrics" (last logged), "state"}``.
   """
-  validate_config(config, model_kind)
+  if setup is not None and devices is None:     # the mesh the given setup was built on
+    devices = list(setup.core.mesh.devices.flat)
+  validate_config(config, model_kind, devices)
   setup = setup or build_setup(config, model_kind, devices)
   hooks = []
   if config.data.get("eval_path") and int(config.eval.get("every_steps", 0)):

@@ -1,7 +1,7 @@
 """Training losses of the two autoencoders that produce SFD's latents (trained by
 ``sfd_jax.training.vae``; the texture VAE's GAN recipe is ``training.gan_losses``).
 
-Texture VAE (SPEC §4.3): SFD itself loads the released f16d32 weights; this loss exists
+Texture VAE (docs/method.md §4.3): SFD itself loads the released f16d32 weights; this loss exists
 for fine-tuning or retraining the autoencoder::
 
   loss = L1(images, recon) + kl_weight · mean_batch(KL(q(z|x) ‖ N(0, I)))
@@ -17,12 +17,12 @@ for fine-tuning or retraining the autoencoder::
   contribution; it is added to the loss and reported as ``metrics["loss_<name>"]``.
   A term that needs parameters closes over them.
 
-Semantic VAE (SPEC §3.4, parity README §5.4)::
+Semantic VAE (docs/method.md §3.4)::
 
   total = w_mse·MSE + w_l1·L1 + w_cos·(1 − mean cos) + w_kl·mean(KL)
 
 with the weights of ``semvae_train/ch16.yaml`` as defaults (1, 0, 1, 1e-7). Reference
-trap (SPEC §12 item 14): the reference calls ``F.cosine_similarity(recon, features)`` on
+trap (docs/method.md §12.14): the reference calls ``F.cosine_similarity(recon, features)`` on
 [B, L, C] tensors with PyTorch's default ``dim=1``, which is the **token** axis: one
 cosine per (sample, feature channel) over the L tokens, not the per-token cosine over the
 C feature channels that its evaluation code reports. The released SemVAE was trained with

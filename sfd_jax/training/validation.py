@@ -18,14 +18,15 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sfd_jax import parallel
+from sfd_jax.core.errors import ConfigError
 from sfd_jax.data import records as records_lib
 from sfd_jax.data import stats as stats_lib
 from sfd_jax.diffusion import clocks as clocks_lib
 from sfd_jax.diffusion import objective as obj_lib
 
 
-class ValidationError(ValueError):
-  pass
+class ValidationError(ConfigError):
+  """config.validation cannot be used as given."""
 
 
 def enabled(config) -> bool:

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from sfd_jax.core import optional
+
 
 class UnsafePickleError(pickle.UnpicklingError):
   """The file references a global that only code-running pickles use; refused."""
@@ -327,6 +329,13 @@ def is_torch_zip(path: str | os.PathLike) -> bool:
   return zipfile.is_zipfile(os.fspath(path))
 
 
+def _is_pickle(path: str) -> bool:
+  """Starts like a binary pickle (PROTO 2-5): what a legacy ``torch.save`` file is."""
+  with open(path, "rb") as f:
+    head = f.read(2)
+  return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def _check_opcodes(data: bytes, source: str) -> None:
   """Refuses the extension-registry opcodes: CPython resolves a cached extension code
   without calling ``find_class``, so they could bypass the allow-list."""
@@ -361,13 +370,13 @@ def load(path: str | os.PathLike) -> Any:
 
 
 def _load_legacy(path: str) -> Any:
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
+  if not _is_pickle(path):
     raise pickle.UnpicklingError(
-        f"{path}: not a zip archive (a legacy pre-1.6 torch file, or not a torch file); "
-        "the torch-free reader handles the zip format only. Re-save it with a current "
-        "PyTorch or convert it to .safetensors") from e
+        f"{path}: neither a zip archive (torch.save since PyTorch 1.6) nor a pickle; "
+        "not a PyTorch file")
+  torch = optional.require(
+      "torch", extra="torch", purpose=f"{path}: a legacy (pre-1.6, non-zip) PyTorch file",
+      alternative="or re-save it with a current PyTorch, or convert it to .safetensors")
   obj = torch.load(path, map_location="cpu", weights_only=True)
 
   def to_numpy(x):
