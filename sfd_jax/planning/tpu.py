@@ -49,7 +49,8 @@ CHIPS: dict[str, Chip] = {
 HOST_BOUNDS = (2, 2, 1)      # chips per host (the default TPU VM: 4 chips)
 SKIP_METADATA_ENV = "TPU_SKIP_MDS_QUERY"   # no GCE metadata-server lookup off Cloud TPU
 # libtpu takes a machine-wide lock file (libtpu_lockfile in the temporary directory) for
-# the TPU chips it drives; compiling for compile-only devices drives none, so several processes may compile at once
+# the TPU chips it drives; compiling for compile-only devices drives none, so several
+# processes may compile at once
 SHARED_ENV = "ALLOW_MULTIPLE_LIBTPU_LOAD"
 
 
