@@ -7,7 +7,8 @@ program; VAE configs: the VAE / GAN step; encode configs: the encode program), t
 writes ``plan.json`` / ``plan.md`` in the workdir and prints the table: HBM per chip
 against the chip's, matmul FLOPs against the analytic count, collectives, compile time,
 and per remat policy the largest global batch that fits (``sfd_jax.planning.plan``;
-docs/scale.md). Needs the TPU compiler: ``pip install -e '.[tpu-aot]'``.
+docs/scale.md). Needs the TPU compiler: ``pip install "libtpu==0.0.42.*"`` (the libtpu
+jax 0.10.2 pins; ``bash .ci/run tpu-compiler`` installs the one the installed jax pins).
 
 Fields of ``config.plan`` (all optional): ``topology`` (e.g. v5p:2x2x2, v5e:4x4,
 v6e:2x4, v4:2x2x2), ``num_slices``, ``programs`` (auto | train,sample | vae_train |

@@ -131,8 +131,8 @@ def dit_train_programs(config, devices, remats: list[str],
   """One train-step program per remat policy (``attention``: override the config's
   ``model.attention_impl``)."""
   from sfd_jax.training import sfd  # pylint: disable=import-outside-toplevel
-  sfd.validate_config(config)
-  mesh = _mesh(config, devices)
+  mesh = _mesh(config, devices)   # a plan error where config.mesh does not fit the chips
+  sfd.validate_config(config, devices)
   unit = batch_devices(mesh)
   programs = []
   for remat in remats:
@@ -290,8 +290,8 @@ def vae_program(config, devices, kind: str, plan) -> Program:
   """The SemVAE / texture VAE training step (the GAN recipe's two-part step)."""
   # pylint: disable=import-outside-toplevel
   from sfd_jax.training import texture_gan, vae
-  vae.validate_config(config, kind)
   _mesh(config, devices)   # a plan error where config.mesh does not fit the chips
+  vae.validate_config(config, kind, devices)
   model_cfg = vae.model_config(config, kind)
   gan = kind == "texture_vae" and texture_gan.uses_gan_objective(config.loss)
   nets = _abstract_frozen_nets(config, model_cfg) if gan else None

@@ -1,6 +1,7 @@
 """TPU topologies for ahead-of-time compilation on a machine without TPUs.
 
-With ``libtpu`` installed (the TPU compiler; ``pip install -e '.[tpu-aot]'``),
+With ``libtpu`` installed (the TPU compiler: the version jax pins in its ``tpu`` extra,
+e.g. ``pip install "libtpu==0.0.42.*"`` for jax 0.10.2; ``bash .ci/run tpu-compiler``),
 ``jax.experimental.topologies.get_topology_desc`` describes a TPU slice by name and
 returns *compile-only* devices: ``jit(...).lower(...).compile()`` on a mesh of them runs
 the real TPU compiler, and ``memory_analysis()`` / the optimized HLO describe one chip.
@@ -113,7 +114,7 @@ def require_libtpu() -> None:
   if importlib.util.find_spec("libtpu") is None:
     raise PlanError(
         f"the TPU compiler (libtpu) is not installed: pip install \"{libtpu_requirement()}\" "
-        "(the version this jax pins, about 680 MB; or pip install -e '.[tpu-aot]'). "
+        "(the version this jax pins, about 680 MB). "
         "--mode=plan compiles for TPUs on any machine once it is installed")
 
 
