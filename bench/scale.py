@@ -135,8 +135,9 @@ def write_doc(reports: list[dict]) -> None:
       "slice; the plans (`plan.json`, `plan.md`) are in `bench/results/scale/`.",
       "",
       f"jax {versions.get('jax')}, libtpu {versions.get('libtpu')}; compiled on "
-      f"{versions.get('compiled_on')} (shared with other work, so compile times are "
-      "those of a loaded 2-core machine).",
+      f"{versions.get('compiled_on')}; most plans while other work shared the machine, so "
+      "a compile time says little more than its order (one compile of a 16-chip step at "
+      "batch 256: 30–60 s on the quiet machine, up to 890 s on the loaded one).",
       "",
       "HBM: live total per chip = arguments + outputs − aliased (the donated state) + "
       "temporaries, against what the TPU compiler makes available (v5e 15.75, v5p 95.74, "
