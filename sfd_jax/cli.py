@@ -167,8 +167,7 @@ def _listing(directory: str) -> dict[str, int]:
   try:
     with os.scandir(directory) as it:
       return {e.name: e.stat(follow_symlinks=False).st_mtime_ns for e in it
-              if e.name not in (CONFIG_FILE, workdir_lock.LOCK_NAME)
-              and not e.name.startswith(CONFIG_FILE + ".tmp-")}
+              if e.name not in (CONFIG_FILE, workdir_lock.LOCK_NAME)}
   except OSError:
     return {}
 

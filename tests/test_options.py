@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from sfd_jax.core import options
+from sfd_jax.core import options, trees
 from sfd_jax.core.errors import ConfigError
 from tests.conftest import REPO
 
@@ -43,16 +43,6 @@ def _config(name, arg):
   return importlib.import_module(f"configs.{name[:-3]}").get_config(arg)
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict) and v:
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def test_every_config_file_is_listed():
   files = {p.name for p in (REPO / "configs").glob("*.py")} - NOT_CONFIGS
   assert files == set(VARIANTS), ("list the new config file and the options that change "
@@ -69,7 +59,7 @@ def test_every_config_field_is_declared(name, arg, family):
   undeclared = []
   idx = options.index(family)
   nested = dict(options.FAMILIES[family].nested)
-  for path in _flat(config.to_dict()):
+  for path in trees.flatten(config.to_dict(), "."):
     fam, rel = family, path
     for prefix, sub in nested.items():
       if path.startswith(prefix + "."):
@@ -211,7 +201,7 @@ def test_rows_list_every_field_with_its_value():
   config = _config("sfd_xl.py", None)
   rows = options.rows("sfd", config)
   by_path = {r.path: r for r in rows}
-  flat = _flat(config.to_dict())
+  flat = trees.flatten(config.to_dict(), ".")
   for path, value in flat.items():
     if path.startswith("compiler_options") or ".compiler_options" in path:
       continue

@@ -5,7 +5,7 @@ range, a dataset that does not fit the model, a missing or corrupt file, a check
 cannot be resumed, a converter input of the wrong kind, a full disk or a read-only
 directory. Everything else (a bug) is an *internal error*. The entry points print a user
 error as one line and exit with status 2 (``core.runner``); config fields are checked
-with ``core.checks``.
+with ``core.options``.
 
 The family (all ``ValueError``s; file errors are also the matching ``OSError``)::
 

@@ -195,8 +195,16 @@ def _int_list(v: str) -> bool:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
+TEXTURE_VAE_PRESETS = ("f16d32", "tiny")
+DINOV2_PRESETS = ("vitb14_reg", "vitl14", "tiny", "tiny_noreg")
 
 # ------------------------------------------------------------------ shared blocks
+
+MODEL_DTYPES = (
+    F("dtype", STR, "compute dtype", choices=DTYPES),
+    F("param_dtype", STR, "parameter dtype", choices=DTYPES),
+)
 
 RUN = (
     F("seed", INT, "seed of the parameter init, the noise / time / label-dropout stream "
@@ -291,7 +299,7 @@ PLAN = block("plan", (
     F("batch_sizes", STR, "global batches of the train step to compile (\"\": the "
       "config's batch_size)", ok=_int_list, allowed="\"\" or comma-separated integers > 0"),
     F("remat_policies", STR, "DiT remat policies to compile (\"\": model.remat_policy)",
-      ok=comma_list(("none", "full", "dots", "dots_no_batch", "save_attn_out"), empty=True),
+      ok=comma_list(REMAT_POLICIES, empty=True),
       allowed="\"\" or comma-separated remat policies"),
     F("search_max_batch", BOOL, "per policy / program, search the largest global batch "
       "that fits a chip"),
@@ -304,7 +312,7 @@ PLAN = block("plan", (
     F("guide_variant", STR, "autoguidance: the guide's model size (its weights are not "
       "read)", choices=("S", "B", "L", "XL", "XXL", "1p6B")),
     F("decoder_preset", STR, "sample.texture_vae set: the decoder's architecture",
-      choices=("f16d32", "tiny")),
+      choices=TEXTURE_VAE_PRESETS),
     F("feature_tokens", INT, "SemVAE configs: tokens per example (DINOv2 at 224 px)", gt=0),
     F("attention_baseline", STR, "with the splash kernel chosen, also compile with this "
       "attention (\"\": no)", choices=("", "xla", "xla_heads", "cudnn")),
@@ -313,7 +321,6 @@ PLAN = block("plan", (
 # ------------------------------------------------------------------ the SFD family
 
 VARIANTS = ("S", "B", "L", "XL", "XXL", "1p6B", "1p0B", "custom")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 ATTENTION = ("", "auto", "xla", "xla_heads", "cudnn", "splash")
 
 DIT_MODEL = block("model", (
@@ -579,9 +586,7 @@ SEMVAE = block("model", (
     F("num_blocks", INT, "transformer blocks (encoder and decoder each)", gt=0),
     F("mlp_ratio", FLOAT, "MLP width / hidden_dim", gt=0),
     F("norm_eps", FLOAT, "LayerNorm ε", gt=0),
-    F("dtype", STR, "compute dtype", choices=DTYPES),
-    F("param_dtype", STR, "parameter dtype", choices=DTYPES),
-)) + block("loss", (
+) + MODEL_DTYPES) + block("loss", (
     F("mse_weight", FLOAT, "MSE weight", ge=0),
     F("l1_weight", FLOAT, "L1 weight", ge=0),
     F("cos_weight", FLOAT, "cosine-loss weight", ge=0),
@@ -608,9 +613,7 @@ TEXTURE_MODEL = block("model", (
     F("double_z", BOOL, "the encoder outputs mean and log-variance"),
     F("num_groups", INT, "GroupNorm groups", gt=0),
     F("norm_eps", FLOAT, "GroupNorm ε", gt=0),
-    F("dtype", STR, "compute dtype", choices=DTYPES),
-    F("param_dtype", STR, "parameter dtype", choices=DTYPES),
-))
+) + MODEL_DTYPES)
 
 GAN_LOSS = (
     F("logvar_init", FLOAT, "ldm: the (never trained) output log-variance"),
@@ -642,7 +645,7 @@ GAN_LOSS = (
     F("vf_dinov2", STR, "converted DINOv2 folder (python -m sfd_jax.convert.dinov2 "
       "--preset vitl14)"),
     F("vf_dinov2_preset", STR, "its architecture (vf_random_init: the random one)",
-      choices=("vitb14_reg", "vitl14", "tiny", "tiny_noreg")),
+      choices=DINOV2_PRESETS),
     F("vf_random_init", BOOL, "tests only: random DINOv2 weights"),
     F("vf_dim", INT, "VF feature width (DINOv2-L: 1024)", gt=0),
     F("vf_image_size", INT, "DINOv2 input side (0 = 14 × the latent grid)", ge=0),
@@ -695,7 +698,7 @@ EVAL_TOKENIZER = block("eval_tokenizer", (
     F("grid_images", INT, "originals over reconstructions in reconstructions.png", ge=0),
     F("read_threads", INT, "image decoding threads", gt=0),
     F("random_init", BOOL, "tests: random texture VAE (preset) and LPIPS"),
-    F("texture_vae_preset", STR, "random_init: the architecture", choices=("f16d32", "tiny")),
+    F("texture_vae_preset", STR, "random_init: the architecture", choices=TEXTURE_VAE_PRESETS),
     F("lpips_random_width", FLOAT, "random_init: VGG widths × this", gt=0),
     F("tb_step", INT, "TensorBoard step of the metrics", ge=0, absent="0"),
 ))
@@ -706,9 +709,7 @@ FEATURE_NET = block("model", (
     F("embed_dim", INT, "token width (the DINOv2 stand-in's)", gt=0),
     F("num_classes", INT, "classes of the classifier head", gt=0),
     F("spatial_channels", INT, "channels of the spatial feature map", gt=0),
-    F("dtype", STR, "compute dtype", choices=DTYPES),
-    F("param_dtype", STR, "parameter dtype", choices=DTYPES),
-)) + block("loss", (
+) + MODEL_DTYPES) + block("loss", (
     F("max_shift", INT, "random translation of the images, in pixels", ge=0, absent="1"),
 )) + block("data", IMAGE_SOURCE + (
     F("eval_path", STR, "evaluation image folder (\"\" = none)"),
@@ -726,9 +727,9 @@ ENCODE = block("data", IMAGE_SOURCE + (
     F("semvae", STR, "converted SemVAE folder (python -m sfd_jax.convert.semantic_vae)"),
     F("random_init", BOOL, "random weights of the presets below (smoke tests)"),
     F("texture_vae_preset", STR, "random_init: texture VAE architecture",
-      choices=("f16d32", "tiny")),
+      choices=TEXTURE_VAE_PRESETS),
     F("dinov2_preset", STR, "random_init: DINOv2 architecture",
-      choices=("vitb14_reg", "vitl14", "tiny", "tiny_noreg")),
+      choices=DINOV2_PRESETS),
     F("semvae_preset", STR, "random_init: SemVAE architecture", choices=("ch16", "tiny")),
     F("dtype", STR, "compute dtype (the reference: float32)", choices=DTYPES),
     F("image_size", INT, "ADM centre crop side", gt=0),
@@ -742,7 +743,7 @@ ENCODE = block("data", IMAGE_SOURCE + (
     F("dinov2", STR, "converted DINOv2 folder"),
     F("random_init", BOOL, "random weights of dinov2_preset (smoke tests)"),
     F("dinov2_preset", STR, "random_init: DINOv2 architecture",
-      choices=("vitb14_reg", "vitl14", "tiny", "tiny_noreg")),
+      choices=DINOV2_PRESETS),
     F("dtype", STR, "compute dtype", choices=DTYPES),
     F("resize", INT, "semvae: short side resize (bicubic)", gt=0),
     F("crop", INT, "semvae: centre crop side", gt=0),
@@ -951,10 +952,11 @@ def check(config, family: str | None = None, *, prefix: str = "config") -> str:
   field, the value, what is allowed, what the field means) for an undeclared field, a
   value of the wrong type or out of range. Fields a config leaves out are not checked
   (the code's default applies)."""
-  fam = family or family_of(config)
+  tree = _as_dict(config)
+  fam = family or family_of(tree)
   if fam not in FAMILIES:
     raise ValueError(f"unknown config family {fam!r}; known: {sorted(FAMILIES)}")
-  _walk(_as_dict(config), index(fam), "", prefix)
+  _walk(tree, index(fam), "", prefix)
   return fam
 
 
@@ -1009,17 +1011,6 @@ class Row:
 
 
 MISSING = type("Missing", (), {"__repr__": lambda self: "(absent)"})()
-
-
-def _flat(d: Mapping, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    p = f"{prefix}{k}"
-    if isinstance(v, Mapping) and v:
-      out.update(_flat(v, p + "."))
-    else:
-      out[p] = v
-  return out
 
 
 def _get(d: Mapping, path: str):

@@ -17,8 +17,8 @@ A second launch on the same workdir stops with one line naming the owner (a
 
 ``force=True`` (``--config.force_unlock=True``) takes over any lock: for the stuck case
 (e.g. a heartbeat that looks fresh because of clock skew, after making sure the other run
-is gone). Creation is atomic on a local file system (a hard link); for ``gs://``
-workdirs the check and the write are separate (best effort).
+is gone). Creation is atomic (a hard link); workdirs are local paths (a bucket through
+a mount: ``main.py`` refuses a URL workdir).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 from absl import logging
 
@@ -178,10 +178,7 @@ class WorkdirLock:
   # ---------------------------------------------------------------- taking it
   def acquire(self) -> "WorkdirLock":
     errors.check_writable(self.workdir, "the workdir")
-    if "://" in self.workdir:
-      self._acquire_remote()
-    else:
-      self._acquire_local()
+    self._acquire_local()
     self._thread = threading.Thread(target=self._beat, name="sfd_jax_workdir_lock",
                                     daemon=True)
     self._thread.start()
@@ -240,30 +237,8 @@ class WorkdirLock:
     logging.warning("took over the lock of %s from %s: %s", self.workdir,
                     describe(owner) if owner else "an unreadable lock file", reason)
 
-  def _acquire_remote(self) -> None:
-    from etils import epath  # pylint: disable=import-outside-toplevel
-    p = epath.Path(self.path)
-    if p.exists():
-      try:
-        owner = json.loads(p.read_text())
-      except ValueError:
-        owner = {}
-      reason = ("--config.force_unlock" if self.force else
-                "it cannot be read" if not owner else stale_reason(owner))
-      if reason is None:
-        raise self._refuse(owner)
-      self.took_over = owner
-      logging.warning("took over the lock of %s: %s", self.workdir, reason)
-    p.write_text(json.dumps(self.record, indent=1))
-
   # ---------------------------------------------------------------- holding it
   def _mine(self) -> bool:
-    if "://" in self.path:
-      from etils import epath  # pylint: disable=import-outside-toplevel
-      try:
-        return json.loads(epath.Path(self.path).read_text()).get("token") == self.record["token"]
-      except Exception:  # pylint: disable=broad-except
-        return False
     owner = read_owner(self.path)
     return bool(owner) and owner.get("token") == self.record["token"]
 
@@ -276,11 +251,7 @@ class WorkdirLock:
                           describe(read_owner(self.path) or {}))
           return
         self.record["heartbeat_unix"] = time.time()
-        if "://" in self.path:
-          from etils import epath  # pylint: disable=import-outside-toplevel
-          epath.Path(self.path).write_text(json.dumps(self.record, indent=1))
-        else:
-          _replace(self.path, self.record)
+        _replace(self.path, self.record)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("cannot refresh the lock of %s: %s", self.workdir, errors.reason(e))
 
@@ -291,25 +262,6 @@ class WorkdirLock:
       self._thread.join(timeout=5)
     try:
       if self._mine():
-        if "://" in self.path:
-          from etils import epath  # pylint: disable=import-outside-toplevel
-          epath.Path(self.path).unlink()
-        else:
-          os.unlink(self.path)
+        os.unlink(self.path)
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("cannot remove the lock %s: %s", self.path, errors.reason(e))
-
-
-@contextlib.contextmanager
-def hold(workdir: str, *, mode: str = "", command: str = "", force: bool = False,
-         enabled: bool = True) -> Iterator[WorkdirLock | None]:
-  """Holds the workdir's lock for the ``with`` body (``enabled=False``: no lock, e.g. on
-  processes other than 0)."""
-  if not enabled:
-    yield None
-    return
-  lock = WorkdirLock(workdir, mode=mode, command=command, force=force).acquire()
-  try:
-    yield lock
-  finally:
-    lock.release()
