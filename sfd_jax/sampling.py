@@ -183,12 +183,13 @@ def sample_to_directory(model, guide, decoder: LatentDecoder | None, opts: Sampl
     with attention.use_mesh(mesh):   # the splash kernel (TPU) is placed per device
       imgs, nfe = gen(p_model, p_guide, p_dec, ind, lab, key)
     _write(out_dir, gather(imgs)[:len(real)], start, ext)
+    nfe = int(nfe)
     done_images += len(real)
-    total_nfe += int(nfe)
+    total_nfe += nfe
     batches_run += 1
     bar.update(len(real))
     logging.debug("sampled batch %d/%d (%d images, NFE %d)", b + 1, num_batches, len(real),
-                  int(nfe))
+                  nfe)
   bar.close()
   if done_images:
     logging.info("sampled %d images in this run (NFE %d per batch on average)", done_images,

@@ -3,7 +3,6 @@ sharded step equals the single-device one, gradient accumulation equals the whol
 a run resumes bit-identically after SIGTERM and samples in 1-2 jumps, a learned clock
 trains, a flow-matching checkpoint starts the average-velocity model as the same
 function, and the sample job refuses ``method="meanflow"`` for a flow-matching model."""
-import os
 import sys
 
 import jax
@@ -14,7 +13,7 @@ import pytest
 
 import sfd_jax  # noqa: F401
 from sfd_jax import parallel, sampling
-from sfd_jax.checkpoint import export, restore_state_only
+from sfd_jax.checkpoint import export
 from sfd_jax.core import errors
 from sfd_jax.diffusion import generation
 from sfd_jax.diffusion.objective import ObjectiveConfig
@@ -23,7 +22,8 @@ from sfd_jax.training import optim
 from sfd_jax.training import sfd as train
 from sfd_jax.training import state as state_lib
 from tests.conftest import REPO
-from tests.util import preempted_at, write_tiny_latents
+from tests.util import (assert_trees_close, final_state, perturbed_params, preempted_at,
+                        tiny_batch, train_one_step, write_tiny_latents)
 
 sys.path.insert(0, str(REPO))
 from configs import tiny as tiny_config  # noqa: E402  pylint: disable=wrong-import-position
@@ -46,50 +46,21 @@ def _setup(shape, obj=MEANFLOW):
   return train.build_setup(CFG, obj, mesh, tx, sched, ema_decay=0.9, seed=3)
 
 
-def _perturbed(setup, seed=0):
-  """Every weight random (zero-initialised layers too), so every term has gradients."""
-  shapes = setup.abstract_state["params"]
-  leaves, tree = jax.tree.flatten(shapes)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.device_get(jax.tree.unflatten(
-      tree, [0.05 * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)]))
-
-
-def _batch(n, seed=0):
-  rng = np.random.RandomState(seed)
-  return {"latent": rng.randn(n, 4, 4, 48).astype(np.float32),
-          "label": (np.arange(n) % 10).astype(np.int32),
-          "repa": rng.randn(n, 16, 16).astype(np.float32)}
-
-
-def _run(setup, init, batch, **kw):
-  state = state_lib.create_train_state(setup, init)
-  step = train.make_train_step(setup, **kw)
-  state, metrics = step(state, jax.device_put(batch, parallel.batch_sharding(setup.mesh)))
-  return jax.device_get(state), {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-
-def _close(a, b, tol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    scale = max(1e-3, float(np.max(np.abs(y))))
-    assert float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) / scale <= tol
-
-
 def test_sharded_step_and_accumulation_equal_the_single_device_step():
-  batch = _batch(16)
+  batch = tiny_batch(16)
   ref_setup = _setup((1, 1, 1))
-  init = _perturbed(ref_setup)
-  ref_state, ref_m = _run(ref_setup, init, batch)
+  init = perturbed_params(ref_setup)
+  ref_state, ref_m = train_one_step(ref_setup, init, batch)
   assert ref_m["interval_mean"] > 0          # some examples jump (ρ > τ)
   for shape in [(2, 4, 1), (2, 2, 2)]:
-    state, m = _run(_setup(shape), init, batch)
+    state, m = train_one_step(_setup(shape), init, batch)
     assert m["loss"] == pytest.approx(ref_m["loss"], rel=1e-5), shape
-    _close(state["params"], ref_state["params"], 1e-5)
+    assert_trees_close(state["params"], ref_state["params"], 1e-5)
   # 2 micro-batches of 8 on a data×fsdp mesh: the same update as the whole batch
   setup = _setup((2, 4, 1))
-  acc_state, acc_m = _run(setup, init, batch, accumulate_steps=2, global_batch_size=16)
+  acc_state, acc_m = train_one_step(setup, init, batch, accumulate_steps=2, global_batch_size=16)
   assert acc_m["loss"] == pytest.approx(ref_m["loss"], rel=1e-5)
-  _close(acc_state["params"], ref_state["params"], 1e-5)
+  assert_trees_close(acc_state["params"], ref_state["params"], 1e-5)
   assert not np.allclose(acc_state["params"]["r_embedder_sem"]["mlp_2"]["kernel"],
                          init["r_embedder_sem"]["mlp_2"]["kernel"])
 
@@ -104,26 +75,19 @@ def _config(data, **kw):
   return c
 
 
-def _final(workdir, config):
-  setup = train.build(config)
-  state, step, _ = restore_state_only(os.path.join(workdir, "checkpoints"),
-                                      setup.abstract_state)
-  return step, jax.device_get(state), setup
-
-
 def test_trains_resumes_exactly_after_sigterm_and_samples_in_few_jumps(data_dir, tmp_path):
   cfg = _config(data_dir)
   assert train.model_configs(cfg)[0].interval_embedding
   straight = tmp_path / "straight"
   res = train.train_and_evaluate(cfg, str(straight))
   assert res["step"] == 8 and np.isfinite(res["metrics"]["loss"])
-  step, ref, setup = _final(str(straight), cfg)
+  step, ref, setup = final_state(str(straight), cfg)
   term = tmp_path / "sigterm"
   with preempted_at(train, "make_data_iterator", 3):
     out = train.train_and_evaluate(_config(data_dir), str(term))
   assert out["step"] == 3
   train.train_and_evaluate(cfg, str(term))
-  _, again, _ = _final(str(term), cfg)
+  _, again, _ = final_state(str(term), cfg)
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(again)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   model = setup.model(ref["ema"])
@@ -151,7 +115,7 @@ def test_learned_clock_trains_with_meanflow(data_dir, tmp_path):
                                           loss_weight=2.0))))
   res = train.train_and_evaluate(c, str(tmp_path / "learned"))
   assert res["step"] == 4 and "clock_energy" in res["metrics"]
-  _, state, _ = _final(str(tmp_path / "learned"), c)
+  _, state, _ = final_state(str(tmp_path / "learned"), c)
   assert np.abs(np.asarray(state["params"]["clock_semantic"])).max() > 0
 
 
@@ -159,7 +123,7 @@ def test_flow_matching_checkpoint_starts_the_meanflow_model(data_dir, tmp_path):
   fm_cfg = tiny_config.get_config(f"data={data_dir},steps=4")
   fm_cfg.checkpoint_every_steps = 4
   train.train_and_evaluate(fm_cfg, str(tmp_path / "fm"))
-  _, fm_state, fm_setup = _final(str(tmp_path / "fm"), fm_cfg)
+  _, fm_state, fm_setup = final_state(str(tmp_path / "fm"), fm_cfg)
   converted = str(tmp_path / "fm_converted")
   export.export_params(fm_state["ema"], fm_setup.model_cfg, converted, formats=("orbax",))
 

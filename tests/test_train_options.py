@@ -23,7 +23,8 @@ from sfd_jax.training import state as state_lib
 from sfd_jax.training import optim, validation
 from sfd_jax.training import sfd as train
 from tests.conftest import REPO
-from tests.util import write_tiny_latents
+from tests.util import (assert_trees_close, perturbed_params, tiny_batch, train_one_step,
+                        write_tiny_latents)
 
 sys.path.insert(0, str(REPO))
 from configs import tiny as tiny_config  # noqa: E402  pylint: disable=wrong-import-position
@@ -40,46 +41,18 @@ def _setup(shape=(2, 4, 1), cfg=CFG):
   return train.build_setup(cfg, ObjectiveConfig(), mesh, tx, sched, ema_decay=0.9, seed=3)
 
 
-def _perturbed(setup, seed=0):
-  shapes = setup.abstract_state["params"]
-  leaves, tree = jax.tree.flatten(shapes)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.device_get(jax.tree.unflatten(
-      tree, [0.05 * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)]))
-
-
-def _batch(n=16, seed=0):
-  rng = np.random.RandomState(seed)
-  return {"latent": rng.randn(n, 4, 4, 48).astype(np.float32),
-          "label": (np.arange(n) % 10).astype(np.int32),
-          "repa": rng.randn(n, 16, 16).astype(np.float32)}
-
-
-def _run(setup, init, batch, **kw):
-  state = state_lib.create_train_state(setup, init)
-  step = train.make_train_step(setup, **kw)
-  state, metrics = step(state, jax.device_put(batch, parallel.batch_sharding(setup.mesh)))
-  return jax.device_get(state), {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-
-def _close(a, b, tol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    scale = max(1e-3, float(np.max(np.abs(y))))
-    assert float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) / scale <= tol
-
-
-def test_gradient_accumulation_equals_one_big_batch():
+def test_gradient_accumulation_equals_one_bigtiny_batch():
   """2 micro-batches of 16 rows on a 2×4 (data×fsdp) mesh == one step on all 32."""
   setup = _setup()
-  init = _perturbed(setup)
-  batch = _batch(32)
-  ref_state, ref_m = _run(setup, init, batch)
+  init = perturbed_params(setup)
+  batch = tiny_batch(32)
+  ref_state, ref_m = train_one_step(setup, init, batch)
   for k in (2,):
-    acc_state, acc_m = _run(setup, init, batch, accumulate_steps=k, global_batch_size=32)
+    acc_state, acc_m = train_one_step(setup, init, batch, accumulate_steps=k, global_batch_size=32)
     assert acc_m["loss"] == pytest.approx(ref_m["loss"], rel=1e-6)
     assert acc_m["grad_norm"] == pytest.approx(ref_m["grad_norm"], rel=1e-5)
-    _close(acc_state["params"], ref_state["params"], 1e-5)
-    _close(acc_state["ema"], ref_state["ema"], 1e-5)
+    assert_trees_close(acc_state["params"], ref_state["params"], 1e-5)
+    assert_trees_close(acc_state["ema"], ref_state["ema"], 1e-5)
   # ... and not a different update (the micro-batches are not each a full step).
   assert not np.allclose(np.asarray(acc_state["params"]["x_embedder"]["kernel"]),
                          np.asarray(init["x_embedder"]["kernel"]))
@@ -97,21 +70,21 @@ def test_accumulation_that_does_not_divide_is_an_error():
 def test_skip_nonfinite_and_spikes():
   """(Without the option a NaN step is counted in ``nonfinite``: test_train's NaN guard.)"""
   setup = _setup((8, 1, 1))
-  init = _perturbed(setup)
-  bad, good = _batch(8), _batch(8, seed=1)
+  init = perturbed_params(setup)
+  bad, good = tiny_batch(8), tiny_batch(8, seed=1)
   bad["latent"][3, 0, 0, 0] = np.nan
   step = train.make_train_step(setup, skip_nonfinite=True)
   sh = parallel.batch_sharding(setup.mesh)
   state, m = step(state_lib.create_train_state(setup, init), jax.device_put(bad, sh))
   state = jax.device_get(state)
   assert state["nonfinite"] == 0 and float(m["skipped"]) == 1.0 and state["step"] == 1
-  _close(state["params"], init, 0.0)
-  _close(state["ema"], init, 0.0)
+  assert_trees_close(state["params"], init, 0.0)
+  assert_trees_close(state["ema"], init, 0.0)
   state, m = step(jax.device_put(state, setup.state_shardings), jax.device_put(good, sh))
   assert float(m["skipped"]) == 0.0 and int(state["step"]) == 2
-  state, m = _run(setup, init, good, skip_grad_norm_above=1e-9)     # a "spike"
+  state, m = train_one_step(setup, init, good, skip_grad_norm_above=1e-9)     # a "spike"
   assert m["skipped"] == 1.0 and state["nonfinite"] == 0
-  _close(state["params"], init, 0.0)
+  assert_trees_close(state["params"], init, 0.0)
 
 
 def test_init_from_shape_check_expands_patch_channels(tmp_path):
@@ -145,8 +118,8 @@ def test_init_from_shape_check_expands_patch_channels(tmp_path):
                                 src["blocks"]["attn"]["qkv"]["kernel"])
   np.testing.assert_array_equal(state["params"]["y_embedding"], src["y_embedding"])
   for name in ("t_embedder_sem", "t_embedder_tex", "repa_projector"):
-    _close(state["params"][name], fresh["params"][name], 0.0)   # random init kept
-  _close(state["ema"], state["params"], 0.0)
+    assert_trees_close(state["params"][name], fresh["params"][name], 0.0)   # random init kept
+  assert_trees_close(state["ema"], state["params"], 0.0)
   # The reference's code copies 16 channels only (its weight_init); reproducible:
   given16 = train.init_params_from(
       {"x_embedder": {"kernel": src["x_embedder"]["kernel"]}},
@@ -182,7 +155,7 @@ def test_validation_loss_is_deterministic_and_batch_independent(data_dirs):
   c = tiny_config.get_config(f"data={train_dir}")
   c.validation.update(path=held_out, every_steps=5, batch_size=8, times=(0.2, 0.8))
   setup = train.build(c)
-  state = state_lib.create_train_state(setup, _perturbed(setup))
+  state = state_lib.create_train_state(setup, perturbed_params(setup))
   val = validation.ValidationLoss(c, setup)
   a = val(5, state, _Writer())
   assert val(5, state, _Writer()) == a

@@ -1,6 +1,5 @@
 """A three-part clock schedule (texture, semantic, an extra part; one learned clock) on the
 training core: trains, resumes bit-identically after SIGTERM, samples; old configs load."""
-import os
 import sys
 
 import jax
@@ -10,11 +9,10 @@ import numpy as np
 import pytest
 
 import sfd_jax  # noqa: F401
-from sfd_jax.checkpoint import restore_state_only
 from sfd_jax.diffusion import clocks, generation
 from sfd_jax.training import sfd as train
 from tests.conftest import REPO
-from tests.util import preempted_at
+from tests.util import final_state, preempted_at
 
 sys.path.insert(0, str(REPO))
 from configs import tiny as tiny_config  # noqa: E402  pylint: disable=wrong-import-position
@@ -64,13 +62,6 @@ def config3(data, **kw):
   return c
 
 
-def _final(workdir, config):
-  setup = train.build(config)
-  state, step, _ = restore_state_only(os.path.join(workdir, "checkpoints"),
-                                      setup.abstract_state)
-  return step, jax.device_get(state)
-
-
 def test_three_part_schedule_trains_resumes_exactly_and_samples(data3, tmp_path):
   cfg = config3(data3)
   model_cfg, obj_cfg = train.model_configs(cfg)
@@ -82,7 +73,7 @@ def test_three_part_schedule_trains_resumes_exactly_and_samples(data3, tmp_path)
   res = train.train_and_evaluate(cfg, str(straight))
   assert res["step"] == 8 and np.isfinite(res["metrics"]["loss"])
   assert "clock_energy" in res["metrics"]
-  step, ref = _final(str(straight), cfg)
+  step, ref, _ = final_state(str(straight), cfg)
   phi = np.asarray(ref["params"]["clock_semantic"])
   assert step == 8 and phi.shape == (4,) and np.abs(phi).max() > 0   # learned, saved
 
@@ -91,7 +82,7 @@ def test_three_part_schedule_trains_resumes_exactly_and_samples(data3, tmp_path)
     out = train.train_and_evaluate(config3(data3), str(term))
   assert out["step"] == 3
   train.train_and_evaluate(cfg, str(term))
-  _, again = _final(str(term), cfg)
+  _, again, _ = final_state(str(term), cfg)
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(again)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -203,3 +203,56 @@ class PausedMain:
     err = self._err.read()
     self._err.close()
     return subprocess.CompletedProcess(self.args, self.proc.returncode, out, err)
+
+
+# ----------------------------------------------------------------------------------
+# One training step on a tiny model (the sharding / accumulation / resume tests)
+# ----------------------------------------------------------------------------------
+
+
+def perturbed_params(setup, seed=0):
+  """Every weight random (zero-initialised layers too), so every term has gradients."""
+  import jax  # pylint: disable=import-outside-toplevel
+  leaves, tree = jax.tree.flatten(setup.abstract_state["params"])
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.device_get(jax.tree.unflatten(
+      tree, [0.05 * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)]))
+
+
+def tiny_batch(n=16, seed=0):
+  """A random batch of n 4×4×48 latents with labels and 16×16 REPA features."""
+  rng = np.random.RandomState(seed)
+  return {"latent": rng.randn(n, 4, 4, 48).astype(np.float32),
+          "label": (np.arange(n) % 10).astype(np.int32),
+          "repa": rng.randn(n, 16, 16).astype(np.float32)}
+
+
+def train_one_step(setup, init, batch, **kw):
+  """(state, float metrics) after one step of ``make_train_step(setup, **kw)`` from the
+  parameters ``init`` on ``batch`` sharded over ``setup.mesh``."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from sfd_jax import parallel  # pylint: disable=import-outside-toplevel
+  from sfd_jax.training import sfd, state as state_lib  # pylint: disable=C0415
+  state = state_lib.create_train_state(setup, init)
+  step = sfd.make_train_step(setup, **kw)
+  state, metrics = step(state, jax.device_put(batch, parallel.batch_sharding(setup.mesh)))
+  return jax.device_get(state), {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def assert_trees_close(a, b, tol):
+  """Every leaf of ``a`` within ``tol`` of ``b``'s, relative to max(1e-3, max |b|)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    scale = max(1e-3, float(np.max(np.abs(y))))
+    assert float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) / scale <= tol
+
+
+def final_state(workdir, config):
+  """(step, state, setup) of the last checkpoint under ``workdir`` for ``config``."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from sfd_jax.checkpoint import restore_state_only  # pylint: disable=C0415
+  from sfd_jax.training import sfd  # pylint: disable=import-outside-toplevel
+  setup = sfd.build(config)
+  state, step, _ = restore_state_only(os.path.join(workdir, "checkpoints"),
+                                      setup.abstract_state)
+  return step, jax.device_get(state), setup

@@ -292,11 +292,21 @@ def training_losses(apply_fn: ApplyFn, x1: jax.Array, y: jax.Array, key: jax.Arr
   corr = (clock_correction(sch, t, times, clock_params, cfg)
           if learned and cfg.clock_correction else None)
   terms = velocity_losses(pred, ut, cfg, example_weights=corr)
-  total = jnp.mean(terms["mse"])
-  metrics = {"loss_mse": jnp.mean(terms["mse"]), "loss_cos": jnp.mean(terms["cos"])}
+  return _total_loss(jnp.mean(terms["mse"]), terms, {}, cfg, sch, clock_params, proj,
+                     repa_target, {"t": t, "times": times, "xt": xt, "ut": ut, "pred": pred})
+
+
+def _total_loss(mse_loss, terms, metrics, cfg: ObjectiveConfig, sch: clocks.Schedule,
+                clock_params, proj, repa_target, per_example):
+  """(loss, metrics) of a batch from its per-example ``terms`` ("mse", "cos") and the
+  batch-mean MSE term ``mse_loss``: adds the cosine, clock-energy and REPA terms, the
+  batch means to ``metrics`` and the per-example tensors under "per_example"."""
+  total = mse_loss
+  metrics = {"loss_mse": jnp.mean(terms["mse"]), "loss_cos": jnp.mean(terms["cos"]),
+             **metrics}
   if cfg.use_cosine_loss:
     total = total + jnp.mean(terms["cos"])
-  if learned:
+  if sch.learned_parts:
     energy = sch.kinetic_energy(clock_params)
     metrics["clock_energy"] = energy
     total = total + jnp.float32(cfg.clock_energy_weight) * energy
@@ -307,7 +317,8 @@ def training_losses(apply_fn: ApplyFn, x1: jax.Array, y: jax.Array, key: jax.Arr
     metrics["loss_repa"] = jnp.mean(terms["repa"])
     total = total + metrics["loss_repa"]
   metrics["loss"] = total
-  per_example = {**terms, "t": t, "times": times, "xt": xt, "ut": ut, "pred": pred}
+  per_example = {**terms, **per_example}
+  times = per_example["times"]
   if len(times) == 2:
     per_example["t_tex"], per_example["t_sem"] = times
   metrics["per_example"] = per_example
@@ -409,25 +420,7 @@ def meanflow_losses(apply_fn, x1: jax.Array, y: jax.Array, key: jax.Array,
     adaptive = jax.lax.stop_gradient(
         1.0 / (mse + jnp.float32(mf.adaptive_c)) ** jnp.float32(mf.adaptive_p))
     mse = adaptive * mse
-  total_loss = jnp.mean(mse)
-  metrics = {"loss_mse": jnp.mean(terms["mse"]), "loss_cos": jnp.mean(terms["cos"]),
-             "interval_mean": jnp.mean(rho - tau)}
-  if cfg.use_cosine_loss:
-    total_loss = total_loss + jnp.mean(terms["cos"])
-  if learned:
-    energy = sch.kinetic_energy(clock_params)
-    metrics["clock_energy"] = energy
-    total_loss = total_loss + jnp.float32(cfg.clock_energy_weight) * energy
-  if cfg.repa_active and repa_target is not None:
-    if proj is None:
-      raise ValueError("REPA is on but the model returned no projection (use_repa=False?)")
-    terms["repa"] = repa_loss(proj, repa_target, cfg.repa_mode, cfg.repa_weight)
-    metrics["loss_repa"] = jnp.mean(terms["repa"])
-    total_loss = total_loss + metrics["loss_repa"]
-  metrics["loss"] = total_loss
-  per_example = {**terms, "t": t, "r": r, "times": times, "xt": xt, "ut": ut, "pred": pred,
-                 "target": target}
-  if len(times) == 2:
-    per_example["t_tex"], per_example["t_sem"] = times
-  metrics["per_example"] = per_example
-  return total_loss, metrics
+  return _total_loss(jnp.mean(mse), terms, {"interval_mean": jnp.mean(rho - tau)}, cfg,
+                     sch, clock_params, proj, repa_target,
+                     {"t": t, "r": r, "times": times, "xt": xt, "ut": ut, "pred": pred,
+                      "target": target})

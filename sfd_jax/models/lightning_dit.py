@@ -623,11 +623,7 @@ class LightningDiT(nnx.Module):
     None = 0), embedded like the times and added to their embedding."""
     cfg = self.cfg
     times = tuple(t_tex) if isinstance(t_tex, (tuple, list)) else (t_tex, t_sem)
-    if cfg.num_time_embedders == 2:
-      t_emb = jnp.concatenate([self.t_embedder_sem(times[1]), self.t_embedder_tex(times[0])],
-                              -1)
-    else:
-      t_emb = self._embed_times("t_embedder", times)
+    t_emb = self._embed_times("t_embedder", times)
     if cfg.interval_embedding:
       n = jnp.shape(times[0])[0]
       gaps = (0.0,) * len(times) if interval is None else tuple(interval)
