@@ -74,8 +74,7 @@ def config_kind(config) -> str:
 
 
 def _copy(config) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(config.to_dict())
-  return c
+  return ml_collections.ConfigDict(config.to_dict())
 
 
 def _sharded(tree, sharding):
@@ -210,7 +209,7 @@ def sample_program(config, devices, plan) -> Program:
   guided_ag = opts.guidance == "autoguidance" and opts.guided
   guide_cfg = guide_config(model_cfg, str(plan.guide_variant)) if guided_ag else None
   mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
-  batch_sh, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  batch_sh, rep = NamedSharding(mesh, P("data")), parallel.replicated(mesh)
   g_model, p_model = _abstract_dit(model_cfg)
   g_guide, p_guide = _abstract_dit(guide_cfg) if guide_cfg is not None else (None, None)
   decoder = None
@@ -316,12 +315,7 @@ def vae_program(config, devices, kind: str, plan) -> Program:
   def lower(b):
     b = int(b)
     parallel.check_batch(b, setup.core.mesh, process_count=hosts(devices))
-    step = setup.step
-    fn = getattr(step, "jitted", step)
-    args = (setup.core.abstract_state, batch(b))
-    if hasattr(step, "frozen_weights"):
-      args += (step.frozen_weights,)
-    return fn.lower(*args)
+    return setup.step.lower(setup.core.abstract_state, batch(b))
 
   what = {"semvae": "Semantic VAE", "texture_vae": "texture VAE"}[kind]
   recipe = str(config.loss.get("name", "")) if kind == "texture_vae" else "semvae"
@@ -353,7 +347,7 @@ def encode_program(config, devices) -> Program:
                                                           dtype=dtype)))
   host = [d for d in devices if d.process_index == devices[0].process_index]
   mesh = parallel.make_mesh({"data": -1}, host)
-  batch_sh, rep = parallel.batch_sharding(mesh), NamedSharding(mesh, P())
+  batch_sh, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
   split = [nnx.split(n) for n in nets]
   graphdefs = tuple(g for g, _ in split)
   states = tuple(_sharded(s, rep) for _, s in split)

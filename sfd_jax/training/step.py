@@ -92,6 +92,20 @@ class OwnGradients:
     return self.fn(model, batch, key, ctx)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class BoundStep:
+  """A jitted step with the frozen networks' weights bound as its last argument: called
+  and lowered with ``(state, batch)`` like a jitted step without frozen networks."""
+  jitted: Any
+  weights: Mapping[str, Any]
+
+  def __call__(self, state, batch):
+    return self.jitted(state, batch, self.weights)
+
+  def lower(self, state, batch):
+    return self.jitted.lower(state, batch, self.weights)
+
+
 def _split_result(result, name: str, with_grads: bool = False):
   if not isinstance(result, tuple) or len(result) not in (2, 3):
     raise TypeError(f"loss function of part {name!r} must return (loss, metrics) or "
@@ -171,9 +185,8 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
   ``total_steps`` — the steps the loop logs — and are 0 otherwise (``lax.cond``). The
   gradient norm is computed every step (the NaN guard needs it). 1: every step.
   ``frozen``: networks from ``state.freeze`` (their weights become an argument of the
-  jitted function, which ``step`` binds; ``step.jitted`` and ``step.frozen_weights`` are
-  the two, to lower it with abstract inputs). Without ``frozen`` the jitted function
-  itself is returned.
+  jitted function; a ``BoundStep`` binds them). Without ``frozen`` the jitted function
+  itself is returned. Either way ``step.lower(state, batch)`` lowers it.
   ``accumulate_steps``, ``presample`` (``{params_key: fn(batch, key) -> batch}``),
   ``skip_nonfinite``, ``skip_grad_norm_above``: see the module docstring;
   ``global_batch_size`` lets the accumulation settings be checked up front.
@@ -305,7 +318,7 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
     state["nonfinite"] = state["nonfinite"] + (~finite).astype(jnp.int32)
     return state, all_metrics
 
-  rep = NamedSharding(setup.mesh, P())
+  rep = parallel.replicated(setup.mesh)
   batch_sh = parallel.batch_sharding(setup.mesh)
   if not frozen:
     return setup.jit(lambda state, batch: step_fn(state, batch),
@@ -319,7 +332,4 @@ def make_train_step(setup: TrainSetup, losses: LossFn | Mapping[str, LossFn], *,
                      out_shardings=(setup.state_shardings, rep),
                      donate_argnums=(0,) if donate else ())
 
-  def step(state, batch):
-    return jitted(state, batch, weights)
-  step.jitted, step.frozen_weights = jitted, weights   # to lower it (--mode=plan)
-  return step
+  return BoundStep(jitted, weights)

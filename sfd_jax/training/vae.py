@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from sfd_jax import parallel
 from sfd_jax.convert import common
@@ -234,7 +234,7 @@ def build_setup(config: ml_collections.ConfigDict, kind: str, devices=None,
   batch_sh = parallel.batch_sharding(mesh)
   evaluate_fn = core.jit(eval_fn, in_shardings=(core.state_shardings["params"], batch_sh,
                                                 batch_sh),
-                         out_shardings=NamedSharding(mesh, P()))
+                         out_shardings=parallel.replicated(mesh))
   for note in core.sharding_notes:
     logging.info("sharding: %s", note)
   return VAESetup(kind, core, step, evaluate_fn)
