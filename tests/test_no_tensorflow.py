@@ -7,27 +7,8 @@ import textwrap
 
 import pytest
 
-from tests.conftest import REPO, child_env
-from tests.util import write_tiny_latents
-
-HIDE = """
-import importlib.machinery as _m
-_orig = _m.PathFinder.find_spec
-def _find_spec(cls, name, path=None, target=None):
-  if name.split(".")[0] in {hidden!r}:
-    return None                      # as if the package were not installed
-  return _orig(name, path, target)
-_m.PathFinder.find_spec = classmethod(_find_spec)
-"""
-
-
-def _env(tmp_path, hidden):
-  site = tmp_path / "site"
-  site.mkdir(exist_ok=True)
-  (site / "sitecustomize.py").write_text(HIDE.format(hidden=set(hidden)))
-  env = child_env(JAX_PLATFORMS="cpu",
-                  PYTHONPATH=os.pathsep.join([str(site), str(REPO)]))
-  return env
+from tests.conftest import REPO
+from tests.util import env_without, write_tiny_latents
 
 
 def test_training_without_tensorflow_writes_tensorboard_events(tmp_path):
@@ -38,7 +19,7 @@ def test_training_without_tensorflow_writes_tensorboard_events(tmp_path):
       [sys.executable, str(REPO / "main.py"),
        f"--config={REPO}/configs/tiny.py:data={data},steps=4",
        f"--workdir={wd}", "--config.log_every_steps=2", "--config.checkpoint_every_steps=4"],
-      cwd=REPO, env=_env(tmp_path, ["tensorflow"]), capture_output=True, text=True,
+      cwd=REPO, env=env_without(tmp_path, ["tensorflow"]), capture_output=True, text=True,
       timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "metric writer:" in proc.stderr and "(tensorboardx:" in proc.stderr, (
@@ -66,10 +47,10 @@ def test_benchmarks_need_only_the_jax_stack(tmp_path, module):
       print("ok")
       """)
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO,
-                        env=_env(tmp_path, hidden), capture_output=True, text=True,
+                        env=env_without(tmp_path, hidden), capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
-                        env=_env(tmp_path, hidden), capture_output=True, text=True,
+                        env=env_without(tmp_path, hidden), capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 0 and "usage" in proc.stdout, proc.stderr[-3000:]

@@ -2,34 +2,19 @@
 installs it (exit 2, no traceback): the demo without scikit-learn or matplotlib, W&B
 without wandb, clu's writer or TFDS without TensorFlow, a legacy .pt without PyTorch.
 Each case runs the real command in a process where the package cannot be imported."""
-import os
 import pickle
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO, child_env
-from tests.util import write_tiny_latents
-
-HIDE = """
-import importlib.machinery as _m
-_orig = _m.PathFinder.find_spec
-def _find_spec(cls, name, path=None, target=None):
-  if name.split(".")[0] in {hidden!r}:
-    return None                      # as if the package were not installed
-  return _orig(name, path, target)
-_m.PathFinder.find_spec = classmethod(_find_spec)
-"""
+from tests.conftest import REPO
+from tests.util import env_without, write_tiny_latents
 
 
 def _run(tmp_path, hidden, args):
-  site = tmp_path / "site"
-  site.mkdir(exist_ok=True)
-  (site / "sitecustomize.py").write_text(HIDE.format(hidden=set(hidden)))
-  env = child_env(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(site), str(REPO)]))
-  return subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
+  return subprocess.run([sys.executable] + args, cwd=REPO, env=env_without(tmp_path, hidden),
+                        capture_output=True, text=True, timeout=600)
 
 
 def _extra(extra):

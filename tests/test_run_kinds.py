@@ -52,13 +52,19 @@ def test_what_a_run_is(saved_runs, kind, words):
   assert runs.what_is(saved_runs[kind]) == words
 
 
+def _one_line_error(reader, path, field):
+  """The CheckpointError line ``reader(path, field)`` stops with (one line)."""
+  with pytest.raises(CheckpointError) as e:
+    reader(path, field)
+  line = str(e.value)
+  assert "\n" not in line
+  return line
+
+
 @pytest.mark.parametrize("kind", ["semvae", "texture_vae", "texture_vae_gan"])
 def test_sample_checkpoint_of_another_trainer_is_named(saved_runs, kind):
   path = saved_runs[kind]
-  with pytest.raises(CheckpointError) as e:
-    runs.dit_config(path, "config.sample.checkpoint")
-  line = str(e.value)
-  assert "\n" not in line
+  line = _one_line_error(runs.dit_config, path, "config.sample.checkpoint")
   assert line.startswith(f"config.sample.checkpoint={path}/checkpoints is "
                          f"{runs.run_name(kind)}; config.sample.checkpoint needs a converted "
                          "or exported LightningDiT folder or an SFD training workdir"), line
@@ -67,10 +73,7 @@ def test_sample_checkpoint_of_another_trainer_is_named(saved_runs, kind):
 @pytest.mark.parametrize("kind", ["sfd", "semvae"])
 def test_texture_vae_field_given_another_run_is_named(saved_runs, kind):
   path = saved_runs[kind]
-  with pytest.raises(CheckpointError) as e:
-    runs.check_texture_vae(path, "config.sample.texture_vae")
-  line = str(e.value)
-  assert "\n" not in line
+  line = _one_line_error(runs.check_texture_vae, path, "config.sample.texture_vae")
   assert runs.run_name(kind) in line and "config.sample.texture_vae" in line, line
   assert "needs a converted texture VAE folder or a texture-VAE training workdir" in line, line
 

@@ -725,19 +725,30 @@ def _train_args(saved, workdir):
           f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=2"]
 
 
+def _paused_after_step_2(saved, workdir, go_file=None):
+  """A main.py training on ``workdir`` (tests.util.PausedMain) that has saved step 2 and
+  waits before step 3; killed if it does not get there."""
+  from tests.util import PausedMain  # pylint: disable=import-outside-toplevel
+  first = PausedMain(_train_args(saved, workdir), step=2,
+                     checkpoint=str(workdir / "checkpoints" / "2"), go_file=go_file)
+  try:
+    assert first.wait_paused(), "the first training did not reach step 2"
+    time.sleep(0.5)                 # the step-2 save settles (its folder is final)
+  except BaseException:
+    first.kill()
+    raise
+  return first
+
+
 def test_second_training_on_a_workdir_is_refused(saved):
   """Two main.py trainings on one workdir: the second stops with one line naming the
   first (host, pid, start time) and changes nothing; the first then finishes, and its
   checkpoints are bit-identical to the run trained alone."""
   from tests.cli_runner import tree_hash  # pylint: disable=import-outside-toplevel
-  from tests.util import PausedMain  # pylint: disable=import-outside-toplevel
   from sfd_jax.core import workdir_lock  # pylint: disable=import-outside-toplevel
   wd = saved.root / "run_twice"
-  first = PausedMain(_train_args(saved, wd), step=2, checkpoint=str(wd / "checkpoints" / "2"),
-                     go_file=str(saved.root / "run_twice.go"))
+  first = _paused_after_step_2(saved, wd, go_file=str(saved.root / "run_twice.go"))
   try:
-    assert first.wait_paused(), "the first training did not reach step 2"
-    time.sleep(0.5)                 # the step-2 save settles (its folder is final)
     owner = json.loads((wd / workdir_lock.LOCK_NAME).read_text())
     assert owner["pid"] == first.proc.pid
 
@@ -766,16 +777,10 @@ def test_killed_training_leaves_a_stale_lock_that_is_taken_over(saved):
   """kill -9 of a training after its step-2 checkpoint leaves its lock; the next run on
   the workdir sees that its process is gone, takes the lock over (one warning naming
   the old owner) and resumes exactly: step 4 is bit-identical to the run trained alone."""
-  from tests.util import PausedMain  # pylint: disable=import-outside-toplevel
   from sfd_jax.core import workdir_lock  # pylint: disable=import-outside-toplevel
   wd = saved.root / "run_killed"
-  first = PausedMain(_train_args(saved, wd), step=2, checkpoint=str(wd / "checkpoints" / "2"),
-                     go_file=str(saved.root / "run_killed.never"))
-  try:
-    assert first.wait_paused(), "the first training did not reach step 2"
-    time.sleep(0.5)                 # the step-2 save settles (its folder is final)
-  finally:
-    first.kill()
+  first = _paused_after_step_2(saved, wd)
+  first.kill()
   first.finish()
   stale = json.loads((wd / workdir_lock.LOCK_NAME).read_text())
   assert stale["pid"] == first.proc.pid

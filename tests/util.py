@@ -70,6 +70,27 @@ def tiny(data, **overrides):
   return c
 
 
+_HIDE = """
+import importlib.machinery as _m
+_orig = _m.PathFinder.find_spec
+def _find_spec(cls, name, path=None, target=None):
+  if name.split(".")[0] in {hidden!r}:
+    return None                      # as if the package were not installed
+  return _orig(name, path, target)
+_m.PathFinder.find_spec = classmethod(_find_spec)
+"""
+
+
+def env_without(tmp_path, hidden):
+  """A child-process environment (CPU jax, the repository importable) in which the
+  top-level packages ``hidden`` cannot be imported, as if they were not installed."""
+  from tests.conftest import REPO, child_env  # pylint: disable=import-outside-toplevel
+  site = tmp_path / "site"
+  site.mkdir(exist_ok=True)
+  (site / "sitecustomize.py").write_text(_HIDE.format(hidden=set(hidden)))
+  return child_env(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(site), str(REPO)]))
+
+
 class _SignalOnBatch:
   """A data iterator whose ``n``-th batch is fetched only after another process has sent
   ``sig`` to this one."""
@@ -109,51 +130,25 @@ def main_killed_after(args, step: int, checkpoint: str, timeout: float = 600):
   step ``step + 1`` (its batch never arrives); once the directory ``checkpoint`` exists (an
   earlier save completed), the child is killed from here with SIGKILL.
   Returns the ``subprocess.CompletedProcess``."""
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-  import tempfile  # pylint: disable=import-outside-toplevel
-  import time  # pylint: disable=import-outside-toplevel
-  from tests.conftest import REPO, child_env  # pylint: disable=import-outside-toplevel
-  code = (
-      "import sys, time\n"
-      "from sfd_jax.data import global_batch\n"
-      "_to_global, _calls = global_batch.to_global, [0]\n"
-      "def _counted(*a, **k):\n"
-      "  _calls[0] += 1\n"
-      f"  if _calls[0] == {step + 1}:\n"
-      "    print('paused', flush=True)\n"
-      "    time.sleep(3600)\n"
-      "  return _to_global(*a, **k)\n"
-      "global_batch.to_global = _counted\n"
-      f"sys.argv = ['main.py'] + {list(args)!r}\n"
-      "from sfd_jax.cli import run\n"
-      "run()\n")
-  with tempfile.TemporaryFile("w+") as err:
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=err, text=True)
-    deadline = time.time() + timeout
-    out = proc.stdout.readline()          # "paused", or "" if the child ended first
-    while out == "paused\n" and not os.path.isdir(checkpoint) and time.time() < deadline:
-      time.sleep(0.05)
-    if proc.poll() is None:
-      proc.kill()
-    proc.wait(timeout=60)
-    out += proc.stdout.read()
-    err.seek(0)
-    return subprocess.CompletedProcess(args, proc.returncode, out, err.read())
+  child = PausedMain(args, step, checkpoint)
+  child.wait_paused(timeout)
+  child.kill()
+  return child.finish(timeout=60)
 
 
 class PausedMain:
   """main.py's entry in a child process whose training waits before step ``step + 1``
-  (its batch is not fetched) until ``resume()``; ``wait_paused()`` returns once it waits
-  and the directory ``checkpoint`` exists (an earlier save completed). ``kill()`` sends
-  SIGKILL. ``finish()`` waits for the end: ``subprocess.CompletedProcess``."""
+  (its batch is not fetched) until ``resume()`` (without ``go_file``, for ever);
+  ``wait_paused()`` returns once it waits and the directory ``checkpoint`` exists (an
+  earlier save completed). ``kill()`` sends SIGKILL. ``finish()`` waits for the end:
+  ``subprocess.CompletedProcess``."""
 
-  def __init__(self, args, step: int, checkpoint: str, go_file: str):
+  def __init__(self, args, step: int, checkpoint: str, go_file: str | None = None):
     import subprocess  # pylint: disable=import-outside-toplevel
     import sys  # pylint: disable=import-outside-toplevel
     import tempfile  # pylint: disable=import-outside-toplevel
     from tests.conftest import REPO, child_env  # pylint: disable=import-outside-toplevel
+    go = f"os.path.exists({go_file!r})" if go_file else "False"
     code = (
         "import os, sys, time\n"
         "from sfd_jax.data import global_batch\n"
@@ -162,7 +157,7 @@ class PausedMain:
         "  _calls[0] += 1\n"
         f"  if _calls[0] == {step + 1}:\n"
         "    print('paused', flush=True)\n"
-        f"    while not os.path.exists({go_file!r}):\n"
+        f"    while not {go}:\n"
         "      time.sleep(0.05)\n"
         "  return _to_global(*a, **k)\n"
         "global_batch.to_global = _counted\n"

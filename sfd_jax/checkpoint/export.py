@@ -354,7 +354,7 @@ def export_converted(config, workdir: str, kind: str, dst: str, step: int | None
   model_cfg = config_from_json({k: v for k, v in section.items()
                                 if k not in ("dtype", "param_dtype")}, config_cls)
   abstract = runs.abstract_params(lambda: model_cls(model_cfg, rngs=nnx.Rngs(0)))
-  params, step, _ = runs.restore_weights(ckdir, abstract, weights=weights, step=step)
+  params, step = runs.restore_weights(ckdir, abstract, weights=weights, step=step)
   meta = {"kind": meta_kind, "config": dataclasses.asdict(model_cfg),
           "source": f"{os.path.abspath(workdir)} step {step} ({weights})"}
   return save_params(dst, params, meta=meta, force=force)

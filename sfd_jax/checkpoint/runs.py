@@ -94,7 +94,7 @@ def what_is(path: str) -> str | None:
                              error=CheckpointError)
     except errors.UserError:
       return "a folder with an unreadable meta.json"
-    return common.kind_name(meta.get("kind", meta.get("model")))
+    return common.kind_name(common.meta_kind(meta))
   if is_run(path):
     try:
       run_config = read_config(checkpoint_dir(path))
@@ -109,6 +109,17 @@ def _wrong(field: str, path: str, what: str, expected: str) -> CheckpointError:
   if not field:
     return CheckpointError(f"{path} is {what}, not {expected}")
   return CheckpointError(f"{field}={path} is {what}; {field} needs {expected}")
+
+
+def _converted_meta(folder: str, field: str, kind: str, expected: str) -> dict:
+  """The ``meta.json`` of the converted ``folder``; a folder of another network than
+  ``kind`` is a ``CheckpointError`` naming it, ``field`` and ``expected``."""
+  meta = files.read_json(os.path.join(folder, "meta.json"), what=f"{field} metadata",
+                         error=CheckpointError)
+  found = common.meta_kind(meta)
+  if found is not None and found != kind:
+    raise _wrong(field, folder, common.kind_name(found), expected)
+  return meta
 
 
 def source(path: str, field: str, expected: str) -> tuple[str, str]:
@@ -172,13 +183,18 @@ def _step_and_config(mngr: ocp.CheckpointManager, directory: str,
                      lambda: saved_config(mngr, directory, step))
 
 
-def read_config(directory: str, step: int | None = None) -> dict:
-  """The ``config`` item of a training checkpoint (empty dict if it has none)."""
+def _read_step_and_config(directory: str, step: int | None) -> tuple[int, dict]:
+  """``_step_and_config`` of the checkpoints folder ``directory``."""
   mngr = _manager(directory)
   try:
-    return _step_and_config(mngr, directory, step)[1]
+    return _step_and_config(mngr, directory, step)
   finally:
     mngr.close()
+
+
+def read_config(directory: str, step: int | None = None) -> dict:
+  """The ``config`` item of a training checkpoint (empty dict if it has none)."""
+  return _read_step_and_config(directory, step)[1]
 
 
 def restore_state_only(directory: str, abstract_state: Any, step: int | None = None):
@@ -205,20 +221,18 @@ def _str_keys(tree):
 
 
 def restore_weights(directory: str, abstract_params: Mapping[str, Any], *,
-                    weights: str = "ema", step: int | None = None
-                    ) -> tuple[dict, int, dict]:
+                    weights: str = "ema", step: int | None = None) -> tuple[dict, int]:
   """One weight set (``state[weights]``) of a checkpoint as a nested NumPy dict.
 
   ``abstract_params``: the model's pure-dict parameter shapes (every path and shape is
-  checked; a run may hold more, e.g. a GAN's projection). Returns ``(params, step, run
-  config)``.
+  checked; a run may hold more, e.g. a GAN's projection). Returns ``(params, step)``.
   """
   if weights not in WEIGHTS:
     raise CheckpointError(f"weights={weights!r}; expected one of {WEIGHTS}")
   abstract_params = _str_keys(abstract_params)
   mngr = _manager(directory)
   try:
-    step, run_config = _step_and_config(mngr, directory, step)
+    step = _pick_step(mngr, directory, step)
     target = {weights: abstract_params}
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     out = _read(mngr, directory, step, f"'{weights}'", lambda: mngr.restore(
@@ -229,7 +243,7 @@ def restore_weights(directory: str, abstract_params: Mapping[str, Any], *,
   params = trees.to_numpy(out["state"][weights])
   trees.check_shapes(params, abstract_params, f"{directory}/{step} '{weights}'",
                      error=CheckpointError)
-  return params, step, run_config
+  return params, step
 
 
 def abstract_params(build: Callable[[], nnx.Module]) -> dict:
@@ -271,11 +285,7 @@ def restore_dit(path: str, *, weights: str = "ema", step: int | None = None, con
   ckdir = checkpoint_dir(path)
   if not os.path.isdir(ckdir):
     raise CheckpointError(f"no checkpoint directory {ckdir}")
-  mngr = _manager(ckdir)
-  try:
-    step, run_config = _step_and_config(mngr, ckdir, step)
-  finally:
-    mngr.close()
+  step, run_config = _read_step_and_config(ckdir, step)
   if run_config:
     model_cfg = _dit_config(run_config, f"{ckdir}/{step}")
   elif config is not None:
@@ -284,10 +294,8 @@ def restore_dit(path: str, *, weights: str = "ema", step: int | None = None, con
   else:
     raise CheckpointError(f"{ckdir}/{step} has no saved config; pass the config")
   abstract = abstract_params(lambda: LightningDiT(model_cfg, rngs=nnx.Rngs(0)))
-  params, step, _ = restore_weights(ckdir, abstract, weights=weights, step=step)
+  params, step = restore_weights(ckdir, abstract, weights=weights, step=step)
   return params, model_cfg, step, run_config
-
-
 
 
 def dit_config(path: str, field: str = "config.sample.checkpoint") -> DiTConfig:
@@ -295,11 +303,7 @@ def dit_config(path: str, field: str = "config.sample.checkpoint") -> DiTConfig:
   (``meta.json`` of a converted dir, or the saved config of a run)."""
   kind, where = source(path, field, _DIT)
   if kind == "converted":
-    meta = files.read_json(os.path.join(where, "meta.json"), what=f"{field} metadata",
-                           error=CheckpointError)
-    found = meta.get("kind", meta.get("model"))
-    if found is not None and found != "lightning_dit":
-      raise _wrong(field, where, common.kind_name(found), _DIT)
+    meta = _converted_meta(where, field, "lightning_dit", _DIT)
     try:
       return DiTConfig(**meta["config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -350,12 +354,8 @@ def check_texture_vae(path: str, field: str = "checkpoint") -> str:
   if os.path.isfile(path):
     return "file"
   if not is_run(path):
-    meta_path = os.path.join(path, "meta.json")
-    if os.path.exists(meta_path):
-      meta = files.read_json(meta_path, what=f"{field} metadata", error=CheckpointError)
-      found = meta.get("kind", meta.get("model"))
-      if found is not None and found != tvae_conv.KIND:
-        raise _wrong(field, os.path.abspath(path), common.kind_name(found), _TVAE)
+    if os.path.exists(os.path.join(path, "meta.json")):
+      _converted_meta(os.path.abspath(path), field, tvae_conv.KIND, _TVAE)
     return "converted"
   run_config = read_config(checkpoint_dir(path))
   kind = run_kind(run_config) if run_config else "texture_vae"
@@ -378,15 +378,11 @@ def load_texture_vae(path: str, cfg: TextureVAEConfig | None = None, *, dtype=No
   if kind == "converted":
     return tvae_conv.load_converted_texture_vae(path, dtype=dtype)
   where = checkpoint_dir(path)
-  mngr = _manager(where)
-  try:
-    step, run_config = _step_and_config(mngr, where, step)
-  finally:
-    mngr.close()
+  step, run_config = _read_step_and_config(where, step)
   model_cfg = TextureVAEConfig.from_dict(model_section(run_config, f"{where}/{step}",
                                                       "texture VAE"))
   model = nnx.eval_shape(lambda: TextureVAE(model_cfg, rngs=nnx.Rngs(0), dtype=dtype))
-  params, step, _ = restore_weights(where, nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                                    weights=weights, step=step)
+  params, step = restore_weights(where, nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                                 weights=weights, step=step)
   common.assign(model, params, name=f"{where}/{step} {weights}")
   return model

@@ -236,6 +236,12 @@ KIND_NAMES = {
 }
 
 
+def meta_kind(meta: Mapping[str, Any]) -> str | None:
+  """The network a converted folder's ``meta.json`` names (``"kind"``; older folders
+  wrote ``"model"``)."""
+  return meta.get("kind", meta.get("model"))
+
+
 def kind_name(kind: str | None) -> str:
   """``"a converted texture VAE folder (meta.json kind 'texture_vae')"``."""
   if kind is None:
@@ -301,7 +307,7 @@ def load_params(directory: str | os.PathLike, kind: str | None = None,
     meta = files.read_json(mpath, what="converted checkpoint metadata",
                            error=ConversionError)
   if kind is not None:
-    found = meta.get("kind", meta.get("model"))
+    found = meta_kind(meta)
     if found != kind and (strict or found is not None):
       raise wrong_kind(directory, found, kind)
   try:
@@ -333,7 +339,7 @@ def check_converted_dir(directory: str | os.PathLike, kind: str | None = None,
   mpath = os.path.join(directory, "meta.json")
   meta = (files.read_json(mpath, what="converted checkpoint metadata", error=ConversionError)
           if os.path.exists(mpath) else {})
-  found = meta.get("kind", meta.get("model"))
+  found = meta_kind(meta)
   if kind is not None and found is not None and found != kind:
     raise wrong_kind(where, found, kind)
   return meta
