@@ -160,9 +160,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_devices(mesh: Mesh) -> int:
+  """The devices a batch is split over (the product of the batch axes data × fsdp)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 def check_batch(global_batch: int, mesh: Mesh, process_count: int | None = None) -> None:
   """Readable start-up error when the global batch does not divide the batch axes."""
-  size = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  size = batch_devices(mesh)
   if global_batch % size:
     raise ShardingError(f"config.batch_size={global_batch} is not divisible by the batch "
                         f"mesh axes data×fsdp = {mesh.shape['data']}×{mesh.shape['fsdp']} "

@@ -92,10 +92,6 @@ def _mesh(config, devices, field: str = "config.mesh"):
                     f"{len(devices)} (one axis may be -1)") from e
 
 
-def batch_devices(mesh) -> int:
-  return math.prod(mesh.shape[a] for a in parallel.BATCH_AXES)
-
-
 def hosts(devices) -> int:
   """Processes (TPU VM hosts) the devices belong to."""
   return len({d.process_index for d in devices})
@@ -132,7 +128,7 @@ def dit_train_programs(config, devices, remats: list[str],
   from sfd_jax.training import sfd  # pylint: disable=import-outside-toplevel
   mesh = _mesh(config, devices)   # a plan error where config.mesh does not fit the chips
   sfd.validate_config(config, devices)
-  unit = batch_devices(mesh)
+  unit = parallel.batch_devices(mesh)
   programs = []
   for remat in remats:
     if remat not in REMAT_POLICIES:
@@ -322,7 +318,7 @@ def vae_program(config, devices, kind: str, plan) -> Program:
   return Program(
       name="vae_train", title=f"{what} train step ({recipe}{', GAN' if gan else ''})",
       batch=int(config.batch_size), batch_field="config.batch_size",
-      batch_unit=batch_devices(setup.core.mesh), lower=lower, searchable=True,
+      batch_unit=parallel.batch_devices(setup.core.mesh), lower=lower, searchable=True,
       settings={"kind": kind, "recipe": recipe, "gan": gan, "mesh": dict(setup.core.mesh.shape),
                 "frozen": sorted(nets or {}), "params": _param_count(setup.core)})
 

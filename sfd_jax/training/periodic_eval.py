@@ -100,7 +100,7 @@ class PeriodicEvaluator:
     self.n, self.bs = int(te.num_images), int(te.batch_size)
     if self.n < 1:
       raise TrainEvalError(f"config.train_eval.num_images must be positive, got {self.n}")
-    batch_devices = int(np.prod([setup.mesh.shape[a] for a in parallel.BATCH_AXES]))
+    batch_devices = parallel.batch_devices(setup.mesh)
     if self.bs < 1 or self.bs % batch_devices:
       raise TrainEvalError(f"config.train_eval.batch_size={self.bs} must be a positive "
                            f"multiple of the {batch_devices} devices of the batch axes")

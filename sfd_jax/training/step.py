@@ -64,7 +64,6 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -160,7 +159,7 @@ def check_accumulation(k: int, global_batch_size: int, mesh) -> None:
   by the trainers, again here)."""
   if isinstance(k, bool) or not isinstance(k, int) or k < 1:
     raise ConfigError(f"config.optimizer.accumulate_steps={k!r} must be >= 1")
-  batch_devices = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+  batch_devices = parallel.batch_devices(mesh)
   if k > 1 and global_batch_size % (k * batch_devices):
     raise ConfigError(
         f"config.optimizer.accumulate_steps={k}: the global batch {global_batch_size} must "

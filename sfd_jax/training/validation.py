@@ -80,7 +80,7 @@ class ValidationLoss:
     if "repa" not in self.data:
       self.repa = False
     self.n = len(self.data["label"])
-    batch_devices = int(np.prod([setup.mesh.shape[a] for a in parallel.BATCH_AXES]))
+    batch_devices = parallel.batch_devices(setup.mesh)
     self.bs = int(v.get("batch_size", 64))
     if self.bs < 1 or self.bs % batch_devices:
       raise ValidationError(f"config.validation.batch_size={self.bs} must be a positive "
